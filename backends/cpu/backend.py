@@ -1,0 +1,32 @@
+"""The CPU reference backend: every contract's reference semantics, computed in float32.
+
+bf16/fp16 inputs are computed in fp32 (CPUs without native bf16 run bf16 GEMMs ~100x slower than
+fp32), and results are rounded once to the contract's output dtype. The kernels are plain PyTorch,
+so the backend is *portable*: it computes on whatever device the arguments live on, which makes it
+the fallback for accelerator backends too.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+from typing import Dict
+
+import torch
+
+from hal.backend import Backend
+from hal.contract import all_ops
+
+
+class CpuBackend(Backend):
+    vendor = "xpu-hal (PyTorch)"
+    device_type = "cpu"
+    portable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        for op in all_ops().values():
+            self.add_implementation(op.name, functools.partial(op.reference_impl, compute_dtype=torch.float32))
+
+    def versions(self) -> Dict[str, str]:
+        return {"torch": torch.__version__, "cpu": platform.machine() or "unknown",
+                "threads": str(torch.get_num_threads())}

@@ -1,0 +1,112 @@
+"""Low-precision formats shared by the contracts: FP8 e4m3, FP4 e2m1 (packed), UE8M0 scales.
+
+Conventions (DeepSeek / DeepGEMM, see docs/contracts.md):
+
+* A scale is the *dequantisation multiplier*: ``x ~= q * scale`` (checkpoints call it
+  ``weight_scale_inv``).
+* UE8M0 scales are powers of two, stored here as float32 values (``2**e``); a tensor of dtype
+  ``torch.float8_e8m0fnu`` (newer torch) is accepted wherever a UE8M0 scale is.
+* FP4 e2m1 values are packed two a byte, the element with the lower index in the low nibble; a
+  nibble is ``sign << 3 | code`` with codes 0..7 = 0, 0.5, 1, 1.5, 2, 3, 4, 6. Packed tensors have
+  dtype ``torch.uint8`` (or ``torch.float4_e2m1fn_x2`` where torch has it) and last dim ``K // 2``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+AMAX_FLOOR = 1e-4
+SCALE_FORMATS = ("fp32", "ue8m0")
+FP4_GROUP = 32
+
+_FP4_DTYPES = tuple(d for d in (torch.uint8, getattr(torch, "float4_e2m1fn_x2", None)) if d is not None)
+_UE8M0_DTYPE = getattr(torch, "float8_e8m0fnu", None)
+_E2M1_CODES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def is_fp4(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds packed FP4 e2m1 values (see module docstring)."""
+    return t.dtype in _FP4_DTYPES
+
+
+def fp4_dtypes() -> Tuple[torch.dtype, ...]:
+    return _FP4_DTYPES
+
+
+def scale_dtypes() -> Tuple[torch.dtype, ...]:
+    """Dtypes a scale tensor may have: float32, and float8_e8m0fnu where torch has it."""
+    return (torch.float32,) + ((_UE8M0_DTYPE,) if _UE8M0_DTYPE is not None else ())
+
+
+def scale_as_float(scale: torch.Tensor) -> torch.Tensor:
+    """A scale tensor as float32 (exact for UE8M0 storage)."""
+    return scale if scale.dtype == torch.float32 else scale.float()
+
+
+def ceil_pow2(s: torch.Tensor) -> torch.Tensor:
+    """Round positive float32 values *up* to a power of two, exactly (by exponent bits, no log2).
+
+    Subnormals round up to the smallest normal power of two; 0, inf and NaN pass through.
+    """
+    s = s.float()
+    bits = s.view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    rounded = (exponent << 23).view(torch.float32)
+    return torch.where(torch.isfinite(s) & (s > 0), rounded, s)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Packed e2m1 ``[..., K // 2]`` -> float32 values ``[..., K]`` (exact)."""
+    b = packed.view(torch.uint8).to(torch.int32)
+    nibbles = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
+    table = torch.tensor(_E2M1_CODES + tuple(-v for v in _E2M1_CODES), dtype=torch.float32,
+                         device=packed.device)
+    return table[nibbles]
+
+
+def encode_fp4(values: torch.Tensor) -> torch.Tensor:
+    """Round float values (already divided by their scale, ``|v| <= 6``) to the nearest e2m1 value
+    (ties to the even code) and pack them, ``[..., K]`` -> uint8 ``[..., K // 2]``."""
+    v = values.float().clamp(-FP4_MAX, FP4_MAX)
+    grid = torch.tensor(_E2M1_CODES, dtype=torch.float32, device=values.device)
+    mag = v.abs().unsqueeze(-1)
+    dist = (mag - grid).abs()
+    # nearest grid point; on an exact tie prefer the even code (round-half-to-even on the mantissa)
+    best = dist.min(dim=-1, keepdim=True).values
+    tie_even = torch.arange(8, device=values.device) % 2 == 0
+    candidates = (dist == best)
+    code = torch.where((candidates & tie_even).any(-1), (candidates & tie_even).int().argmax(-1),
+                       candidates.int().argmax(-1))
+    nibble = code | ((v < 0) & (code != 0)).to(torch.int64) << 3
+    pairs = nibble.view(*nibble.shape[:-1], -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+
+
+def expand_scale(scale: torch.Tensor, shape: Sequence[int], block: Sequence[int]) -> torch.Tensor:
+    """Broadcast a block scale over the last ``len(block)`` dims of ``shape`` (edge blocks partial)."""
+    s = scale_as_float(scale)
+    for i, b in enumerate(block):
+        dim = len(shape) - len(block) + i
+        if b != 1:
+            s = s.repeat_interleave(b, dim=dim).narrow(dim, 0, shape[dim])
+    return s
+
+
+def scale_shape(shape: Sequence[int], block: Sequence[int]) -> Tuple[int, ...]:
+    """Shape of the scale tensor of a tensor of ``shape`` quantised in ``block`` blocks (last dims)."""
+    lead = len(shape) - len(block)
+    return tuple(shape[:lead]) + tuple(math.ceil(n / b) for n, b in zip(shape[lead:], block))
+
+
+def dequantize_values(q: torch.Tensor, scale: torch.Tensor, block: Sequence[int],
+                      compute_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 or packed-FP4 values times their block scales, in ``compute_dtype``."""
+    values = unpack_fp4(q) if is_fp4(q) else q
+    values = values.to(compute_dtype)
+    return values * expand_scale(scale, values.shape, block).to(compute_dtype)

@@ -1,0 +1,1 @@
+__all__: list = []  # placeholder: filled in by this family's contracts

@@ -1,0 +1,243 @@
+"""Backend discovery: plugins found through the ``hal.backends`` entry-point group, via pluggy.
+
+Loading follows the practice of mature plugin systems: entry points are loaded one by one inside
+their own error boundary (a broken plugin is recorded, never fatal), the ``HAL_PLUGINS`` allow-list
+limits which load, two backends with one name are an error for that name, and a backend's class is
+imported only when it is listed or used, so discovery imports no vendor library.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import pluggy
+
+from hal import hookspecs
+from hal.backend import Availability, Backend
+from hal.errors import BackendNotFoundError, BackendUnavailableError, PluginError
+
+if sys.version_info >= (3, 10):
+    from importlib.metadata import entry_points
+else:  # pragma: no cover - Python 3.9
+    from importlib.metadata import entry_points as _entry_points
+
+    def entry_points(group: str):  # type: ignore[no-redef]
+        return _entry_points().get(group, [])
+
+__all__ = ["BackendSpec", "BackendEntry", "BrokenPlugin", "Registry", "registry", "register_plugin",
+           "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "hal.backends"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A cheap descriptor of one backend, returned by a plugin's ``hal_backends`` hook.
+
+    ``factory`` is ``"module:Class"``; the class (a :class:`~hal.backend.Backend`) is imported on
+    first use. ``priority`` orders auto-detection among available accelerators (higher first).
+    ``emulated`` marks a test double: never auto-selected, and its results are labelled EMULATED.
+    """
+
+    name: str
+    factory: str
+    vendor: str = ""
+    device_type: str = ""
+    priority: int = 0
+    emulated: bool = False
+    description: str = ""
+
+
+@dataclass
+class BrokenPlugin:
+    """A plugin that could not be loaded, and why."""
+
+    plugin: str
+    distribution: str
+    error: str
+
+
+@dataclass
+class BackendEntry:
+    """One registered backend: its spec, where it came from, and (once loaded) the instance."""
+
+    spec: BackendSpec
+    plugin: str
+    distribution: str
+    error: Optional[str] = None  # set when the backend is unusable as registered (e.g. duplicate name)
+    _backend: Optional[Backend] = field(default=None, repr=False)
+    _availability: Optional[Availability] = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def load(self) -> Backend:
+        """Import and instantiate the backend class (once). Raises :class:`PluginError`."""
+        if self.error is not None:
+            raise PluginError(self.error)
+        with self._lock:
+            if self._backend is None:
+                try:
+                    module_name, _, attr = self.spec.factory.partition(":")
+                    cls = getattr(importlib.import_module(module_name), attr)
+                    backend = cls()
+                    if not isinstance(backend, Backend):
+                        raise TypeError(f"{self.spec.factory} is not a hal.backend.Backend")
+                    backend.name = self.spec.name
+                except PluginError as exc:
+                    self.error = str(exc)
+                    raise
+                except Exception as exc:  # the plugin's error boundary
+                    self.error = (f"backend '{self.name}' from plugin '{self.plugin}' failed to load "
+                                  f"{self.spec.factory}: {type(exc).__name__}: {exc}")
+                    raise PluginError(self.error) from exc
+                self._backend = backend
+        return self._backend
+
+    def availability(self) -> Availability:
+        """Probe once; a probe that raises is reported as the reason."""
+        if self._availability is None:
+            try:
+                self._availability = self.load().probe()
+            except Exception as exc:
+                self._availability = Availability(False, f"{type(exc).__name__}: {exc}")
+        return self._availability
+
+
+class Registry:
+    """Every backend found, by name, plus the plugins that failed to load."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.entries: Dict[str, BackendEntry] = {}
+        self.broken: List[BrokenPlugin] = []
+        self.skipped: List[str] = []  # plugins left out by the HAL_PLUGINS allow-list
+
+    # -- discovery -------------------------------------------------------------------------------
+    def discover(self) -> None:
+        allow_env = os.environ.get("HAL_PLUGINS", "").strip()
+        allow = {n.strip() for n in allow_env.split(",") if n.strip()} if allow_env else None
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = _dist_label(ep)
+            if allow is not None and ep.name not in allow:
+                self.skipped.append(ep.name)
+                continue
+            if self.pm.has_plugin(ep.name):
+                self.broken.append(BrokenPlugin(ep.name, dist, f"a plugin named '{ep.name}' is already "
+                                                "registered; this one was not loaded"))
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # the plugin's error boundary
+                self.broken.append(BrokenPlugin(ep.name, dist, f"import of {ep.value} failed: "
+                                                f"{type(exc).__name__}: {exc}"))
+                continue
+            self.register_plugin(plugin, ep.name, dist)
+
+    def register_plugin(self, plugin: Any, name: str, distribution: str = "(in-process)") -> None:
+        """Register a plugin object and collect its backends (what discovery does per entry point)."""
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:
+            self.broken.append(BrokenPlugin(name, distribution, f"{type(exc).__name__}: {exc}"))
+            return
+        for impl in self.pm.hook.hal_backends.get_hookimpls():
+            if impl.plugin_name != name:
+                continue
+            try:
+                specs = list(impl.function())
+                for spec in specs:
+                    if not isinstance(spec, BackendSpec):
+                        raise TypeError(f"hal_backends returned {type(spec).__name__}, not BackendSpec")
+            except Exception as exc:
+                self.broken.append(BrokenPlugin(name, distribution, f"hal_backends() failed: "
+                                                f"{type(exc).__name__}: {exc}"))
+                continue
+            for spec in specs:
+                self._add(BackendEntry(spec, name, distribution))
+
+    def _add(self, entry: BackendEntry) -> None:
+        other = self.entries.get(entry.name)
+        if other is None:
+            self.entries[entry.name] = entry
+            return
+        other.error = (f"two backends are named '{entry.name}': one from plugin '{other.plugin}' "
+                       f"({other.distribution}), one from plugin '{entry.plugin}' ({entry.distribution}); "
+                       "uninstall one or limit plugins with HAL_PLUGINS")
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def entry(self, name: str) -> BackendEntry:
+        entry = self.entries.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.entries)) or "none"
+            hint = ""
+            if any(b.plugin == name for b in self.broken):
+                hint = f"; plugin '{name}' failed to load (see `hal info`)"
+            elif name in self.skipped:
+                hint = f"; plugin '{name}' is installed but not in HAL_PLUGINS"
+            raise BackendNotFoundError(f"no backend named '{name}' (registered: {known}){hint}")
+        return entry
+
+    def backend(self, name: str) -> Backend:
+        """The loaded, available backend ``name``; raises with the reason when it cannot be used."""
+        entry = self.entry(name)
+        backend = entry.load()
+        availability = entry.availability()
+        if not availability.available:
+            raise BackendUnavailableError(name, availability.reason)
+        return backend
+
+    def auto_select(self) -> str:
+        """The first available non-emulated accelerator backend by priority, else ``cpu``."""
+        for entry in sorted(self.entries.values(), key=lambda e: -e.spec.priority):
+            if entry.spec.emulated or entry.error is not None or entry.spec.device_type == "cpu":
+                continue
+            try:
+                if entry.availability().available:
+                    return entry.name
+            except PluginError:
+                continue
+        return "cpu"
+
+
+def _dist_label(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else "(unknown distribution)"
+
+
+_registry: Optional[Registry] = None
+_registry_lock = threading.Lock()
+
+
+def registry() -> Registry:
+    """The process-wide registry, discovered on first use."""
+    global _registry
+    if _registry is None:
+        with _registry_lock:
+            if _registry is None:
+                reg = Registry()
+                reg.discover()
+                _registry = reg
+    return _registry
+
+
+def register_plugin(plugin: Any, name: str) -> None:
+    """Register a plugin in-process (tests, notebooks, vendor bring-up) as an entry point would."""
+    from hal import dispatch
+    registry().register_plugin(plugin, name)
+    dispatch.clear_cache()
+
+
+def reset() -> None:
+    """Forget every plugin and rediscover on next use (tests; after installing a plugin)."""
+    global _registry
+    from hal import dispatch
+    _registry = None
+    dispatch.clear_cache()
