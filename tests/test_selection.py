@@ -1,0 +1,158 @@
+"""Backend selection: precedence of context manager, environment, config file, auto-detection;
+per-operator switches; fallback settings; checked mode; configuration errors."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import hal
+import hal.config
+from hal.dispatch import route
+from helpers import plugin_source, portable_backend_source
+
+GG = hal.ops.grouped_gemm
+
+
+@pytest.fixture
+def two_more(site):
+    """Two extra portable backends, 'blue' and 'green' (both serve every operator)."""
+    for name in ("blue", "green"):
+        site.install(f"{name}-hal", {name: f"{name}_plugin"}, {
+            f"{name}_plugin": plugin_source(name, f"{name}_backend:B", device_type="cpu"),
+            f"{name}_backend": portable_backend_source("B")})
+
+
+def chosen(op=GG):
+    r = route(op)
+    return r.backend.name, r.source
+
+
+def test_auto_detection_falls_back_to_cpu():
+    assert chosen() == ("cpu", "auto-detected")
+
+
+def test_config_file_then_env_then_context(two_more, tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text('[tool.hal]\nbackend = "green"\n')
+    hal.config.reload()
+    assert chosen() == ("green", f"{tmp_path / 'pyproject.toml'} [tool.hal]")
+    (tmp_path / "hal.toml").write_text('backend = "blue"\n')  # hal.toml beats pyproject.toml
+    hal.config.reload()
+    assert chosen()[0] == "blue"
+    monkeypatch.setenv("HAL_BACKEND", "green")
+    hal.config.reload()
+    assert chosen() == ("green", "environment")
+    with hal.use_backend("cpu"):
+        assert chosen() == ("cpu", "use_backend()")
+        with hal.use_backend("blue"):
+            assert chosen()[0] == "blue"
+        assert chosen()[0] == "cpu"
+    assert chosen()[0] == "green"
+
+
+def test_hal_config_variable_names_the_file(two_more, tmp_path, monkeypatch):
+    path = tmp_path / "elsewhere.toml"
+    path.write_text('backend = "blue"\n')
+    monkeypatch.setenv("HAL_CONFIG", str(path))
+    hal.config.reload()
+    assert chosen() == ("blue", str(path))
+
+
+def test_per_operator_switch_within_a_layer(two_more, monkeypatch):
+    monkeypatch.setenv("HAL_BACKEND", "blue")
+    monkeypatch.setenv("HAL_OPS", "grouped_gemm=green")
+    hal.config.reload()
+    assert chosen() == ("green", "environment")
+    with hal.use_backend(ops={"grouped_gemm": "cpu"}):
+        assert chosen()[0] == "cpu"
+
+
+def test_a_higher_layer_naming_a_backend_beats_a_lower_per_operator_choice(two_more, monkeypatch):
+    monkeypatch.setenv("HAL_OPS", "grouped_gemm=green")
+    hal.config.reload()
+    with hal.use_backend("blue"):
+        assert chosen()[0] == "blue"
+
+
+def test_config_file_per_operator_tables(two_more, tmp_path):
+    (tmp_path / "hal.toml").write_text(
+        'backend = "blue"\nfallback = "warn"\n[ops]\ngrouped_gemm = "green"\n[op_fallback]\ngrouped_gemm = "error"\n')
+    hal.config.reload()
+    r = route(GG)
+    assert (r.backend.name, r.policy) == ("green", "error")
+
+
+def test_fallback_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HAL_FALLBACK", "warn,grouped_gemm=error")
+    hal.config.reload()
+    assert route(GG).policy == "error"
+    (layer,) = hal.config.layers()
+    assert layer.fallback == "warn"
+
+
+def test_settings_are_per_thread_of_control():
+    seen = {}
+    with hal.use_backend("cpu", fallback="warn"):
+        t = threading.Thread(target=lambda: seen.update(policy=route(GG).policy))
+        t.start()
+        t.join()
+        assert route(GG).policy == "warn"
+    assert seen["policy"] == "error"  # a new thread does not inherit this thread's context
+
+
+def test_unknown_backend_is_a_clear_error():
+    with hal.use_backend("nonesuch"), pytest.raises(hal.BackendNotFoundError, match="'nonesuch'.*registered: cpu"):
+        GG(*_inputs())
+
+
+@pytest.mark.parametrize("content, message", [
+    ('fallback = "sometimes"\n', "fallback policy must be one of error, warn"),
+    ('[ops]\nno_such_op = "cpu"\n', "no operator named 'no_such_op'"),
+    ('backnd = "cpu"\n', "unknown setting"),
+    ('checked = "yes"\n', "'checked' must be true or false"),
+    ('backend = \n', "not valid TOML"),
+])
+def test_bad_config_files_raise_config_error(tmp_path, content, message):
+    (tmp_path / "hal.toml").write_text(content)
+    hal.config.reload()
+    with pytest.raises(hal.ConfigError, match=message):
+        GG(*_inputs())
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("HAL_CHECKED", "maybe", "HAL_CHECKED"), ("HAL_OPS", "cpu", "op=backend"), ("HAL_FALLBACK", "warn,error", "default"),
+])
+def test_bad_environment_raises_config_error(monkeypatch, var, value, message):
+    monkeypatch.setenv(var, value)
+    hal.config.reload()
+    with pytest.raises(hal.ConfigError, match=message):
+        hal.config.layers()
+
+
+def test_use_backend_rejects_bad_values():
+    with pytest.raises(hal.ConfigError):
+        with hal.use_backend("cpu", fallback="never"):
+            pass
+
+
+def test_checked_mode_sources(monkeypatch):
+    assert not hal.checked_mode()
+    monkeypatch.setenv("HAL_CHECKED", "1")
+    hal.config.reload()
+    assert hal.checked_mode()
+    with hal.use_backend(checked=False):
+        assert not hal.checked_mode()
+
+
+def test_value_checks_off_the_cpu_run_only_in_checked_mode(monkeypatch):
+    # Meta tensors have no values: reading them fails. Unchecked, validation must not try to read them.
+    x, w, sizes = (t.to("meta") for t in _inputs())
+    request = GG.validate(x, w, sizes)
+    assert request.device.type == "meta"
+    with hal.use_backend(checked=True), pytest.raises(Exception, match="meta"):
+        GG.validate(x, w, sizes)
+
+
+def _inputs():
+    return torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([1, 3])
