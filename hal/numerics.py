@@ -17,7 +17,8 @@ class Comparison:
 
     ok: bool
     max_abs: float
-    max_rel: float
+    max_rel: float          # over elements whose exact value exceeds their allowed error
+    tolerance_used: float   # max of error / allowed error: <= 1 passes
     mismatched: int
     total: int
     worst_index: Optional[tuple]
@@ -47,10 +48,18 @@ def compare(actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int
     if magnitude is not None and tol.acc_eps:
         allowed = allowed + tol.acc_eps * n * magnitude.detach().to("cpu", torch.float64).abs()
     finite = torch.isfinite(e)
-    err = torch.where(finite, (a - e).abs(), torch.zeros_like(e))
+    err = torch.where(finite & torch.isfinite(a), (a - e).abs(), torch.zeros_like(e))
     special_ok = torch.where(finite, torch.isfinite(a), (a == e) | (torch.isnan(a) & torch.isnan(e)))
+    if actual.is_floating_point() and actual.dtype != torch.float64:
+        # Rounding an exact value beyond the format's range (within tolerance of it) gives +-inf.
+        top = torch.finfo(actual.dtype).max
+        overflowed = finite & torch.isinf(a) & (a.sign() == e.sign()) & (e.abs() + allowed >= top)
+        special_ok = special_ok | overflowed
     bad = ~special_ok | (err > allowed)
+    # relative error only where it means something: exact values larger than their allowed error
+    meaningful = finite & (e.abs() > allowed)
     rel = err / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    ratio = err / allowed.clamp_min(torch.finfo(torch.float64).tiny)
     worst = None
     if a.numel():
         score = torch.where(bad, torch.full_like(err, float("inf")), err - allowed)
@@ -60,7 +69,8 @@ def compare(actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int
     we = float(e.flatten()[flat]) if worst is not None else 0.0
     wl = float(allowed.flatten()[flat]) if worst is not None else 0.0
     return Comparison(ok=not bool(bad.any()), max_abs=float(err.max()) if a.numel() else 0.0,
-                      max_rel=float(rel[finite].max()) if bool(finite.any()) else 0.0,
+                      max_rel=float(rel[meaningful].max()) if bool(meaningful.any()) else 0.0,
+                      tolerance_used=float(ratio[finite].max()) if bool(finite.any()) else 0.0,
                       mismatched=int(bad.sum()), total=a.numel(), worst_index=worst, worst_actual=wa,
                       worst_exact=we, worst_allowed=wl)
 

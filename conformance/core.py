@@ -1,0 +1,309 @@
+"""The conformance machinery: suites, cells, the oracle comparison, and running one cell.
+
+* A **suite** (one per operator, in ``hal/conformance/suites``) says which *cells* to certify — the
+  combinations of the contract's feature values — how to draw valid inputs for a cell (hypothesis),
+  and which properties the result must satisfy beyond agreeing with the oracle.
+* A **cell** is one row of the report: ``grouped_gemm[layout=contiguous,x_dtype=bfloat16,...]``.
+* The **oracle** is the contract's reference in float64 on the CPU; tolerances come from the contract.
+
+:func:`run_cell` runs one cell against one backend, in this process, and returns a :class:`CellResult`.
+Process isolation, timeouts, resuming and reports are :mod:`hal.conformance.runner`'s job.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from hypothesis import HealthCheck, Phase, given, reporting, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
+
+import hal
+from hal.contract import Op, Tolerance, all_ops
+from hal.errors import UnsupportedError
+from hal.numerics import compare, ulp_distance
+from hal.registry import registry
+
+__all__ = ["PROFILES", "Suite", "Case", "Recorder", "CellResult", "suite", "suites", "cells", "run_cell",
+           "cell_id"]
+
+# max_examples per cell. "quick" smoke-tests a bring-up, "ci" certifies the CPU backend in minutes on
+# 2 cores, "thorough" is the overnight run a vendor sends back.
+PROFILES: Dict[str, int] = {"quick": 4, "ci": 12, "thorough": 400}
+
+
+def cell_id(op: str, features: Mapping[str, str]) -> str:
+    return f"{op}[" + ",".join(f"{k}={v}" for k, v in features.items()) + "]"
+
+
+@dataclass
+class Case:
+    """One drawn input: positional and keyword arguments, made on the CPU."""
+
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+
+    def to(self, device: torch.device) -> "Case":
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Case(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()})
+
+    def tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        for i, a in enumerate(self.args):
+            if isinstance(a, torch.Tensor):
+                yield f"arg{i}", a
+        for k, v in self.kwargs.items():
+            if isinstance(v, torch.Tensor):
+                yield k, v
+
+    def describe(self) -> str:
+        def show(v: Any) -> str:
+            if isinstance(v, torch.Tensor):
+                return f"Tensor{list(v.shape)}:{str(v.dtype).replace('torch.', '')}"
+            return repr(v)
+        parts = [show(a) for a in self.args] + [f"{k}={show(v)}" for k, v in self.kwargs.items()]
+        return "(" + ", ".join(parts) + ")"
+
+
+@dataclass
+class Stat:
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    tolerance_used: float = 0.0
+    max_ulps: int = 0
+    checked: int = 0
+
+    def merge(self, max_abs: float = 0.0, max_rel: float = 0.0, max_ulps: int = 0, n: int = 0,
+              tolerance_used: float = 0.0) -> None:
+        self.max_abs = max(self.max_abs, max_abs)
+        self.max_rel = max(self.max_rel, max_rel)
+        self.tolerance_used = max(self.tolerance_used, tolerance_used)
+        self.max_ulps = max(self.max_ulps, max_ulps)
+        self.checked += n
+
+
+class Recorder:
+    """What a suite's ``check`` uses to compare and assert; keeps error statistics per output."""
+
+    def __init__(self) -> None:
+        self.stats: Dict[str, Stat] = {}
+
+    def _stat(self, name: str) -> Stat:
+        return self.stats.setdefault(name, Stat())
+
+    def close(self, name: str, actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int = 0,
+              magnitude: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> None:
+        """``actual`` within ``tol`` of the float64 ``exact`` (only where ``mask``, if given)."""
+        assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(exact.shape)}"
+        assert actual.dtype == exact.dtype or exact.dtype == torch.float64, \
+            f"{name}: dtype {actual.dtype}, expected {exact.dtype}"
+        a, e = actual.detach().cpu(), exact.detach().cpu()
+        m = magnitude.detach().cpu() if magnitude is not None else None
+        if mask is not None:
+            mask = mask.cpu()
+            a, e = a[mask], e[mask]
+            m = m[mask] if m is not None else None
+        c = compare(a, e, tol, n=n, magnitude=m)
+        self._stat(name).merge(c.max_abs, c.max_rel, 0, c.total, c.tolerance_used)
+        assert c.ok, f"{name}: {c}"
+
+    def ulps(self, name: str, actual: torch.Tensor, expected: torch.Tensor, allowed: int) -> None:
+        """Quantised outputs: at most ``allowed`` representable steps from the reference's bits."""
+        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}, expected {expected.dtype}"
+        assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        a, e = actual.detach().cpu(), expected.detach().cpu()
+        nan = a.float().isnan() | e.float().isnan()
+        assert torch.equal(a.float().isnan(), e.float().isnan()), f"{name}: NaN positions differ"
+        d = ulp_distance(a[~nan], e[~nan])
+        worst = int(d.max()) if d.numel() else 0
+        self._stat(name).merge(max_ulps=worst, n=int(d.numel()))
+        if worst > allowed:
+            idx = int(d.argmax())
+            raise AssertionError(f"{name}: {int((d > allowed).sum())} / {d.numel()} elements more than {allowed} "
+                                 f"ulp(s) away (worst {worst} ulps: got {float(a[~nan][idx])!r}, reference "
+                                 f"{float(e[~nan][idx])!r})")
+
+    def equal(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+        """Exact equality (integer outputs, bit-exact contracts)."""
+        self.ulps(name, actual, expected, 0) if actual.is_floating_point() else self._equal_int(name, actual, expected)
+
+    def _equal_int(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}, expected {expected.dtype}"
+        a, e = actual.detach().cpu(), expected.detach().cpu()
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+        bad = (a != e)
+        self._stat(name).merge(n=a.numel())
+        assert not bool(bad.any()), f"{name}: {int(bad.sum())} / {a.numel()} elements differ " \
+                                    f"(first at {tuple(int(i) for i in bad.nonzero()[0])})"
+
+    def holds(self, condition: bool, statement: str) -> None:
+        """A property stated as math; ``statement`` is what the report prints when it fails."""
+        assert condition, f"property violated: {statement}"
+
+
+class Suite:
+    """The conformance suite of one operator. Subclass, set ``op``, and implement :meth:`draw` and
+    :meth:`check`; override :meth:`meaningful` to drop feature combinations that cannot occur."""
+
+    op: str = ""
+    mutates: Tuple[str, ...] = ()  # arguments the contract says the operator writes to
+
+    @property
+    def contract(self) -> Op:
+        return all_ops()[self.op]
+
+    def meaningful(self, features: Mapping[str, str]) -> bool:
+        return True
+
+    def draw(self, data: st.DataObject, features: Mapping[str, str]) -> Case:
+        raise NotImplementedError
+
+    def check(self, rec: Recorder, case: Case, output: Any, oracle: Any, run: Callable[[Case], Any]) -> None:
+        """Compare ``output`` (the backend's, moved to the CPU) with ``oracle`` (the float64 reference
+        on the same inputs) and assert the operator's properties; ``run(case)`` calls the backend
+        again (for metamorphic properties: permuted groups, shuffled page tables ...)."""
+        raise NotImplementedError
+
+
+_SUITES: Dict[str, Suite] = {}
+
+
+def suite(cls: type) -> type:
+    """Class decorator: register a suite."""
+    _SUITES[cls.op] = cls()
+    return cls
+
+
+def suites() -> Dict[str, Suite]:
+    from hal.conformance import suites as _  # noqa: F401  (registers every suite)
+    return dict(_SUITES)
+
+
+def cells(op: str) -> List[Dict[str, str]]:
+    """Every meaningful combination of the contract's feature values, in a stable order."""
+    s = suites()[op]
+    axes = s.contract.axes
+    combos = (dict(zip(axes, values)) for values in itertools.product(*axes.values()))
+    return [c for c in combos if s.meaningful(c)]
+
+
+@dataclass
+class CellResult:
+    """One row of the report."""
+
+    op: str
+    features: Dict[str, str]
+    id: str
+    status: str  # pass | fail | unsupported | error | timeout | crashed | waived-fail | waived-pass
+    examples: int = 0
+    seconds: float = 0.0
+    stats: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    message: str = ""
+    minimal_example: str = ""
+    reproduce: str = ""
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _device_for(backend: hal.Backend) -> torch.device:
+    return torch.device("cpu") if backend.portable or backend.emulated else torch.device(backend.device_type)
+
+
+def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile: str = "ci", seed: int = 0,
+             database: Optional[ExampleDatabase] = None, waiver: Optional[str] = None) -> CellResult:
+    """Certify one cell: draw inputs, run the backend, compare with the oracle, check properties."""
+    s = suites()[op]
+    contract = s.contract
+    features = dict(features)
+    cid = cell_id(op, features)
+    backend = registry().backend(backend_name)
+    support = backend.capabilities().get(op)
+    refusal = "not implemented" if support is None else support.refusal(tuple(features.items()))
+    if refusal is not None:
+        return CellResult(op, features, cid, "unsupported", message=refusal)
+    device = _device_for(backend)
+    rec = Recorder()
+    examples = [0]
+    last: List[Case] = []
+
+    @settings(max_examples=PROFILES[profile], deadline=None, database=database, print_blob=True,
+              derandomize=False, phases=tuple(Phase), report_multiple_bugs=False,
+              suppress_health_check=list(HealthCheck))
+    @hypothesis_seed(seed)
+    @given(st.data())
+    def certify(data: st.DataObject) -> None:
+        case = s.draw(data, features)
+        last[:] = [case]
+        drawn = dict(contract.validate(*case.args, **case.kwargs).features)
+        assert drawn == features, f"suite bug: drew {drawn} for cell {features}"
+        before = {name: t.clone() for name, t in case.tensors()}
+        on_device = case.to(device)
+        output = _call(on_device)
+        for name, t in on_device.tensors():
+            if name not in s.mutates:
+                rec.holds(torch.equal(t.cpu(), before[name]) or _same_with_nans(t.cpu(), before[name]),
+                          f"the operator leaves its input '{name}' unchanged")
+        output = _to_cpu(output)
+        case_for_oracle = Case(tuple(before.get(f"arg{i}", a) for i, a in enumerate(case.args)),
+                               {k: before.get(k, v) for k, v in case.kwargs.items()})
+        oracle = contract.reference_impl(*case_for_oracle.args, **case_for_oracle.kwargs,
+                                         compute_dtype=torch.float64)
+        s.check(rec, case, output, oracle, lambda c: _to_cpu(_call(c.to(device))))
+        examples[0] += 1
+
+    def _call(c: Case) -> Any:
+        with hal.use_backend(backend_name, fallback="error"):
+            return contract(*c.args, **c.kwargs)
+
+    # One example-database key per backend and cell (hypothesis keys by test function otherwise, and
+    # every cell shares this one): a failing example is replayed first in its own cell next run.
+    certify._hypothesis_internal_add_digest = f"{backend_name}/{cid}".encode()  # type: ignore[attr-defined]
+    started = time.perf_counter()
+    lines: List[str] = []
+    try:
+        with reporting.with_reporter(lines.append):
+            certify()
+        status, message = "pass", ""
+    except UnsupportedError as exc:  # declared supported for the cell, refused for a drawn input
+        status, message = "fail", f"UnsupportedError for a declared-supported cell: {exc}"
+    except AssertionError as exc:
+        status, message = "fail", str(exc)
+    except Exception as exc:  # the backend raised: record it, with where
+        status, message = "error", f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:])
+    result = CellResult(op, features, cid, status, examples=examples[0], seconds=time.perf_counter() - started,
+                        stats={k: asdict(v) for k, v in rec.stats.items()}, message=message.strip())
+    if status in ("fail", "error"):
+        result.minimal_example = (f"{op}{last[0].describe()}\n" if last else "") + "\n".join(
+            ln for ln in lines if not ln.startswith("You can reproduce"))
+        result.reproduce = (f"hal conformance --backend {backend_name} --ops {op} --seed {seed} "
+                            f"--profile {profile}")
+    if waiver is not None:
+        result.status = "waived-fail" if status in ("fail", "error") else "waived-pass"
+        result.message = f"waived: {waiver}" + (f"\n{result.message}" if result.message else "")
+    return result
+
+
+def _same_with_nans(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not a.is_floating_point():
+        return False
+    return bool(torch.equal(a.float().nan_to_num(nan=math.pi), b.float().nan_to_num(nan=math.pi)))
+
+
+def _to_cpu(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.cpu()
+    if isinstance(output, tuple):
+        return type(output)(*(_to_cpu(o) for o in output)) if hasattr(output, "_fields") else \
+            tuple(_to_cpu(o) for o in output)
+    return output
+
+
+def database_at(path: str) -> ExampleDatabase:
+    """The example database kept between runs (failing examples are replayed first next time)."""
+    return DirectoryBasedExampleDatabase(path)

@@ -1,0 +1,89 @@
+"""The two reports of a conformance run: ``report.json`` for machines, ``report.md`` for people."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+FAILING = ("fail", "error", "timeout", "crashed")
+ORDER = ("pass", "fail", "error", "timeout", "crashed", "unsupported", "waived-fail", "waived-pass")
+
+
+def summarise(results: List[Mapping[str, Any]]) -> Dict[str, int]:
+    counts = {status: 0 for status in ORDER}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def summary_line(data: Mapping[str, Any]) -> str:
+    s = data["summary"]
+    verdict = "CONFORMS" if data["conforms"] else "DOES NOT CONFORM"
+    emulated = " (EMULATED)" if data["meta"].get("emulated") else ""
+    return (f"{verdict}{emulated}: {s['pass']} passed, {s['fail'] + s['error']} failed, {s['timeout']} timed out, "
+            f"{s['crashed']} crashed, {s['unsupported']} unsupported, {s['waived-fail'] + s['waived-pass']} waived")
+
+
+def write(directory: Path, meta: Mapping[str, Any], results: List[Mapping[str, Any]],
+          waivers: Mapping[str, str]) -> Dict[str, Any]:
+    results = sorted(results, key=lambda r: r["id"])
+    summary = summarise(results)
+    stale = [p for p in waivers if not any(r["id"].startswith(p) for r in results)]
+    data = {"meta": dict(meta), "summary": summary, "conforms": not any(summary[s] for s in FAILING),
+            "stale_waivers": stale, "cells": results}
+    (directory / "report.json").write_text(json.dumps(data, indent=2))
+    (directory / "report.md").write_text(markdown(data))
+    return data
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2g}" if x else "0"
+
+
+def markdown(data: Mapping[str, Any]) -> str:
+    meta = data["meta"]
+    title = f"# Conformance report: backend `{meta['backend']}`"
+    lines = [title, ""]
+    if meta.get("emulated"):
+        lines += ["> **EMULATED** — this backend ran against a CPU stand-in for the vendor's kernels (a test",
+                  "> double written from the vendor's documentation). These results say nothing about hardware.", ""]
+    lines += [f"**{summary_line(data)}**", "",
+              "| | |", "| --- | --- |"]
+    for key in ("vendor", "device_type", "distribution", "profile", "max_examples", "seed", "hal_version", "torch",
+                "python", "platform", "started", "finished"):
+        if meta.get(key) not in (None, ""):
+            lines.append(f"| {key} | {meta[key]} |")
+    for k, v in (meta.get("versions") or {}).items():
+        lines.append(f"| {k} | {v} |")
+    lines.append("")
+    by_op: Dict[str, List[Mapping[str, Any]]] = {}
+    for r in data["cells"]:
+        by_op.setdefault(r["op"], []).append(r)
+    for op, rows in by_op.items():
+        counts = summarise(rows)
+        lines += [f"## {op}", "", ", ".join(f"{k}: {v}" for k, v in counts.items() if v), ""]
+        axes = list(rows[0]["features"])
+        lines.append("| " + " | ".join(axes) + " | result | examples | max abs err | max rel err | tolerance used | max ulps |")
+        lines.append("|" + " --- |" * (len(axes) + 6))
+        for r in rows:
+            st = r.get("stats") or {}
+            mabs = max((v["max_abs"] for v in st.values()), default=0.0)
+            mrel = max((v["max_rel"] for v in st.values()), default=0.0)
+            mulp = max((v["max_ulps"] for v in st.values()), default=0)
+            used = max((v["tolerance_used"] for v in st.values()), default=0.0)
+            mark = {"pass": "pass", "unsupported": "unsupported"}.get(r["status"], f"**{r['status'].upper()}**")
+            lines.append("| " + " | ".join(r["features"][a] for a in axes) +
+                         f" | {mark} | {r['examples']} | {_fmt(mabs)} | {_fmt(mrel)} | {used:.0%} | {mulp} |")
+        lines.append("")
+    problems = [r for r in data["cells"] if r["status"] in FAILING or r["status"] == "waived-fail"]
+    if problems:
+        lines += ["## Failures", ""]
+        for r in problems:
+            lines += [f"### {r['id']} — {r['status']}", "", "```", r["message"], "```", ""]
+            if r.get("minimal_example"):
+                lines += ["Minimal failing example:", "", "```", r["minimal_example"], "```", ""]
+            if r.get("reproduce"):
+                lines += [f"Reproduce: `{r['reproduce']}`", ""]
+    if data["stale_waivers"]:
+        lines += ["## Waivers that matched no cell", ""] + [f"- `{w}`" for w in data["stale_waivers"]] + [""]
+    return "\n".join(lines)

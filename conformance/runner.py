@@ -1,0 +1,206 @@
+"""``hal conformance``: run every cell of the chosen operators against one backend, each operator's
+cells in a worker process with a per-cell time limit, and write the reports as results come in.
+
+A cell that crashes its worker (segfault, abort, poisoned device) is recorded as ``crashed`` and one
+that overruns the limit as ``timeout``; a fresh worker then takes the remaining cells. Results are
+appended to ``results.jsonl`` as they finish, so ``--resume`` continues an interrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, TextIO
+
+import torch
+
+import hal
+from hal.conformance import report
+from hal.conformance.core import PROFILES, CellResult, cell_id, cells, database_at, run_cell, suites
+from hal.config import _read_toml
+from hal.errors import ConfigError
+from hal.registry import registry
+
+__all__ = ["Options", "run"]
+
+
+@dataclass
+class Options:
+    backend: str
+    profile: str = "ci"
+    ops: Optional[List[str]] = None
+    report_dir: Path = Path("hal-report")
+    seed: Optional[int] = None
+    resume: bool = False
+    timeout: float = 600.0
+    waivers: Optional[Path] = None
+    isolate: bool = True
+
+
+def _waivers(opts: Options, backend: hal.Backend) -> Dict[str, str]:
+    """Expected failures, by cell-id prefix: the backend's own, then the file's (which win)."""
+    found = dict(getattr(backend, "conformance_waivers", {}) or {})
+    if opts.waivers is not None:
+        if not opts.waivers.is_file():
+            raise ConfigError(f"--waivers: no file at {opts.waivers}")
+        table = _read_toml(opts.waivers).get("waivers", {})
+        if not isinstance(table, dict) or not all(isinstance(v, str) and v for v in table.values()):
+            raise ConfigError(f"{opts.waivers}: expected a [waivers] table of \"cell-id prefix\" = \"reason\"")
+        found.update(table)
+    return found
+
+
+def run(opts: Options, out: TextIO = sys.stdout) -> Dict[str, object]:
+    """Run the suite; return the report data (also written to ``opts.report_dir``)."""
+    if opts.profile not in PROFILES:
+        raise ConfigError(f"--profile: expected one of {', '.join(PROFILES)}, got {opts.profile!r}")
+    known = suites()
+    ops = opts.ops or sorted(known)
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        raise ConfigError(f"--ops: no suite for {', '.join(unknown)} (operators: {', '.join(sorted(known))})")
+    entry = registry().entry(opts.backend)
+    backend = registry().backend(opts.backend)  # raises with the reason when it cannot run here
+    waivers = _waivers(opts, backend)
+    opts.report_dir.mkdir(parents=True, exist_ok=True)
+    results_path = opts.report_dir / "results.jsonl"
+    meta_path = opts.report_dir / "run.json"
+
+    done: Dict[str, dict] = {}
+    if opts.resume and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if (meta["backend"], meta["profile"]) != (opts.backend, opts.profile):
+            raise ConfigError(f"--resume: {opts.report_dir} holds a run of backend {meta['backend']!r}, profile "
+                              f"{meta['profile']!r}")
+        opts.seed = meta["seed"]
+        for line in results_path.read_text().splitlines() if results_path.is_file() else []:
+            r = json.loads(line)
+            done[r["id"]] = r
+    else:
+        seed = opts.seed if opts.seed is not None else random.randrange(2**31)
+        opts.seed = seed
+        meta = {
+            "backend": opts.backend, "emulated": entry.spec.emulated, "vendor": entry.spec.vendor,
+            "device_type": entry.spec.device_type, "plugin": entry.plugin, "distribution": entry.distribution,
+            "versions": backend.versions(), "profile": opts.profile, "max_examples": PROFILES[opts.profile],
+            "seed": seed, "hal_version": hal.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "waivers": waivers,
+        }
+        meta_path.write_text(json.dumps(meta, indent=2))
+        results_path.write_text("")
+
+    label = " [EMULATED: a CPU stand-in for the vendor's kernels, not hardware]" if entry.spec.emulated else ""
+    out.write(f"hal conformance: backend {opts.backend}{label}, profile {opts.profile} "
+              f"({PROFILES[opts.profile]} examples a cell), seed {opts.seed}\n")
+    if done:
+        out.write(f"resuming: {len(done)} cells already done in {opts.report_dir}\n")
+
+    results: Dict[str, dict] = dict(done)
+    for op in ops:
+        plan = []
+        for features in cells(op):
+            cid = cell_id(op, features)
+            if cid in done:
+                continue
+            waiver = next((reason for prefix, reason in waivers.items() if cid.startswith(prefix)), None)
+            plan.append({"op": op, "features": features, "id": cid, "waiver": waiver})
+        if not plan:
+            continue
+        stream = _isolated(opts, plan) if opts.isolate else _in_process(opts, plan)
+        with results_path.open("a") as sink:
+            for result in stream:
+                data = result.to_json()
+                results[result.id] = data
+                sink.write(json.dumps(data) + "\n")
+                sink.flush()
+                out.write(_line(result) + "\n")
+                out.flush()
+        report.write(opts.report_dir, meta, list(results.values()), waivers)
+
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    meta_path.write_text(json.dumps(meta, indent=2))
+    data = report.write(opts.report_dir, meta, list(results.values()), waivers)
+    out.write(report.summary_line(data) + "\n")
+    out.write(f"reports: {opts.report_dir / 'report.md'} and {opts.report_dir / 'report.json'}\n")
+    return data
+
+
+def _line(r: CellResult) -> str:
+    used = max((s.get("tolerance_used", 0.0) for s in r.stats.values()), default=0.0)
+    detail = f"{r.examples} examples, {used:.0%} of tolerance used" if r.status in ("pass", "waived-pass") else \
+        r.message.splitlines()[0][:160] if r.message else ""
+    return f"  {r.status.upper():<12} {r.id}  {detail}"
+
+
+def _in_process(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
+    db = database_at(str(_db_path(opts)))
+    for cell in plan:
+        yield run_cell(opts.backend, cell["op"], cell["features"], profile=opts.profile, seed=opts.seed or 0,
+                       database=db, waiver=cell["waiver"])
+
+
+def _db_path(opts: Options) -> Path:
+    return Path(os.environ.get("HAL_CONFORMANCE_DB", Path.cwd() / ".hypothesis" / "hal-conformance")) / opts.backend
+
+
+def _isolated(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
+    remaining = list(plan)
+    while remaining:
+        job = {"backend": opts.backend, "profile": opts.profile, "seed": opts.seed, "cells": remaining,
+               "database": str(_db_path(opts))}
+        with tempfile.TemporaryFile("w+") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "hal.conformance.worker"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps(job))
+            proc.stdin.close()
+            sel = selectors.DefaultSelector()
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            current: Optional[dict] = None
+            deadline = time.monotonic() + opts.timeout + 120  # worker start-up (imports) included
+            failure: Optional[CellResult] = None
+            while True:
+                if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                    proc.kill()
+                    proc.wait()
+                    cell = current or remaining[0]
+                    failure = CellResult(cell["op"], cell["features"], cell["id"], "timeout",
+                                         message=f"no result within {opts.timeout:.0f} s; the worker was killed")
+                    break
+                line = proc.stdout.readline()
+                if not line:  # the worker exited
+                    rc = proc.wait()
+                    if current is not None or rc != 0:
+                        cell = current or remaining[0]
+                        stderr.seek(0)
+                        tail = stderr.read()[-2000:]
+                        failure = CellResult(cell["op"], cell["features"], cell["id"], "crashed",
+                                             message=f"worker process died (exit code {rc}) during this cell\n{tail}")
+                    break
+                event = json.loads(line)
+                if event["event"] == "start":
+                    current = next(c for c in remaining if c["id"] == event["id"])
+                    deadline = time.monotonic() + opts.timeout
+                else:
+                    r = event["result"]
+                    remaining = [c for c in remaining if c["id"] != r["id"]]
+                    current = None
+                    yield CellResult(**r)
+            sel.close()
+        if failure is not None:
+            remaining = [c for c in remaining if c["id"] != failure.id]
+            yield failure
+        elif remaining:  # exited cleanly without finishing: should not happen; do not loop forever
+            for cell in remaining:
+                yield CellResult(cell["op"], cell["features"], cell["id"], "crashed",
+                                 message="worker exited before reaching this cell")
+            remaining = []
