@@ -64,7 +64,11 @@ class Case:
     def describe(self) -> str:
         def show(v: Any) -> str:
             if isinstance(v, torch.Tensor):
-                return f"Tensor{list(v.shape)}:{str(v.dtype).replace('torch.', '')}"
+                dtype = str(v.dtype).replace("torch.", "")
+                if v.numel() <= 16:  # small enough to print: the minimal example, whole
+                    values = v.float().tolist() if v.dtype.itemsize == 1 and v.is_floating_point() else v.tolist()
+                    return f"tensor({values}, dtype={dtype})"
+                return f"Tensor{list(v.shape)}:{dtype}"
             return repr(v)
         parts = [show(a) for a in self.args] + [f"{k}={show(v)}" for k, v in self.kwargs.items()]
         return "(" + ", ".join(parts) + ")"
@@ -272,10 +276,13 @@ def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile
         status, message = "pass", ""
     except UnsupportedError as exc:  # declared supported for the cell, refused for a drawn input
         status, message = "fail", f"UnsupportedError for a declared-supported cell: {exc}"
+        lines += getattr(exc, "__notes__", [])
     except AssertionError as exc:
         status, message = "fail", str(exc)
+        lines += getattr(exc, "__notes__", [])  # hypothesis attaches the falsifying example here
     except Exception as exc:  # the backend raised: record it, with where
         status, message = "error", f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:])
+        lines += getattr(exc, "__notes__", [])
     result = CellResult(op, features, cid, status, examples=examples[0], seconds=time.perf_counter() - started,
                         stats={k: asdict(v) for k, v in rec.stats.items()}, message=message.strip())
     if status in ("fail", "error"):

@@ -63,10 +63,11 @@ def run(opts: Options, out: TextIO = sys.stdout) -> Dict[str, object]:
     if opts.profile not in PROFILES:
         raise ConfigError(f"--profile: expected one of {', '.join(PROFILES)}, got {opts.profile!r}")
     known = suites()
-    ops = opts.ops or sorted(known)
-    unknown = [op for op in ops if op not in known]
+    selectors_ = opts.ops or sorted(known)  # operator names or cell-id prefixes ("grouped_gemm[layout=masked")
+    unknown = [sel for sel in selectors_ if sel.split("[")[0] not in known]
     if unknown:
         raise ConfigError(f"--ops: no suite for {', '.join(unknown)} (operators: {', '.join(sorted(known))})")
+    ops = sorted({sel.split("[")[0] for sel in selectors_})
     entry = registry().entry(opts.backend)
     backend = registry().backend(opts.backend)  # raises with the reason when it cannot run here
     waivers = _waivers(opts, backend)
@@ -109,7 +110,8 @@ def run(opts: Options, out: TextIO = sys.stdout) -> Dict[str, object]:
         plan = []
         for features in cells(op):
             cid = cell_id(op, features)
-            if cid in done:
+            if cid in done or not any(cid == sel or cid.startswith(sel if "[" in sel else sel + "[")
+                                      for sel in selectors_):
                 continue
             waiver = next((reason for prefix, reason in waivers.items() if cid.startswith(prefix)), None)
             plan.append({"op": op, "features": features, "id": cid, "waiver": waiver})

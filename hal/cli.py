@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="cpu", help="backend to certify (default: cpu)")
     p.add_argument("--profile", default="ci", choices=["quick", "ci", "thorough"],
                    help="examples per cell: quick (smoke), ci (default), thorough (overnight)")
-    p.add_argument("--ops", nargs="+", metavar="OP", help="only these operators")
+    p.add_argument("--ops", nargs="+", metavar="OP",
+                   help="only these operators, or cells by id prefix: 'grouped_gemm[layout=masked'")
     p.add_argument("--report", default="hal-report", metavar="DIR", help="report folder (default: hal-report)")
     p.add_argument("--seed", type=int, help="hypothesis seed (printed; default: random)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --report")

@@ -62,7 +62,7 @@ _ATTENTION_AXES = {"dtype": _DTYPES, "causal": _BOOL, "sinks": _BOOL, "window": 
 # * lse: error <= E + (2L + 4) * u (sum, log, base change; |lse| <= S + ln L); a sink scales out by
 #   sigmoid(lse - sink), whose relative error is <= that of lse, adding lse's error times magnitude;
 # * c_p * u admits kernels that round the probabilities to q's dtype before the P @ V product (FlashMLA,
-#   FlashAttention do): 2**-9 (bf16) / 2**-11 (fp16) relative per probability, i.e. 2**-9 * magnitude.
+#   FlashAttention do): 2**-9 (bf16) / 2**-11 (fp16) relative per probability, i.e. c_p * u * magnitude.
 # Summing: 3E + (5L + 14 + c_p) u <= n * u. The output is then rounded once to its dtype (``rtol``; one ulp
 # for double rounding, fp16 subnormal spacing as ``atol``); lse's ``rtol`` = 4u covers rounding ``|lse|``.
 # The bound is worst-case, so a correct kernel never trips it, while a wrong mask, scale or sink moves
