@@ -8,25 +8,17 @@ imported only when it is listed or used, so discovery imports no vendor library.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
-import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pluggy
 
 from hal import hookspecs
 from hal.backend import Availability, Backend
 from hal.errors import BackendNotFoundError, BackendUnavailableError, PluginError
-
-if sys.version_info >= (3, 10):
-    from importlib.metadata import entry_points
-else:  # pragma: no cover - Python 3.9
-    from importlib.metadata import entry_points as _entry_points
-
-    def entry_points(group: str):  # type: ignore[no-redef]
-        return _entry_points().get(group, [])
 
 __all__ = ["BackendSpec", "BackendEntry", "BrokenPlugin", "Registry", "registry", "register_plugin",
            "ENTRY_POINT_GROUP"]
@@ -124,8 +116,7 @@ class Registry:
     def discover(self) -> None:
         allow_env = os.environ.get("HAL_PLUGINS", "").strip()
         allow = {n.strip() for n in allow_env.split(",") if n.strip()} if allow_env else None
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            dist = _dist_label(ep)
+        for ep, dist in _entry_points():
             if allow is not None and ep.name not in allow:
                 self.skipped.append(ep.name)
                 continue
@@ -207,9 +198,20 @@ class Registry:
         return "cpu"
 
 
-def _dist_label(ep: Any) -> str:
-    dist = getattr(ep, "dist", None)
-    return f"{dist.name} {dist.version}" if dist is not None else "(unknown distribution)"
+def _entry_points() -> List[Tuple[Any, str]]:
+    """``(entry point, "dist version")`` for the group, by name; via the distributions so that the
+    distribution is known on every supported Python (``EntryPoint.dist`` is 3.10+)."""
+    found = []
+    seen = set()
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name in seen:  # the same distribution on sys.path twice: the first one wins, as for imports
+            continue
+        seen.add(name)
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP:
+                found.append((ep, f"{name} {dist.version}"))
+    return sorted(found, key=lambda pair: pair[0].name)
 
 
 _registry: Optional[Registry] = None
