@@ -50,16 +50,19 @@ class Case:
     kwargs: Dict[str, Any]
 
     def to(self, device: torch.device) -> "Case":
-        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return Case(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()})
+        return Case(tuple(_move(a, device) for a in self.args), {k: _move(v, device) for k, v in self.kwargs.items()})
 
     def tensors(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        for i, a in enumerate(self.args):
-            if isinstance(a, torch.Tensor):
-                yield f"arg{i}", a
-        for k, v in self.kwargs.items():
+        """Every input tensor with its name: ``arg0``.. for positional arguments, the keyword otherwise,
+        ``name.field`` inside a named tuple (e.g. a :class:`hal.ops.MoePermutation`)."""
+        named = [(f"arg{i}", a) for i, a in enumerate(self.args)] + list(self.kwargs.items())
+        for name, v in named:
             if isinstance(v, torch.Tensor):
-                yield k, v
+                yield name, v
+            elif _is_named_tuple(v):
+                for field_name, t in zip(v._fields, v):
+                    if isinstance(t, torch.Tensor):
+                        yield f"{name}.{field_name}", t
 
     def describe(self) -> str:
         def show(v: Any) -> str:
@@ -69,6 +72,8 @@ class Case:
                     values = v.float().tolist() if v.dtype.itemsize == 1 and v.is_floating_point() else v.tolist()
                     return f"tensor({values}, dtype={dtype})"
                 return f"Tensor{list(v.shape)}:{dtype}"
+            if _is_named_tuple(v):
+                return f"{type(v).__name__}(" + ", ".join(f"{k}={show(t)}" for k, t in zip(v._fields, v)) + ")"
             return repr(v)
         parts = [show(a) for a in self.args] + [f"{k}={show(v)}" for k, v in self.kwargs.items()]
         return "(" + ", ".join(parts) + ")"
@@ -296,6 +301,18 @@ def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile
     return result
 
 
+def _is_named_tuple(v: Any) -> bool:
+    return isinstance(v, tuple) and hasattr(v, "_fields")
+
+
+def _move(v: Any, device: torch.device) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if _is_named_tuple(v):
+        return type(v)(*(_move(t, device) for t in v))
+    return v
+
+
 def _same_with_nans(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not a.is_floating_point():
         return False
@@ -306,7 +323,7 @@ def _to_cpu(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output.cpu()
     if isinstance(output, tuple):
-        return type(output)(*(_to_cpu(o) for o in output)) if hasattr(output, "_fields") else \
+        return type(output)(*(_to_cpu(o) for o in output)) if _is_named_tuple(output) else \
             tuple(_to_cpu(o) for o in output)
     return output
 

@@ -96,21 +96,22 @@ class Backend:
     # -- registration ----------------------------------------------------------------------------
     def add_implementation(self, op_name: str, fn: Callable[..., Any], **axes: Sequence[str]) -> None:
         """Register ``fn`` as this backend's ``op_name``; checks the declaration against the contract."""
+        who = self.name or type(self).__name__  # the registry names the instance after construction
         try:
             op = get_op(op_name)
         except KeyError as exc:
-            raise PluginError(f"backend '{self.name}' implements unknown operator: {exc.args[0]}") from None
+            raise PluginError(f"backend '{who}' implements unknown operator: {exc.args[0]}") from None
         declared: Dict[str, FrozenSet[str]] = {}
         for axis, values in axes.items():
             if axis not in op.axes:
-                raise PluginError(f"backend '{self.name}': {op_name} has no feature axis {axis!r} "
+                raise PluginError(f"backend '{who}': {op_name} has no feature axis {axis!r} "
                                   f"(axes: {', '.join(op.axes)})")
             unknown = set(values) - set(op.axes[axis])
             if unknown:
-                raise PluginError(f"backend '{self.name}': {op_name}.{axis} values {sorted(unknown)} are "
+                raise PluginError(f"backend '{who}': {op_name}.{axis} values {sorted(unknown)} are "
                                   f"not defined by the contract (defined: {', '.join(op.axes[axis])})")
             declared[axis] = frozenset(values)
-        _check_signature(self.name, op, fn)
+        _check_signature(who, op, fn)
         self._impls[op_name] = fn
         self._support[op_name] = Support(declared)
 
