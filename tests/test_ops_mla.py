@@ -18,7 +18,7 @@ from hal.numerics import assert_within, compare
 PREFILL = hal.ops.mla_prefill
 DECODE = hal.ops.mla_decode
 WRITE = hal.ops.paged_cache_write
-TOL = hal.ops.MLA_TOLERANCE
+TOL = hal.ops.mla.MLA_TOLERANCE
 F64 = torch.float64
 INF = float("inf")
 
@@ -403,7 +403,7 @@ def test_prefill_within_tolerance_of_oracle(dtype, features):
     out, lse = PREFILL(q, k, v, cu_q, cu_k, **kw)
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == (16, 8, 16)
     exact_out, exact_lse = PREFILL.reference_impl(q, k, v, cu_q, cu_k, compute_dtype=F64, **kw)
-    n = hal.ops.attention_error_n(q, k, softmax_scale=kw["softmax_scale"], num_keys=12)
+    n = hal.ops.mla.attention_error_n(q, k, softmax_scale=kw["softmax_scale"], num_keys=12)
     assert_within(out, exact_out, TOL[str(dtype)[6:]], n=n, magnitude=magnitude_prefill(q, k, v, cu_q, cu_k, **kw),
                   what="out")
     assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
@@ -424,7 +424,7 @@ def test_decode_within_tolerance_of_oracle(dtype, features):
     kw.pop("head_dim_v")
     magnitude = PREFILL.reference_impl(args[0], args[1], args[2].abs(), *args[3:], topk_indices=topk,
                                        compute_dtype=F64, **kw)[0].reshape(exact_out.shape)
-    n = hal.ops.attention_error_n(q, torch.cat(keys), softmax_scale=kw["softmax_scale"], num_keys=17)
+    n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=kw["softmax_scale"], num_keys=17)
     assert_within(out, exact_out, TOL[str(dtype)[6:]], n=n, magnitude=magnitude, what="out")
     assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
 
@@ -433,7 +433,7 @@ def test_tolerance_catches_wrong_mask_and_wrong_scale():
     q, k, v, cu_q, cu_k, _, _ = prefill_inputs(torch.float32, lens_q=(9, 6), lens_k=(9, 12), hq=8, hk=2, dqk=24,
                                                dv=16, seed=11)
     exact_out, exact_lse = PREFILL.reference_impl(q, k, v, cu_q, cu_k, softmax_scale=0.2, compute_dtype=F64)
-    n = hal.ops.attention_error_n(q, k, softmax_scale=0.2, num_keys=12)
+    n = hal.ops.mla.attention_error_n(q, k, softmax_scale=0.2, num_keys=12)
     mag = magnitude_prefill(q, k, v, cu_q, cu_k, softmax_scale=0.2)
     for wrong in (dict(softmax_scale=0.2, causal=False), dict(softmax_scale=0.2 * 1.01),
                   dict(softmax_scale=0.2, window=8)):
@@ -445,10 +445,10 @@ def test_tolerance_catches_wrong_mask_and_wrong_scale():
 
 def test_error_n_grows_with_keys_scale_and_low_precision_probabilities():
     q, k = torch.ones(2, 4), torch.ones(3, 4)
-    base = hal.ops.attention_error_n(q, k, softmax_scale=0.5, num_keys=3)
+    base = hal.ops.mla.attention_error_n(q, k, softmax_scale=0.5, num_keys=3)
     assert base == pytest.approx(5 * 3 + 3 * 13 * (0.5 * 2 * 2) + 32)
-    assert hal.ops.attention_error_n(q.bfloat16(), k.bfloat16(), softmax_scale=0.5, num_keys=3) == base + 2**15
-    assert hal.ops.attention_error_n(q, k, softmax_scale=1.0, num_keys=30) > base
+    assert hal.ops.mla.attention_error_n(q.bfloat16(), k.bfloat16(), softmax_scale=0.5, num_keys=3) == base + 2**15
+    assert hal.ops.mla.attention_error_n(q, k, softmax_scale=1.0, num_keys=30) > base
 
 
 # --------------------------------------------------------------------------- paged_cache_write
@@ -675,7 +675,7 @@ def test_kernel_rounding_probabilities_to_input_dtype_is_within_tolerance(dtype)
     scale = 72 ** -0.5
     exact_out, exact_lse = DECODE.reference_impl(q, cache, table, lens, softmax_scale=scale, head_dim_v=64,
                                                  causal=False, compute_dtype=F64)
-    n = hal.ops.attention_error_n(q, torch.cat(keys), softmax_scale=scale, num_keys=40)
+    n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=scale, num_keys=40)
     for b, key in enumerate(keys):
         logits = scale * torch.einsum("hd,td->ht", q[b, 0].float(), key.float())
         p = torch.exp(logits - logits.max(dim=1, keepdim=True).values)

@@ -7,6 +7,13 @@ call it and the selected backend computes it.
 * :mod:`hal.ops.quant` — FP8 / FP4 block quantisation, dequantisation, block-scaled GEMM
 """
 from hal.ops.grouped_gemm import grouped_gemm
-from hal.ops.mla import *  # noqa: F401,F403  (explicit list at integration)
-from hal.ops.quant import *  # noqa: F401,F403
-from hal.ops.routing import *  # noqa: F401,F403
+from hal.ops.mla import mla_decode, mla_prefill, paged_cache_write
+from hal.ops.quant import dequantize_fp4, dequantize_fp8, fp8_gemm, quantize_fp4, quantize_fp8, quantize_fp8_weight
+from hal.ops.routing import MoePermutation, hash_routing, moe_permute, moe_unpermute, topk_routing
+
+__all__ = [
+    "grouped_gemm",
+    "topk_routing", "hash_routing", "moe_permute", "moe_unpermute", "MoePermutation",
+    "mla_prefill", "mla_decode", "paged_cache_write",
+    "quantize_fp8", "quantize_fp8_weight", "dequantize_fp8", "fp8_gemm", "quantize_fp4", "dequantize_fp4",
+]
