@@ -84,7 +84,7 @@ def encode_fp4(values: torch.Tensor) -> torch.Tensor:
     code = torch.where((candidates & tie_even).any(-1), (candidates & tie_even).int().argmax(-1),
                        candidates.int().argmax(-1))
     nibble = code | ((v < 0) & (code != 0)).to(torch.int64) << 3
-    pairs = nibble.view(*nibble.shape[:-1], -1, 2)
+    pairs = nibble.unflatten(-1, (nibble.shape[-1] // 2, 2))  # (not view(..., -1, 2): fails on 0 rows)
     return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
 
 

@@ -742,3 +742,8 @@ def test_error_message_says_expected_and_got():
     err = info.value
     assert (err.op, err.argument) == ("quantize_fp8", "x")
     assert "divisible by group_size = 128" in err.expected and "K = 100" in err.got
+
+
+def test_quantize_fp4_of_no_rows():
+    q, s = hal.ops.quantize_fp4(torch.zeros(0, 64))
+    assert q.shape == (0, 32) and q.dtype == torch.uint8 and s.shape == (0, 2)

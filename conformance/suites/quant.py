@@ -1,0 +1,315 @@
+"""Quantisation family: FP8 e4m3 / FP4 e2m1 quantisers, dequantisers and the block-scaled FP8 GEMM.
+
+Every output is compared with the contract's float64 oracle under the contract's own tolerance table
+(quantisers: ``ulps`` on ``q``, ``rtol`` on the scales, bit-exact for UE8M0 and FP4; dequantisers and
+the GEMM: ``DEQUANT_TOLERANCE`` / ``GEMM_TOLERANCE``). Properties checked on top (as math):
+
+* quantize_fp8, quantize_fp8_weight: ``s > 0``; UE8M0 ``s`` is a power of two; ``|q| <= 448``; the
+  scale is tight, ``448 (1 - rtol) <= max(amax, 1e-4) / s <= 448 (1 + rtol)`` (UE8M0:
+  ``224 < amax / s <= 448``); round trip ``|q s - x| <= (1/2 + ulps) step_e4m3(x / s) s``.
+* dequantize_fp8, dequantize_fp4: for power-of-two scales, ``y == q s`` exactly wherever ``q s`` is
+  representable in ``out_dtype``.
+* fp8_gemm: ``y`` equals dequantise-then-matmul (via ``dequantize_fp8``); doubling ``a_scale``
+  doubles ``y`` (within tolerance).
+* quantize_fp4: ``s`` a positive power of two; decoded ``q`` on the e2m1 grid ``{0, .5, 1, 1.5, 2, 3,
+  4, 6}``; ``max(amax, 1e-4) / s <= 6`` (never clips); round trip ``|e2m1(q) s - w| <= step_e2m1 / 2 s``.
+
+Inputs: DeepSeek-like shapes kept small (rows 0..6, K of 1..3 groups, weights ``[N, K]`` with partial
+128-blocks), values from :func:`tensor_specs` (ties, outliers, wide range, tiny/subnormal, near the
+format maximum), and an explicit all-zero group (the ``1e-4`` amax floor). No NaN/inf are drawn: the
+contracts leave ``q`` unspecified for them. (``torch.float4_e2m1fn_x2`` inputs are not drawn: torch
+cannot compare or copy them on the CPU.)
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from hypothesis import strategies as st
+
+from hal.conformance.core import Case, Recorder, Suite, suite
+from hal.conformance.strategies import tensor_specs
+from hal.formats import AMAX_FLOOR, FP4_MAX, FP8_DTYPE, FP8_MAX, expand_scale, scale_as_float, scale_shape, \
+    unpack_fp4
+from hal.ops.grouped_gemm import dequantized_operands
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SIZES = (1, 64, 128, 130, 200, 256, 0)  # weight dims: partial edge blocks, zero last (simplest first)
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E8M0 = getattr(torch, "float8_e8m0fnu", None)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+def e4m3_step(v: torch.Tensor) -> torch.Tensor:
+    """Spacing of e4m3 values at magnitude ``|v|`` (float64): 3 mantissa bits, ``2**(e - 3)`` in the
+    binade ``[2**e, 2**(e+1))``; subnormals (below ``2**-6``) are spaced ``2**-9``."""
+    _, e = torch.frexp(v.double().abs())  # |v| = m 2**e, m in [0.5, 1): binade exponent e - 1
+    return torch.exp2((e - 1).clamp_min(-6).double() - 3)
+
+
+def e2m1_step(v: torch.Tensor) -> torch.Tensor:
+    """Spacing of the e2m1 grid at magnitude ``|v|``: 0.5 below 2, 1 below 4, 2 up to 6."""
+    a = v.double().abs()
+    return torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0)).double()
+
+
+def is_pow2(s: torch.Tensor) -> bool:
+    m, _ = torch.frexp(s.double())
+    return bool((m == 0.5).all())
+
+
+def draw_values(data: st.DataObject, shape: Sequence[int], dtype: torch.dtype, max_value: float,
+                label: str) -> torch.Tensor:
+    """Values of a tensor spec, clamped to ``dtype``'s finite range (no inf is drawn)."""
+    spec = data.draw(tensor_specs(scales=(1.0, 0.01, 100.0, 0.0)), label=label)
+    top = torch.finfo(dtype).max
+    return spec.make(shape, torch.float32, max_value=max_value).clamp(-top, top).to(dtype)
+
+
+def draw_lead(data: st.DataObject) -> tuple:
+    """Leading dims of an activation: rows 0..6, optionally a batch dim, or none (1-D)."""
+    layout = data.draw(st.sampled_from(("rows", "batch x rows", "1-D")), label="leading dims")
+    if layout == "1-D":
+        return ()
+    rows = data.draw(st.integers(0, 6), label="rows")
+    return (rows,) if layout == "rows" else (data.draw(st.integers(1, 2), label="batch"), rows)
+
+
+def draw_scales(data: st.DataObject, shape: Sequence[int]) -> torch.Tensor:
+    """Block scales as given to a dequantiser: powers of two (float32 or e8m0 storage) or any fp32."""
+    kind = data.draw(st.sampled_from(("pow2", "fp32")), label="scale kind")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="scale seed"))
+    e = torch.randint(-24, 8, tuple(shape), generator=g).double()
+    if kind == "fp32":
+        return torch.exp2(e + torch.rand(tuple(shape), generator=g, dtype=torch.float64)).float()
+    s = torch.exp2(e).float()
+    if _E8M0 is not None and data.draw(st.booleans(), label="scale stored as float8_e8m0fnu"):
+        s = s.to(_E8M0)
+    return s
+
+
+def exact_when_pow2(rec: Recorder, y: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor) -> None:
+    """Power-of-two scales: the product is exact wherever it is representable in y's dtype."""
+    if not is_pow2(scale_as_float(scale)):
+        return
+    representable = exact.to(y.dtype).double() == exact
+    rec.holds(bool((y.double()[representable] == exact[representable]).all()),
+              "y == q * s exactly where q * s is representable in out_dtype (power-of-two scales)")
+
+
+def scale_key(fmt: str, dtype: str) -> str:
+    return f"ue8m0:{dtype}" if fmt == "ue8m0" else dtype
+
+
+class _Fp8QuantSuite(Suite):
+    """What quantize_fp8 and quantize_fp8_weight share: checks against the oracle and properties."""
+
+    def scale_fmt_kwarg(self, data: st.DataObject, fmt: str) -> Optional[str]:
+        return "ue8m0" if fmt == "ue8m0" else data.draw(st.sampled_from((None, "fp32")), label="scale_fmt")
+
+    def expand(self, case: Case, s: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def amax(self, case: Case, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
+        x = case.args[0]
+        fmt = "ue8m0" if case.kwargs.get("scale_fmt") == "ue8m0" else "fp32"
+        q, s = output
+        q_tol = self.contract.tolerance[scale_key(fmt, "float8_e4m3fn")]
+        s_tol = self.contract.tolerance[scale_key(fmt, "float32")]
+        rec.ulps("q", q, oracle[0], q_tol.ulps)
+        rec.close("s", s, oracle[1].double(), s_tol)
+        s64 = s.double()
+        rec.holds(bool((s64 > 0).all()), "s > 0 (the amax floor 1e-4 keeps all-zero groups finite)")
+        if fmt == "ue8m0":
+            rec.holds(is_pow2(s64), "s == 2**k for an integer k (UE8M0)")
+        qf = q.double()
+        rec.holds(bool((qf.abs() <= FP8_MAX).all()), "|q| <= 448")
+        ratio = self.amax(case, x, s).clamp_min(AMAX_FLOOR).double() / s64  # the floor in fp32
+        rec.holds(bool((ratio <= FP8_MAX * (1 + s_tol.rtol)).all()), "max(amax, 1e-4) / s <= 448 (1 + rtol)")
+        low = FP8_MAX / 2 if fmt == "ue8m0" else FP8_MAX * (1 - s_tol.rtol)
+        rec.holds(bool((ratio > low).all() if fmt == "ue8m0" else (ratio >= low).all()),
+                  "the scale is tight: max(amax, 1e-4) / s > 224 (UE8M0), >= 448 (1 - rtol) (fp32)")
+        se = self.expand(case, s64, x.shape)
+        x64, v = x.double(), x.double() / se
+        bound = (0.5 + q_tol.ulps) * e4m3_step(torch.maximum(v.abs(), qf.abs())) * se
+        rec.holds(bool(((qf * se - x64).abs() <= bound).all()),
+                  "|q s - x| <= (1/2 + ulps) * step_e4m3(x / s) * s (round trip)")
+
+
+# --------------------------------------------------------------------------- quantize_fp8
+
+@suite
+class QuantizeFp8Suite(_Fp8QuantSuite):
+    op = "quantize_fp8"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        group = data.draw(st.sampled_from((128, 64)), label="group_size")
+        k = group * data.draw(st.integers(1, 3), label="groups along K")
+        shape = draw_lead(data) + (k,)
+        x = draw_values(data, shape, DTYPES[f["dtype"]], FP8_MAX, "x values")
+        if data.draw(st.booleans(), label="last group all zero"):
+            x[..., -group:] = 0
+        return Case((x,), {"group_size": group, "scale_fmt": self.scale_fmt_kwarg(data, f["scale_fmt"])})
+
+    def expand(self, case, s, shape):
+        return expand_scale(s, shape, (case.kwargs["group_size"],))
+
+    def amax(self, case, x, s):
+        g = case.kwargs["group_size"]
+        return x.float().reshape(*x.shape[:-1], x.shape[-1] // g, g).abs().amax(dim=-1)
+
+
+# --------------------------------------------------------------------------- quantize_fp8_weight
+
+@suite
+class QuantizeFp8WeightSuite(_Fp8QuantSuite):
+    op = "quantize_fp8_weight"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        n = data.draw(st.sampled_from(SIZES), label="N")
+        k = data.draw(st.sampled_from(SIZES), label="K")
+        block = data.draw(st.sampled_from((128, 64)), label="block_size")
+        w = draw_values(data, (n, k), DTYPES[f["dtype"]], FP8_MAX, "w values")
+        if data.draw(st.booleans(), label="first block all zero"):
+            w[:block, :block] = 0
+        return Case((w,), {"block_size": block, "scale_fmt": self.scale_fmt_kwarg(data, f["scale_fmt"])})
+
+    def expand(self, case, s, shape):
+        b = case.kwargs["block_size"]
+        return expand_scale(s, shape, (b, b))
+
+    def amax(self, case, w, s):
+        b = case.kwargs["block_size"]
+        out = torch.zeros(s.shape, dtype=torch.float32)
+        for i in range(s.shape[0]):
+            for j in range(s.shape[1]):
+                out[i, j] = w[i * b:(i + 1) * b, j * b:(j + 1) * b].float().abs().max()
+        return out
+
+
+# --------------------------------------------------------------------------- dequantize_fp8
+
+@suite
+class DequantizeFp8Suite(Suite):
+    op = "dequantize_fp8"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        block = data.draw(st.sampled_from(((128,), (128, 128), (32,), (1, 128))), label="block_shape")
+        if len(block) == 1:
+            shape = draw_lead(data) + (data.draw(st.sampled_from(SIZES), label="K"),)
+        else:
+            batch = data.draw(st.sampled_from(((), (2,))), label="batch dims")
+            shape = batch + (data.draw(st.sampled_from(SIZES), label="M"),
+                             data.draw(st.sampled_from(SIZES), label="K"))
+        q = draw_values(data, shape, torch.float32, FP8_MAX, "q values").clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        scale = draw_scales(data, scale_shape(shape, block))
+        return Case((q, scale), {"block_shape": block, "out_dtype": DTYPES[f["out_dtype"]]})
+
+    def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
+        out_dtype = str(case.kwargs["out_dtype"]).replace("torch.", "")
+        rec.holds(output.dtype == case.kwargs["out_dtype"], f"the result has dtype {out_dtype}")
+        rec.close("y", output, oracle, self.contract.tolerance[out_dtype])
+        exact_when_pow2(rec, output, oracle, case.args[1])
+
+
+# --------------------------------------------------------------------------- fp8_gemm
+
+@suite
+class Fp8GemmSuite(Suite):
+    op = "fp8_gemm"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        from hal.ops import quantize_fp8, quantize_fp8_weight
+        k = 128 * data.draw(st.integers(1, 3), label="K / 128")
+        n = data.draw(st.sampled_from(SIZES[:-1]), label="N")
+        fmt = data.draw(st.sampled_from((None, "ue8m0")), label="scale_fmt of the operands")
+        x = draw_values(data, draw_lead(data) + (k,), torch.bfloat16, FP8_MAX, "a values")
+        w = draw_values(data, (n, k), torch.bfloat16, FP8_MAX, "b values")
+        # weights whose 128-row blocks differ in magnitude (as real checkpoints' do): b_scale varies along N
+        step = data.draw(st.sampled_from((0, 3, -5)), label="log2 magnitude step per 128 rows of b")
+        w = (w.float() * torch.exp2(torch.arange(n, dtype=torch.float32) // 128 * step)[:, None]).to(w.dtype)
+        a, a_scale = quantize_fp8.reference_impl(x, 128, fmt)
+        b, b_scale = quantize_fp8_weight.reference_impl(w, 128, fmt)
+        if fmt == "ue8m0" and _E8M0 is not None and data.draw(st.booleans(), label="scales as float8_e8m0fnu"):
+            a_scale, b_scale = a_scale.to(_E8M0), b_scale.to(_E8M0)
+        return Case((a, a_scale, b, b_scale), {"out_dtype": DTYPES[f["out_dtype"]]})
+
+    def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
+        from hal.ops import dequantize_fp8
+        a, a_scale, b, b_scale = case.args
+        out_dtype = str(case.kwargs["out_dtype"]).replace("torch.", "")
+        rec.holds(output.dtype == case.kwargs["out_dtype"], f"the result has dtype {out_dtype}")
+        k = a.shape[-1]
+        a2, as2 = a.reshape(-1, k), scale_as_float(a_scale).reshape(-1, k // 128)
+        ad, bd = dequantized_operands(a2, b, as2, b_scale, torch.float64)
+        magnitude = (ad.abs() @ bd.abs().t()).reshape(oracle.shape)
+        tol, n = self.contract.tolerance[out_dtype], k + 3
+        rec.close("y", output, oracle, tol, n=n, magnitude=magnitude)
+        deq = dequantize_fp8.reference_impl
+        y_deq = (deq(a, a_scale, block_shape=(128,), compute_dtype=torch.float64)
+                 @ deq(b, b_scale, block_shape=(128, 128), compute_dtype=torch.float64).t())
+        rec.close("y (dequantise-then-matmul)", output, y_deq, tol, n=n, magnitude=magnitude)
+        if a.numel() and b.shape[0]:  # y is linear in a_scale: doubling it doubles y
+            doubled = Case((a, scale_as_float(a_scale) * 2, b, b_scale), case.kwargs)
+            rec.close("y (a_scale doubled)", run(doubled), 2 * oracle, tol, n=n, magnitude=2 * magnitude)
+
+
+# --------------------------------------------------------------------------- quantize_fp4
+
+@suite
+class QuantizeFp4Suite(Suite):
+    op = "quantize_fp4"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        group = data.draw(st.sampled_from((32, 16)), label="group_size")
+        k = group * data.draw(st.integers(1, 4), label="groups along K")
+        shape = draw_lead(data) + (k,)
+        w = draw_values(data, shape, DTYPES[f["dtype"]], FP4_MAX, "w values")
+        if data.draw(st.booleans(), label="last group all zero"):
+            w[..., -group:] = 0
+        return Case((w,), {"group_size": group})
+
+    def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
+        w, g = case.args[0], case.kwargs["group_size"]
+        q, s = output
+        rec.holds(q.dtype == torch.uint8 and q.shape == oracle[0].shape, "q is uint8 [..., K // 2]")
+        values = unpack_fp4(q)
+        rec.equal("q (decoded e2m1 values)", values, unpack_fp4(oracle[0]))  # -0 == +0
+        rec.close("s", s, oracle[1].double(), self.contract.tolerance["float32"])
+        s64 = s.double()
+        rec.holds(bool((s64 > 0).all()) and is_pow2(s64), "s == 2**k > 0 (UE8M0)")
+        grid = torch.tensor(E2M1_GRID, dtype=torch.float64)
+        rec.holds(bool(torch.isin(values.double().abs(), grid).all()), "|e2m1(q)| in {0, .5, 1, 1.5, 2, 3, 4, 6}")
+        amax = w.float().reshape(*w.shape[:-1], w.shape[-1] // g, g).abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
+        rec.holds(bool((amax.double() / s64 <= FP4_MAX).all()), "max(amax, 1e-4) / s <= 6 (never clips)")
+        se = expand_scale(s64, w.shape, (g,))
+        v, qf = w.double() / se, values.double()
+        bound = 0.5 * e2m1_step(torch.maximum(v.abs(), qf.abs())) * se
+        rec.holds(bool(((qf * se - w.double()).abs() <= bound).all()),
+                  "|e2m1(q) s - w| <= step_e2m1(w / s) / 2 * s (round trip)")
+
+
+# --------------------------------------------------------------------------- dequantize_fp4
+
+@suite
+class DequantizeFp4Suite(Suite):
+    op = "dequantize_fp4"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        group = data.draw(st.sampled_from((32, 16, 2)), label="group_size")
+        k = group * data.draw(st.integers(0, 4), label="groups along K")
+        shape = draw_lead(data) + (k // 2,)
+        seed = data.draw(st.integers(0, 2**31 - 1), label="packed bytes seed")
+        q = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+        scale = draw_scales(data, shape[:-1] + (k // group,))
+        return Case((q, scale), {"group_size": group, "out_dtype": DTYPES[f["out_dtype"]]})
+
+    def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
+        out_dtype = str(case.kwargs["out_dtype"]).replace("torch.", "")
+        rec.holds(output.dtype == case.kwargs["out_dtype"], f"the result has dtype {out_dtype}")
+        rec.close("y", output, oracle, self.contract.tolerance[out_dtype])
+        exact_when_pow2(rec, output, oracle, case.args[1])

@@ -1,0 +1,166 @@
+"""The quantisation suites have teeth: deliberately wrong backends, registered through the public plugin
+API, fail them; the CPU reference passes."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import hal
+from hal.backends.cpu.backend import CpuBackend
+from hal.conformance.core import run_cell
+from hal.formats import FP8_DTYPE, FP8_MAX, ceil_pow2, expand_scale, scale_as_float
+from hal.ops.quant import fp8_gemm as GEMM
+from hal.ops.quant import quantize_fp4 as Q4
+from hal.ops.quant import quantize_fp8 as Q8
+
+CELLS = {
+    "quantize_fp8": {"dtype": "bfloat16", "scale_fmt": "ue8m0"},
+    "quantize_fp8_weight": {"dtype": "float32", "scale_fmt": "fp32"},
+    "dequantize_fp8": {"out_dtype": "bfloat16"},
+    "fp8_gemm": {"out_dtype": "bfloat16"},
+    "quantize_fp4": {"dtype": "bfloat16"},
+    "dequantize_fp4": {"out_dtype": "float16"},
+}
+FP32_SCALES = {"dtype": "bfloat16", "scale_fmt": "fp32"}
+
+
+def _groups(x, group_size):
+    return x.float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+class NoAmaxFloor(CpuBackend):
+    """quantize_fp8 without the 1e-4 amax floor: an all-zero group gets s = 0 and q = 0/0 = NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_fp8", self.wrong)
+
+    def wrong(self, x, group_size=128, scale_fmt=None):
+        g = _groups(x, group_size)
+        s = g.abs().amax(dim=-1) / FP8_MAX
+        s = ceil_pow2(s) if scale_fmt == "ue8m0" else s
+        return (g / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(x.shape), s
+
+
+class Ue8m0RoundedToNearest(CpuBackend):
+    """UE8M0 scales rounded to the *nearest* power of two instead of up: |x / s| can exceed 448."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_fp8", self.wrong)
+
+    def wrong(self, x, group_size=128, scale_fmt=None):
+        if scale_fmt != "ue8m0":
+            return Q8.reference_impl(x, group_size, scale_fmt)
+        g = _groups(x, group_size)
+        s = torch.exp2(torch.round(torch.log2(g.abs().amax(dim=-1).clamp_min(1e-4) / FP8_MAX)))
+        return (g / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(x.shape), s
+
+
+class WeightScaleOver512(CpuBackend):
+    """quantize_fp8_weight with s = amax / 512 and no clamp: |w / s| reaches 512 > 448 and saturates."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_fp8_weight", self.wrong)
+
+    def wrong(self, w, block_size=128, scale_fmt=None):
+        b = block_size
+        n, k = w.shape
+        nb, kb = math.ceil(n / b), math.ceil(k / b)
+        mag = torch.nn.functional.pad(w.float().abs(), (0, kb * b - k, 0, nb * b - n))
+        s = mag.reshape(nb, b, kb, b).amax(dim=(1, 3)).clamp_min(1e-4) / 512.0
+        s = ceil_pow2(s) if scale_fmt == "ue8m0" else s
+        return (w.float() / expand_scale(s, (n, k), (b, b))).to(FP8_DTYPE), s
+
+
+class Fp4HighNibbleFirst(CpuBackend):
+    """quantize_fp4 packing the lower-index element into the *high* nibble."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_fp4", self.wrong)
+
+    def wrong(self, w, group_size=32):
+        q, s = Q4.reference_impl(w, group_size)
+        return ((q & 0xF) << 4) | (q >> 4), s
+
+
+class Fp8GemmFirstWeightBlockScale(CpuBackend):
+    """fp8_gemm applying b_scale's first block row to every output column (ignores the N blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("fp8_gemm", self.wrong)
+
+    def wrong(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
+        bs = scale_as_float(b_scale)
+        return GEMM.reference_impl(a, a_scale, b, bs[:1].expand_as(bs), out_dtype=out_dtype)
+
+
+class Fp8GemmDropsAScale(CpuBackend):
+    """fp8_gemm forgetting the activation scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("fp8_gemm", self.wrong)
+
+    def wrong(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
+        return GEMM.reference_impl(a, torch.ones_like(scale_as_float(a_scale)), b, b_scale, out_dtype=out_dtype)
+
+
+def _register(name, cls):
+    class Plugin:
+        @hal.hookimpl
+        def hal_backends(self):
+            return [hal.BackendSpec(name=name, factory=f"{__name__}:{cls.__name__}")]
+
+    hal.register_plugin(Plugin(), name)
+
+
+def _fails(name, cls, op, cell):
+    _register(name, cls)
+    result = run_cell(name, op, cell, profile="ci", seed=1)
+    assert result.status == "fail", result
+    return result
+
+
+def test_reference_backend_passes():
+    for op, cell in list(CELLS.items()) + [("quantize_fp8", FP32_SCALES)]:
+        result = run_cell("cpu", op, cell, profile="ci", seed=1)
+        assert result.status == "pass", (op, result.message, result.minimal_example)
+        assert result.examples == 12
+
+
+def test_missing_amax_floor_fails_on_an_all_zero_group():
+    result = _fails("no-floor", NoAmaxFloor, "quantize_fp8", FP32_SCALES)
+    assert "NaN" in result.message or "s > 0" in result.message, result.message
+    # the shrunk example is an all-zero group: values of scale 0, or the explicit zero group
+    assert "scale=0.0" in result.minimal_example or "all zero): True" in result.minimal_example
+
+
+def test_ue8m0_rounded_to_nearest_fails_with_a_minimal_example():
+    result = _fails("ue8m0-nearest", Ue8m0RoundedToNearest, "quantize_fp8", CELLS["quantize_fp8"])
+    assert result.message.startswith("s:") or result.message.startswith("q:"), result.message
+    assert result.minimal_example and "x values" in result.minimal_example
+    assert result.reproduce.startswith("hal conformance --backend ue8m0-nearest --ops quantize_fp8 --seed 1")
+
+
+def test_unclamped_weight_scale_fails():
+    result = _fails("scale-512", WeightScaleOver512, "quantize_fp8_weight", CELLS["quantize_fp8_weight"])
+    assert result.message.startswith("s:"), result.message
+
+
+def test_fp4_nibble_order_swapped_fails():
+    result = _fails("fp4-swapped", Fp4HighNibbleFirst, "quantize_fp4", CELLS["quantize_fp4"])
+    assert result.message.startswith("q (decoded e2m1 values)"), result.message
+
+
+def test_fp8_gemm_wrong_weight_block_scale_fails():
+    result = _fails("gemm-b-scale", Fp8GemmFirstWeightBlockScale, "fp8_gemm", CELLS["fp8_gemm"])
+    assert result.message.startswith("y:") and "mismatched elements" in result.message, result.message
+
+
+def test_fp8_gemm_dropped_a_scale_fails():
+    _fails("gemm-no-a-scale", Fp8GemmDropsAScale, "fp8_gemm", CELLS["fp8_gemm"])
