@@ -70,3 +70,16 @@ def portable_backend_source(cls: str, probe_reason: Optional[str] = None) -> str
             for op in all_ops().values():
                 self.add_implementation(op.name, functools.partial(op.reference_impl, compute_dtype=torch.float32))
     """) + probe
+
+
+def register_backend(name: str, cls: type) -> str:
+    """Register the backend class ``cls`` under ``name`` through the public plugin API; return ``name``."""
+    import hal
+
+    class Plugin:
+        @hal.hookimpl
+        def hal_backends(self):
+            return [hal.BackendSpec(name=name, factory=f"{cls.__module__}:{cls.__qualname__}")]
+
+    hal.register_plugin(Plugin(), name)
+    return name

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import hal
 from hal.backends.cpu.backend import CpuBackend
 from hal.conformance.core import run_cell
+from helpers import register_backend
 from hal.ops.grouped_gemm import grouped_gemm as GG
 
 CELL = {"layout": "contiguous", "x_dtype": "bfloat16", "w_dtype": "bfloat16", "out_dtype": "bfloat16"}
@@ -48,14 +48,6 @@ class AccumulatesInBf16(CpuBackend):
         return acc
 
 
-def _register(name, cls):
-    class Plugin:
-        @hal.hookimpl
-        def hal_backends(self):
-            return [hal.BackendSpec(name=name, factory=f"{__name__}:{cls.__name__}")]
-
-    hal.register_plugin(Plugin(), name)
-
 
 def test_reference_backend_passes():
     for cell in (CELL, MASKED):
@@ -64,7 +56,7 @@ def test_reference_backend_passes():
 
 
 def test_off_by_one_group_offset_fails_with_a_minimal_example():
-    _register("wrong-offset", OffByOneGroupOffset)
+    register_backend("wrong-offset", OffByOneGroupOffset)
     result = run_cell("wrong-offset", "grouped_gemm", CELL, profile="ci", seed=1)
     assert result.status == "fail", result
     assert "y" in result.message and "mismatched elements" in result.message
@@ -73,5 +65,5 @@ def test_off_by_one_group_offset_fails_with_a_minimal_example():
 
 
 def test_bf16_accumulation_fails():
-    _register("wrong-acc", AccumulatesInBf16)
+    register_backend("wrong-acc", AccumulatesInBf16)
     assert run_cell("wrong-acc", "grouped_gemm", MASKED, profile="ci", seed=1).status == "fail"

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-import hal
 from hal.backends.cpu.backend import CpuBackend
 from hal.conformance.core import run_cell
+from helpers import register_backend
 from hal.formats import FP8_DTYPE, FP8_MAX, ceil_pow2, expand_scale, scale_as_float
 from hal.ops.quant import fp8_gemm as GEMM
 from hal.ops.quant import quantize_fp4 as Q4
@@ -110,17 +110,9 @@ class Fp8GemmDropsAScale(CpuBackend):
         return GEMM.reference_impl(a, torch.ones_like(scale_as_float(a_scale)), b, b_scale, out_dtype=out_dtype)
 
 
-def _register(name, cls):
-    class Plugin:
-        @hal.hookimpl
-        def hal_backends(self):
-            return [hal.BackendSpec(name=name, factory=f"{__name__}:{cls.__name__}")]
-
-    hal.register_plugin(Plugin(), name)
-
 
 def _fails(name, cls, op, cell):
-    _register(name, cls)
+    register_backend(name, cls)
     result = run_cell(name, op, cell, profile="ci", seed=1)
     assert result.status == "fail", result
     return result

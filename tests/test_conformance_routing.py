@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import hal
 from hal.backends.cpu.backend import CpuBackend
 from hal.conformance.core import run_cell
+from helpers import register_backend
 from hal.ops.routing import MoePermutation, group_scores, hash_routing, selection_scores, topk_routing
 
 GATE = dict(scoring="sigmoid", dtype="bfloat16", bias="true", group_limited="true", renormalize="true")
@@ -113,15 +113,6 @@ class CombinesInBf16(CpuBackend):
         return out
 
 
-def _register(name, cls):
-    class Plugin:
-        @hal.hookimpl
-        def hal_backends(self):
-            return [hal.BackendSpec(name=name, factory=f"{__name__}:{cls.__name__}")]
-
-    hal.register_plugin(Plugin(), name)
-    return name
-
 
 def test_reference_backend_passes():
     for op, cell in [("topk_routing", GATE), ("topk_routing", dict(GATE, scoring="softmax", bias="false")),
@@ -133,34 +124,34 @@ def test_reference_backend_passes():
 
 def test_wrong_tie_rule_fails():
     cell = dict(GATE, bias="false", group_limited="false")
-    result = run_cell(_register("wrong-ties", WrongTieRule), "topk_routing", cell, profile="ci", seed=1)
+    result = run_cell(register_backend("wrong-ties", WrongTieRule), "topk_routing", cell, profile="ci", seed=1)
     assert result.status == "fail", result
     assert "tie rule" in result.message or "ids" in result.message
     assert "top_k" in result.minimal_example
 
 
 def test_zero_masking_of_dropped_groups_fails():
-    result = run_cell(_register("zero-mask", ZeroMasking), "topk_routing", GATE, profile="ci", seed=1)
+    result = run_cell(register_backend("zero-mask", ZeroMasking), "topk_routing", GATE, profile="ci", seed=1)
     assert result.status == "fail", result
 
 
 def test_bias_in_weights_fails():
-    result = run_cell(_register("bias-weights", BiasInWeights), "topk_routing", GATE, profile="ci", seed=1)
+    result = run_cell(register_backend("bias-weights", BiasInWeights), "topk_routing", GATE, profile="ci", seed=1)
     assert result.status == "fail" and "weights" in result.message, result
 
 
 def test_hash_routing_that_ignores_renormalize_fails():
     cell = dict(scoring="sigmoid", dtype="bfloat16", renormalize="false")
-    assert run_cell(_register("hash-renorm", HashIgnoresRenormalize), "hash_routing", cell, profile="ci",
+    assert run_cell(register_backend("hash-renorm", HashIgnoresRenormalize), "hash_routing", cell, profile="ci",
                     seed=1).status == "fail"
 
 
 def test_unstable_permutation_fails():
-    result = run_cell(_register("unstable", UnstablePermute), "moe_permute", {"dtype": "float32"}, profile="ci", seed=1)
+    result = run_cell(register_backend("unstable", UnstablePermute), "moe_permute", {"dtype": "float32"}, profile="ci", seed=1)
     assert result.status == "fail" and "sorted_slots" in result.message, result
 
 
 def test_bf16_combine_fails():
-    assert run_cell(_register("bf16-combine", CombinesInBf16), "moe_unpermute", {"dtype": "bfloat16"},
+    assert run_cell(register_backend("bf16-combine", CombinesInBf16), "moe_unpermute", {"dtype": "bfloat16"},
                     profile="ci", seed=1).status == "fail"
 
