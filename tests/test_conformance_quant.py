@@ -7,7 +7,7 @@ import math
 import torch
 
 from hal.backends.cpu.backend import CpuBackend
-from hal.conformance.core import run_cell
+from hal.conformance.core import PROFILES, run_cell
 from helpers import register_backend
 from hal.formats import FP8_DTYPE, FP8_MAX, ceil_pow2, expand_scale, scale_as_float
 from hal.ops.quant import fp8_gemm as GEMM
@@ -122,7 +122,7 @@ def test_reference_backend_passes():
     for op, cell in list(CELLS.items()) + [("quantize_fp8", FP32_SCALES)]:
         result = run_cell("cpu", op, cell, profile="ci", seed=1)
         assert result.status == "pass", (op, result.message, result.minimal_example)
-        assert result.examples == 12
+        assert result.examples == PROFILES["ci"]
 
 
 def test_missing_amax_floor_fails_on_an_all_zero_group():

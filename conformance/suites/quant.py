@@ -22,7 +22,7 @@ cannot compare or copy them on the CPU.)
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 from hypothesis import strategies as st
@@ -74,6 +74,18 @@ def draw_lead(data: st.DataObject) -> tuple:
         return ()
     rows = data.draw(st.integers(0, 6), label="rows")
     return (rows,) if layout == "rows" else (data.draw(st.integers(1, 2), label="batch"), rows)
+
+
+def draw_grouped(data: st.DataObject, group_sizes: Sequence[int], max_groups: int, dtype: torch.dtype,
+                 max_value: float, label: str) -> Tuple[int, torch.Tensor]:
+    """``(group_size, tensor [lead..., K])`` with 1..max_groups groups along K; the last one may be all
+    zero (the amax floor)."""
+    group = data.draw(st.sampled_from(tuple(group_sizes)), label="group_size")
+    k = group * data.draw(st.integers(1, max_groups), label="groups along K")
+    t = draw_values(data, draw_lead(data) + (k,), dtype, max_value, label)
+    if data.draw(st.booleans(), label="last group all zero"):
+        t[..., -group:] = 0
+    return group, t
 
 
 def draw_scales(data: st.DataObject, shape: Sequence[int]) -> torch.Tensor:
@@ -147,12 +159,7 @@ class QuantizeFp8Suite(_Fp8QuantSuite):
     op = "quantize_fp8"
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
-        group = data.draw(st.sampled_from((128, 64)), label="group_size")
-        k = group * data.draw(st.integers(1, 3), label="groups along K")
-        shape = draw_lead(data) + (k,)
-        x = draw_values(data, shape, DTYPES[f["dtype"]], FP8_MAX, "x values")
-        if data.draw(st.booleans(), label="last group all zero"):
-            x[..., -group:] = 0
+        group, x = draw_grouped(data, (128, 64), 3, DTYPES[f["dtype"]], FP8_MAX, "x values")
         return Case((x,), {"group_size": group, "scale_fmt": self.scale_fmt_kwarg(data, f["scale_fmt"])})
 
     def expand(self, case, s, shape):
@@ -265,12 +272,7 @@ class QuantizeFp4Suite(Suite):
     op = "quantize_fp4"
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
-        group = data.draw(st.sampled_from((32, 16)), label="group_size")
-        k = group * data.draw(st.integers(1, 4), label="groups along K")
-        shape = draw_lead(data) + (k,)
-        w = draw_values(data, shape, DTYPES[f["dtype"]], FP4_MAX, "w values")
-        if data.draw(st.booleans(), label="last group all zero"):
-            w[..., -group:] = 0
+        group, w = draw_grouped(data, (32, 16), 4, DTYPES[f["dtype"]], FP4_MAX, "w values")
         return Case((w,), {"group_size": group})
 
     def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
