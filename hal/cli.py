@@ -9,7 +9,7 @@ from typing import List, Optional
 
 def _info(args: argparse.Namespace) -> int:
     from hal import info
-    data = info.collect()
+    data = info.collect(include_emulated=args.all)
     sys.stdout.write(json.dumps(data, indent=2) + "\n" if args.json else info.render(data))
     return 0
 
@@ -18,7 +18,9 @@ def _conformance(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hal.conformance import runner
-    opts = runner.Options(backend=args.backend, profile=args.profile, ops=args.ops, report_dir=Path(args.report),
+    from hal.vendor import EMULATED_SUFFIX
+    backend = args.backend + EMULATED_SUFFIX if args.emulate else args.backend
+    opts = runner.Options(backend=backend, profile=args.profile, ops=args.ops, report_dir=Path(args.report),
                           seed=args.seed, resume=args.resume, timeout=args.timeout,
                           waivers=Path(args.waivers) if args.waivers else None, isolate=not args.in_process)
     data = runner.run(opts)
@@ -30,12 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="list every backend found, whether it can run here, and what it supports")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="also list emulated backends (test doubles)")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("conformance", help="certify a backend against the operator contracts",
                        description="Run the property-based conformance suite against one backend and write "
                                    "report.md and report.json. Exit status 0 when it conforms, 1 when not.")
     p.add_argument("--backend", default="cpu", help="backend to certify (default: cpu)")
+    p.add_argument("--emulate", action="store_true",
+                   help="certify the backend's emulated twin (NAME-emulated: vendor operators emulated on the "
+                        "CPU, a test double; its report is labelled EMULATED)")
     p.add_argument("--profile", default="ci", choices=["quick", "ci", "thorough"],
                    help="examples per cell: quick (smoke), ci (default), thorough (overnight)")
     p.add_argument("--ops", nargs="+", metavar="OP",

@@ -39,13 +39,16 @@ def _backend_info(entry: BackendEntry) -> Dict[str, Any]:
     return info
 
 
-def collect() -> Dict[str, Any]:
-    """Everything ``hal info`` shows, as JSON-ready data."""
+def collect(include_emulated: bool = False) -> Dict[str, Any]:
+    """Everything ``hal info`` shows, as JSON-ready data; emulated backends (test doubles) only when
+    ``include_emulated``."""
     reg = registry()
     entries = sorted(reg.entries.values(), key=lambda e: (e.name != "cpu", e.name))
+    shown = [e for e in entries if include_emulated or not e.spec.emulated]
     data: Dict[str, Any] = {
         "hal_version": hal.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "backends": [_backend_info(e) for e in entries],
+        "backends": [_backend_info(e) for e in shown],
+        "emulated_hidden": [e.name for e in entries if e not in shown],
         "broken_plugins": [vars(b) for b in reg.broken],
         "plugins_not_allowed": list(reg.skipped),
     }
@@ -91,6 +94,8 @@ def render(data: Dict[str, Any]) -> str:
         if b["missing"]:
             lines.append("  not implemented: " + ", ".join(b["missing"]))
         lines.append("")
+    if data["emulated_hidden"]:
+        lines.append(f"emulated test doubles (hal info --all): {', '.join(data['emulated_hidden'])}")
     for p in data["broken_plugins"]:
         lines.append(f"broken plugin {p['plugin']} ({p['distribution']}): {p['error']}")
     if data["plugins_not_allowed"]:

@@ -1,0 +1,1 @@
+"""Cambricon MLU backend (torch_mlu_ops): being written."""

@@ -1,0 +1,1 @@
+"""DeepSeek V3 / V4 models written against the HAL: being written."""
