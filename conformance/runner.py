@@ -154,13 +154,19 @@ def _db_path(opts: Options) -> Path:
     return Path(os.environ.get("HAL_CONFORMANCE_DB", Path.cwd() / ".hypothesis" / "hal-conformance")) / opts.backend
 
 
+# The worker imports exactly what this process imports: same sys.path (``python -m`` would put the working
+# directory first, where a source checkout's ``hal/`` folder shadows the installed package).
+_WORKER = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from hal.conformance.worker import main; " \
+          "sys.exit(main())"
+
+
 def _isolated(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
     remaining = list(plan)
     while remaining:
         job = {"backend": opts.backend, "profile": opts.profile, "seed": opts.seed, "cells": remaining,
                "database": str(_db_path(opts))}
         with tempfile.TemporaryFile("w+") as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "hal.conformance.worker"], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(sys.path)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=stderr, text=True)
             assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write(json.dumps(job))

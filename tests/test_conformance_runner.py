@@ -162,3 +162,12 @@ def test_pytest_entry_point(on_path, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "2 passed, 20 skipped" in proc.stdout
     assert "declared unsupported by 'acme'" in proc.stdout
+
+
+def test_workers_import_the_same_hal_from_a_source_checkout(tmp_path, monkeypatch):
+    """Run from a folder holding a ``hal/`` package (a source checkout): the workers must not pick it up."""
+    (tmp_path / "hal").mkdir()
+    (tmp_path / "hal" / "__init__.py").write_text("raise ImportError('the checkout shadowed the installed hal')\n")
+    monkeypatch.chdir(tmp_path)
+    data, _ = run_quietly(opts(tmp_path, ops=["moe_permute"]))
+    assert data["conforms"] and data["summary"]["pass"] == 3
