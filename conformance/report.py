@@ -54,7 +54,8 @@ def markdown(data: Mapping[str, Any]) -> str:
         if meta.get(key) not in (None, ""):
             lines.append(f"| {key} | {meta[key]} |")
     for k, v in (meta.get("versions") or {}).items():
-        lines.append(f"| {k} | {v} |")
+        if meta.get(k) != v:  # the backend's own versions, not repeating the table above
+            lines.append(f"| {k} | {v} |")
     lines.append("")
     by_op: Dict[str, List[Mapping[str, Any]]] = {}
     for r in data["cells"]:
