@@ -58,8 +58,10 @@ def _waivers(opts: Options, backend: hal.Backend) -> Dict[str, str]:
     return found
 
 
-def run(opts: Options, out: TextIO = sys.stdout) -> Dict[str, object]:
-    """Run the suite; return the report data (also written to ``opts.report_dir``)."""
+def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
+    """Run the suite, printing progress to ``out`` (default: the current ``sys.stdout``); return the report
+    data (also written to ``opts.report_dir``)."""
+    out = out if out is not None else sys.stdout
     if opts.profile not in PROFILES:
         raise ConfigError(f"--profile: expected one of {', '.join(PROFILES)}, got {opts.profile!r}")
     known = suites()
