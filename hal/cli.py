@@ -27,6 +27,45 @@ def _conformance(args: argparse.Namespace) -> int:
     return 0 if data["conforms"] else 1
 
 
+def _dtype(name: str):
+    import torch
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import hal.model
+    from hal.model.generate import timed_generate
+    model = hal.model.load(args.model, backend=args.backend, dtype=_dtype(args.dtype), fp8=args.fp8)
+    new, rate = timed_generate(model, [args.prompt_ids], args.max_new_tokens)
+    print(" ".join(map(str, new[0])))
+    print(f"{args.max_new_tokens} tokens, {rate:.2f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from hal.model.tiny import make_tiny
+    out = make_tiny(args.arch, args.dir, fp8=args.fp8, seed=args.seed, scale_fmt=args.scale_fmt)
+    print(f"wrote a tiny random {args.arch} checkpoint{' (FP8)' if args.fp8 else ''} to {out}")
+    return 0
+
+
+def _bisect(args: argparse.Namespace) -> int:
+    import hal.model
+    from hal.model.bisect import bisect, logits_rtol, render
+    model = hal.model.load(args.model, backend="cpu", dtype=_dtype(args.dtype))
+    findings = bisect(model, args.backend, prompt=[args.prompt_ids], steps=args.steps)
+    sys.stdout.write(render(findings, args.backend, logits_rtol(model.args, model.dtype)))
+    return 1 if any(f.status == "diverges" for f in findings) else 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype: str) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face style checkpoint directory")
+    p.add_argument("--prompt-ids", type=int, nargs="+", default=[1, 2, 3, 4, 5], metavar="ID",
+                   help="prompt token ids")
+    p.add_argument("--dtype", default=dtype, choices=["bfloat16", "float16", "float32"],
+                   help=f"compute dtype (default: {dtype})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hal", description="xpu-hal: DeepSeek operators on many backends")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="run cells in this process (no crash isolation or time limit; for debugging)")
     p.set_defaults(func=_conformance)
+
+    p = sub.add_parser("generate", help="greedy generation from a DeepSeek checkpoint (progress on stderr)")
+    _add_model_args(p, "bfloat16")
+    p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate")
+    p.add_argument("--backend", help="backend to run on (default: the settings in force)")
+    p.add_argument("--fp8", default="auto", choices=["auto", "keep", "dequantize"],
+                   help="FP8 checkpoints: keep weights quantised, dequantise on load, or auto (keep if supported)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("model", help="model utilities")
+    model_sub = p.add_subparsers(dest="model_command", required=True)
+    p = model_sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official format")
+    p.add_argument("--arch", required=True, choices=["deepseek_v3", "deepseek_v4"])
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--fp8", action="store_true", help="FP8 block-quantised weights (weight_scale_inv)")
+    p.add_argument("--scale-fmt", choices=["ue8m0"], help="power-of-two (UE8M0) FP8 scales, as V3.1")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("bisect", help="find the operator (and layer) whose backend makes the logits diverge",
+                       description="Run the model on the CPU reference, then each operator in turn on BACKEND, "
+                                   "and report which operator (and first layer) moves the logits beyond "
+                                   "tolerance. Exit status 1 when one does.")
+    _add_model_args(p, "float32")
+    p.add_argument("--backend", required=True, help="backend to check operator by operator")
+    p.add_argument("--steps", type=int, default=3, help="decode steps after the prefill (default: 3)")
+    p.set_defaults(func=_bisect)
     return parser
 
 

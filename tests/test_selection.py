@@ -102,8 +102,9 @@ def test_settings_are_per_thread_of_control():
 
 
 def test_unknown_backend_is_a_clear_error():
-    with hal.use_backend("nonesuch"), pytest.raises(hal.BackendNotFoundError, match="'nonesuch'.*registered: cpu"):
+    with hal.use_backend("nonesuch"), pytest.raises(hal.BackendNotFoundError, match="'nonesuch'.*registered: .*") as e:
         GG(*_inputs())
+    assert "cpu" in str(e.value).split("registered: ")[1].split(", ")
 
 
 @pytest.mark.parametrize("content, message", [

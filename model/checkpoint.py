@@ -1,0 +1,112 @@
+"""Reading a Hugging Face style checkpoint: safetensors shards (with or without an index), every tensor
+checked against the shape the config implies before it is used. Never pickle."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
+
+import torch
+from safetensors import safe_open
+
+from hal.formats import FP8_DTYPE, scale_dtypes
+from hal.model.config import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"  # FP8 weights: "<name>.weight" + "<name>.weight_scale_inv" (the dequant multiplier)
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{file.name}: cannot read safetensors file ({exc})") from None
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory, read on demand and checked; :meth:`finish` then refuses
+    tensors nobody asked for."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        index = self.path / INDEX_FILE
+        self._where: Dict[str, Path] = {}
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{INDEX_FILE}: no valid 'weight_map' ({exc})") from None
+            files = {f: self.path / f for f in set(weight_map.values())}
+            for name, file in files.items():
+                if not file.exists():
+                    raise CheckpointError(f"{INDEX_FILE}: names shard '{name}', which does not exist")
+            self._where = {t: files[f] for t, f in weight_map.items()}
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{self.path}: no *.safetensors files (pickle checkpoints are not read)")
+            for file in shards:
+                with _open(file) as f:
+                    self._where.update({name: file for name in f.keys()})
+        self._handles: Dict[Path, object] = {}
+        self._used: Set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _raw(self, name: str) -> torch.Tensor:
+        file = self._where.get(name)
+        if file is None:
+            raise CheckpointError(f"missing tensor '{name}'")
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = _open(file).__enter__()
+        try:
+            t = handle.get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"tensor '{name}' in {file.name}: cannot read ({exc})") from None
+        self._used.add(name)
+        return t
+
+    def tensor(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The tensor ``name``, checked to have ``shape``, converted to ``dtype`` (a float dtype)."""
+        t = self._raw(name)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"tensor '{name}': expected shape {list(shape)}, got {list(t.shape)}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor '{name}': expected a float tensor, got {t.dtype}")
+        return t if dtype is None else t.to(dtype)
+
+    def weight(self, prefix: str, out_features: int, in_features: int,
+               dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``prefix.weight`` ``[out, in]``: ``(weight in dtype, None)``, or ``(e4m3 weight, float32 scales)``
+        when the checkpoint stores it FP8 block-quantised with ``prefix.weight_scale_inv``."""
+        name = f"{prefix}.weight"
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self:
+            w = self.tensor(name, (out_features, in_features))
+            if w.dtype == FP8_DTYPE:
+                raise CheckpointError(f"tensor '{name}' is FP8 but '{scale_name}' is missing")
+            return w.to(dtype), None
+        q = self.tensor(name, (out_features, in_features))
+        if q.dtype != FP8_DTYPE:
+            raise CheckpointError(f"tensor '{name}': expected float8_e4m3fn (it has '{scale_name}'), got {q.dtype}")
+        s = self.tensor(scale_name, (math.ceil(out_features / 128), math.ceil(in_features / 128)))
+        if s.dtype not in scale_dtypes():
+            raise CheckpointError(f"tensor '{scale_name}': expected float32 or UE8M0 scales, got {s.dtype}")
+        return q, s.float()
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+    def finish(self, ignored: Callable[[str], bool]) -> None:
+        """Close the files; raise if the checkpoint holds tensors the model did not use (and ``ignored``
+        does not excuse)."""
+        self.close()
+        extra = sorted(n for n in self._where if n not in self._used and not ignored(n))
+        if extra:
+            more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
+            raise CheckpointError(f"unexpected tensor(s) {extra[:5]}{more}: not part of this config's model")

@@ -1,0 +1,313 @@
+"""DeepSeek V3 (also R1 / V3.1) on the HAL: every heavy operator — routing, expert GEMMs, attention, the
+paged latent cache, FP8 linears — goes through :mod:`hal.ops`, so the backend selection decides where
+it runs. Semantics: those of transformers' ``DeepseekV3ForCausalLM`` (the parity target)."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, ContextManager, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import hal
+from hal.model.checkpoint import Checkpoint
+from hal.model.config import ModelArgs
+
+FP8_GROUP = 128  # activation groups of the FP8 GEMMs: K must be a multiple
+
+
+class Linear:
+    """``y = x @ W.T``: a plain weight, or FP8 e4m3 with 128x128 block scales kept quantised (activations
+    are then quantised in 1x128 groups and the product is :func:`hal.ops.fp8_gemm`)."""
+
+    def __init__(self, weight: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype,
+                 scale_fmt: Optional[str]):
+        self.weight, self.scale, self.dtype, self.scale_fmt = weight, scale, dtype, scale_fmt
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return F.linear(x, self.weight)
+        q, s = hal.ops.quantize_fp8(x, FP8_GROUP, self.scale_fmt)
+        return hal.ops.fp8_gemm(q, s, self.weight, self.scale, out_dtype=self.dtype)
+
+
+class Weights:
+    """Reads the model's weights from a :class:`Checkpoint`, keeping FP8 ones quantised when ``keep_fp8``
+    and the GEMM's K is a multiple of 128, dequantising them (:func:`hal.ops.dequantize_fp8`) otherwise."""
+
+    def __init__(self, ckpt: Checkpoint, args: ModelArgs, dtype: torch.dtype, keep_fp8: bool):
+        self.ckpt, self.args, self.dtype, self.keep_fp8 = ckpt, args, dtype, keep_fp8
+
+    def dense(self, prefix: str, out_features: int, in_features: int) -> torch.Tensor:
+        w, s = self.ckpt.weight(prefix, out_features, in_features, self.dtype)
+        return w if s is None else hal.ops.dequantize_fp8(w, s, block_shape=(128, 128), out_dtype=self.dtype)
+
+    def linear(self, prefix: str, out_features: int, in_features: int) -> Linear:
+        w, s = self.ckpt.weight(prefix, out_features, in_features, self.dtype)
+        if s is not None and not (self.keep_fp8 and in_features % FP8_GROUP == 0):
+            w, s = hal.ops.dequantize_fp8(w, s, block_shape=(128, 128), out_dtype=self.dtype), None
+        return Linear(w, s, self.dtype, self.args.scale_fmt)
+
+    def norm(self, name: str, size: int) -> torch.Tensor:
+        return self.ckpt.tensor(name, (size,), self.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalise in fp32, round to x's dtype, then scale."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Rope:
+    """Rotary embedding of the ``qk_rope_head_dim`` dims, with YaRN frequency interpolation and cos/sin
+    scaling (transformers' ``yarn`` rope parameters)."""
+
+    def __init__(self, args: ModelArgs):
+        dim, base = args.qk_rope_head_dim, args.rope_theta
+        inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        self.attention_factor = 1.0
+        if args.rope_factor > 1:
+            factor = args.rope_factor
+
+            def correction_dim(rotations: float) -> float:
+                return dim * math.log(args.original_max_position_embeddings / (rotations * 2 * math.pi)) / \
+                    (2 * math.log(base))
+
+            low, high = correction_dim(args.beta_fast), correction_dim(args.beta_slow)
+            if args.rope_truncate:
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, dim - 1)
+            ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+            inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+            def mscale(m: float) -> float:
+                return 0.1 * m * math.log(factor) + 1.0
+
+            self.attention_factor = mscale(args.mscale) / mscale(args.mscale_all_dim) \
+                if args.mscale and args.mscale_all_dim else mscale(1.0)
+        self.inv_freq = inv_freq
+        self.interleave = args.rope_interleave
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, S, heads, dim]``, ``positions`` ``[S]``. Interleaved pairs stay interleaved (a fixed
+        permutation of transformers' output layout, applied to queries and keys alike: same dot products)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [S, dim/2]
+        cos = (freqs.cos() * self.attention_factor)[None, :, None, :]
+        sin = (freqs.sin() * self.attention_factor)[None, :, None, :]
+        xf = x.float()
+        if self.interleave:
+            a, b = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        else:
+            a, b = xf.chunk(2, dim=-1)
+            out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        return out.to(x.dtype)
+
+
+class LatentCache:
+    """The paged latent KV cache of every layer: ``[num_blocks, block_size, kv_lora_rank + rope_dim]``
+    per layer, sequence ``b`` owning blocks ``block_table[b]`` (allocated once for ``capacity`` tokens)."""
+
+    def __init__(self, args: ModelArgs, batch: int, capacity: int, dtype: torch.dtype, block_size: int = 64):
+        blocks_per_seq = max(1, math.ceil(capacity / block_size))
+        width = args.kv_lora_rank + args.qk_rope_head_dim
+        self.block_size, self.capacity, self.length = block_size, blocks_per_seq * block_size, 0
+        self.kv = [torch.zeros(batch * blocks_per_seq, block_size, width, dtype=dtype)
+                   for _ in range(args.num_hidden_layers)]
+        self.block_table = torch.arange(batch * blocks_per_seq, dtype=torch.int32).view(batch, blocks_per_seq)
+
+    def slots(self, new_tokens: int) -> torch.Tensor:
+        """Cache slots of the next ``new_tokens`` positions of every sequence, ``[B * new_tokens]``."""
+        if self.length + new_tokens > self.capacity:
+            raise hal.InvalidArgumentError("LatentCache", "new_tokens", f"at most {self.capacity - self.length} "
+                                           f"more tokens (capacity {self.capacity})", str(new_tokens))
+        pos = torch.arange(self.length, self.length + new_tokens)
+        blocks = self.block_table[:, pos // self.block_size].long()
+        return (blocks * self.block_size + pos % self.block_size).reshape(-1)
+
+
+class MLA:
+    """Multi-head latent attention: prefill in the naive form (:func:`hal.ops.mla_prefill`), later steps
+    in the absorbed form over the paged latent cache (:func:`hal.ops.mla_decode`)."""
+
+    def __init__(self, w: Weights, p: str, args: ModelArgs):
+        h, d = args.num_attention_heads, args.qk_head_dim
+        self.args = args
+        if args.q_lora_rank is None:
+            self.wq = w.linear(f"{p}.q_proj", h * d, args.hidden_size)
+        else:
+            self.wq_a = w.linear(f"{p}.q_a_proj", args.q_lora_rank, args.hidden_size)
+            self.q_norm = w.norm(f"{p}.q_a_layernorm.weight", args.q_lora_rank)
+            self.wq_b = w.linear(f"{p}.q_b_proj", h * d, args.q_lora_rank)
+        self.wkv_a = w.linear(f"{p}.kv_a_proj_with_mqa", args.kv_lora_rank + args.qk_rope_head_dim,
+                              args.hidden_size)
+        self.kv_norm = w.norm(f"{p}.kv_a_layernorm.weight", args.kv_lora_rank)
+        # absorbed form needs W_UK / W_UV per head: kept dense ([H, nope + v, rank])
+        self.wkv_b = w.dense(f"{p}.kv_b_proj", h * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank)
+        self.wo = w.linear(f"{p}.o_proj", args.hidden_size, h * args.v_head_dim)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, cache: LatentCache,
+                 layer: int) -> torch.Tensor:
+        a = self.args
+        bsz, seqlen, _ = x.shape
+        h, nope, rank = a.num_attention_heads, a.qk_nope_head_dim, a.kv_lora_rank
+        q = self.wq(x) if a.q_lora_rank is None else self.wq_b(rms_norm(self.wq_a(x), self.q_norm, a.rms_norm_eps))
+        q_nope, q_pe = q.view(bsz, seqlen, h, a.qk_head_dim).split([nope, a.qk_rope_head_dim], dim=-1)
+        q_pe = rope(q_pe, positions)
+        kv = self.wkv_a(x)
+        latent = rms_norm(kv[..., :rank], self.kv_norm, a.rms_norm_eps)
+        k_pe = rope(kv[..., None, rank:], positions)  # one rope key shared by all heads
+        hal.ops.paged_cache_write(cache.kv[layer], torch.cat((latent, k_pe[:, :, 0]), dim=-1).view(bsz * seqlen, -1),
+                                  cache.slots(seqlen))
+        wkv_b = self.wkv_b.view(h, nope + a.v_head_dim, rank)
+        if cache.length == 0:  # prefill: expand the latent into per-head keys and values
+            kv_full = F.linear(latent, self.wkv_b).view(bsz, seqlen, h, nope + a.v_head_dim)
+            k_nope, v = kv_full.split([nope, a.v_head_dim], dim=-1)
+            k = torch.cat((k_nope, k_pe.expand(-1, -1, h, -1)), dim=-1)
+            qk = torch.cat((q_nope, q_pe), dim=-1)
+            tokens = bsz * seqlen
+            cu = torch.arange(0, tokens + 1, seqlen, dtype=torch.int32)
+            out, _ = hal.ops.mla_prefill(qk.reshape(tokens, h, -1), k.reshape(tokens, h, -1),
+                                         v.reshape(tokens, h, -1), cu, softmax_scale=a.softmax_scale, causal=True)
+            out = out.view(bsz, seqlen, h, a.v_head_dim)
+        else:  # absorbed: q_nope through W_UK into the latent space, W_UV applied after attention
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :nope])
+            seq_lens = torch.full((bsz,), cache.length + seqlen, dtype=torch.int32)
+            out, _ = hal.ops.mla_decode(torch.cat((q_lat, q_pe), dim=-1), cache.kv[layer], cache.block_table,
+                                        seq_lens, softmax_scale=a.softmax_scale, head_dim_v=rank, causal=True)
+            out = torch.einsum("bshc,hvc->bshv", out, wkv_b[:, nope:])
+        return self.wo(out.flatten(2))
+
+
+class MLP:
+    """SwiGLU feed-forward (dense layers and shared experts)."""
+
+    def __init__(self, w: Weights, p: str, dim: int, inter: int):
+        self.w1 = w.linear(f"{p}.gate_proj", inter, dim)
+        self.w3 = w.linear(f"{p}.up_proj", inter, dim)
+        self.w2 = w.linear(f"{p}.down_proj", dim, inter)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Experts:
+    """The routed experts, laid out once at load for :func:`hal.ops.grouped_gemm`: ``w13`` ``[E, 2I, H]``
+    (gate rows then up rows) and ``w2`` ``[E, H, I]``, FP8 with block scales when kept quantised."""
+
+    def __init__(self, w: Weights, p: str, args: ModelArgs):
+        e, dim, inter = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
+        # FP8 stays FP8 only where both GEMMs' K and the concatenated gate/up blocks align to 128
+        keep = w.keep_fp8 and dim % FP8_GROUP == 0 and inter % FP8_GROUP == 0
+        fp8 = Weights(w.ckpt, w.args, w.dtype, keep)
+        w13, w2 = [], []
+        for i in range(e):
+            gate, up, down = (fp8.linear(f"{p}.{i}.{n}", *shape) for n, shape in (
+                ("gate_proj", (inter, dim)), ("up_proj", (inter, dim)), ("down_proj", (dim, inter))))
+            w13.append((torch.cat((gate.weight, up.weight)), None if gate.scale is None else
+                        torch.cat((gate.scale, up.scale))))
+            w2.append((down.weight, down.scale))
+        self.w13, self.s13 = torch.stack([t for t, _ in w13]), _stack_scales([s for _, s in w13])
+        self.w2, self.s2 = torch.stack([t for t, _ in w2]), _stack_scales([s for _, s in w2])
+        self.dtype, self.scale_fmt = w.dtype, args.scale_fmt
+
+    def _gemm(self, x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],
+              group_sizes: torch.Tensor) -> torch.Tensor:
+        if scale is None:
+            return hal.ops.grouped_gemm(x, w, group_sizes)
+        q, s = hal.ops.quantize_fp8(x, FP8_GROUP, self.scale_fmt)
+        return hal.ops.grouped_gemm(q, w, group_sizes, x_scale=s, w_scale=scale, out_dtype=self.dtype)
+
+    def __call__(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        gate, up = self._gemm(x_sorted, self.w13, self.s13, group_sizes).chunk(2, dim=-1)
+        return self._gemm(F.silu(gate) * up, self.w2, self.s2, group_sizes)
+
+
+def _stack_scales(scales: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    return None if scales[0] is None else torch.stack(scales)
+
+
+class MoE:
+    """DeepSeek MoE: fp32 router, :func:`hal.ops.topk_routing` (group-limited, bias for selection only),
+    permute -> grouped GEMMs -> weighted combine, plus the shared experts."""
+
+    def __init__(self, w: Weights, p: str, args: ModelArgs):
+        e = args.n_routed_experts
+        self.args = args
+        self.gate = w.ckpt.tensor(f"{p}.gate.weight", (e, args.hidden_size), torch.float32)
+        bias = f"{p}.gate.e_score_correction_bias"
+        self.bias = w.ckpt.tensor(bias, (e,), torch.float32) if bias in w.ckpt else None
+        self.experts = Experts(w, f"{p}.experts", args)
+        self.shared = MLP(w, f"{p}.shared_experts", args.hidden_size,
+                          args.moe_intermediate_size * args.n_shared_experts) if args.n_shared_experts else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        flat = x.reshape(-1, x.shape[-1])
+        logits = F.linear(flat.float(), self.gate)
+        weights, ids = hal.ops.topk_routing(logits, a.num_experts_per_tok, scoring=a.scoring_func, bias=self.bias,
+                                            n_group=a.n_group, topk_group=a.topk_group,
+                                            renormalize=a.norm_topk_prob, scale=a.routed_scaling_factor)
+        x_sorted, perm = hal.ops.moe_permute(flat, ids, a.n_routed_experts)
+        out = hal.ops.moe_unpermute(self.experts(x_sorted, perm.group_sizes), weights, perm).view_as(x)
+        return out if self.shared is None else out + self.shared(x)
+
+
+class Block:
+    def __init__(self, w: Weights, layer: int, args: ModelArgs):
+        p = f"model.layers.{layer}"
+        self.attn_norm = w.norm(f"{p}.input_layernorm.weight", args.hidden_size)
+        self.attn = MLA(w, f"{p}.self_attn", args)
+        self.ffn_norm = w.norm(f"{p}.post_attention_layernorm.weight", args.hidden_size)
+        self.ffn = MoE(w, f"{p}.mlp", args) if args.is_moe_layer(layer) else \
+            MLP(w, f"{p}.mlp", args.hidden_size, args.intermediate_size)
+        self.eps = args.rms_norm_eps
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, cache: LatentCache,
+                 layer: int) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, rope, cache, layer)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
+
+
+LayerContext = Callable[[int], ContextManager]
+
+
+class Transformer:
+    """The whole model. ``forward(tokens, cache)`` runs the next ``S`` tokens of every sequence and
+    returns their logits; ``backend`` (None: the settings in force) is selected around every call."""
+
+    def __init__(self, args: ModelArgs, w: Weights, backend: Optional[str]):
+        self.args, self.dtype, self.backend = args, w.dtype, backend
+        self.embed = w.ckpt.tensor("model.embed_tokens.weight", (args.vocab_size, args.hidden_size), w.dtype)
+        self.layers = [Block(w, i, args) for i in range(args.num_hidden_layers)]
+        self.norm = w.norm("model.norm.weight", args.hidden_size)
+        self.head = self.embed if args.tie_word_embeddings else \
+            w.ckpt.tensor("lm_head.weight", (args.vocab_size, args.hidden_size), w.dtype)
+        self.rope = Rope(args)
+
+    def new_cache(self, batch: int, capacity: int) -> LatentCache:
+        return LatentCache(self.args, batch, capacity, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: LatentCache,
+                layer_context: Optional[LayerContext] = None) -> torch.Tensor:
+        """``tokens`` int ``[B, S]`` (the first call on an empty cache is the prefill) -> logits
+        ``[B, S, vocab]`` in the model dtype. ``layer_context(i)`` (bisection) wraps layer ``i``."""
+        if tokens.dim() != 2 or tokens.shape[0] != cache.block_table.shape[0]:
+            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"int shape [B={cache.block_table.shape[0]}"
+                                           ", S] (the cache's batch)", f"shape {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.args.vocab_size):
+            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"ids in [0, {self.args.vocab_size})",
+                                           f"ids in [{int(tokens.min())}, {int(tokens.max())}]")
+        positions = torch.arange(cache.length, cache.length + tokens.shape[1])
+        outer = hal.use_backend(self.backend) if self.backend else contextlib.nullcontext()
+        with outer:
+            x = F.embedding(tokens, self.embed)
+            for i, block in enumerate(self.layers):
+                with layer_context(i) if layer_context else contextlib.nullcontext():
+                    x = block(x, positions, self.rope, cache, i)
+        cache.length += tokens.shape[1]
+        return F.linear(rms_norm(x, self.norm, self.args.rms_norm_eps), self.head)
+
+    __call__ = forward
