@@ -81,8 +81,17 @@ def _tame(q: torch.Tensor, k: torch.Tensor, softmax_scale: float) -> torch.Tenso
     return q * 2.0 ** -math.ceil(math.log2(s / 32)) if s > 32 else q
 
 
-def _head_dims(data: st.DataObject):
-    """(qk head dim = latent/nope + rope part, the latent/nope part, a v head dim != qk head dim)."""
+# DeepSeek's own head dims (qk, nope / latent, v): the shapes vendor kernels are specialised for, so a
+# backend's kernel path (not only its fallback for odd shapes) is certified.
+PREFILL_DIMS = (192, 128, 128)  # MHA prefill: 128 nope + 64 rope, v 128
+DECODE_DIMS = (576, 512, 512)  # absorbed decode: 512 latent + 64 rope, v = the latent
+
+
+def _head_dims(data: st.DataObject, deepseek: tuple):
+    """(qk head dim = latent/nope + rope part, the latent/nope part, a v head dim != qk head dim): small, or
+    DeepSeek's ``deepseek`` dims."""
+    if data.draw(_pick(("small", "DeepSeek")), label="head dims") == "DeepSeek":
+        return deepseek
     nope = data.draw(_pick((8, 16)), label="nope / latent dim")
     d = nope + data.draw(_pick((4, 8)), label="rope dim")
     return d, nope, data.draw(_pick(tuple(x for x in (8, 16, nope // 2 + 1) if x != d)), label="v head dim")
@@ -141,7 +150,7 @@ class MlaPrefillSuite(Suite):
         dtype = DTYPES[f["dtype"]]
         hq = data.draw(_pick((1, 2, 3, 4)), label="Hq")
         hk = data.draw(_pick(tuple(h for h in (1, 2, 3, 4) if hq % h == 0)), label="Hk")
-        d, _, dv = _head_dims(data)
+        d, _, dv = _head_dims(data, PREFILL_DIMS)
         b = data.draw(_ints(1, 3), label="batch")
         lens_q = data.draw(_ints(0, 8, b), label="query lengths")
         shared = data.draw(BOOLS, label="cu_seqlens_k=None (keys = queries)")
@@ -189,7 +198,7 @@ class MlaDecodeSuite(Suite):
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         dtype, causal = DTYPES[f["dtype"]], f["causal"] == "true"
         hq = data.draw(_pick((1, 2, 3, 4)), label="Hq")
-        d, latent, _ = _head_dims(data)
+        d, latent, _ = _head_dims(data, DECODE_DIMS)
         head_dim_v = data.draw(_pick((latent, latent // 2 + 1)), label="head_dim_v")
         b = data.draw(_ints(1, 3), label="batch")
         sq = data.draw(_ints(1, 3), label="Sq (new tokens per sequence)")
