@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import functools
 import importlib
-from typing import Any, Callable, Counter, List, Optional, Tuple
+from typing import Any, Callable, Counter, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -74,6 +74,8 @@ class VendorBackend(Backend):
     def __init__(self, lib: Optional[Any] = None) -> None:
         self._lib = lib
         self.emulated = isinstance(lib, EmulatedLibrary)
+        if self.emulated:
+            self.device_type = "cpu"  # the test double computes on CPU tensors
         #: how many calls each (operator, path) served: path = the vendor operator, or "reference"
         self.paths: Counter[Tuple[str, str]] = collections.Counter()
         super().__init__()
@@ -116,6 +118,18 @@ class VendorBackend(Backend):
     def served(self, op: str, path: str) -> None:
         """Record that ``path`` (a vendor operator's name, or "reference") served one call of ``op``."""
         self.paths[(op, path)] += 1
+
+    def add_reference_implementations(self, ops: Iterable[str]) -> None:
+        """Serve each of ``ops`` by :meth:`reference_path` only (operators the vendor library has no kernel
+        for), so that the backend serves the whole contract set and says which path ran."""
+        for op in ops:
+            self.add_implementation(op, self._reference_server(op))
+
+    def _reference_server(self, op: str) -> Callable[..., Any]:
+        def serve(*args: Any, **kwargs: Any) -> Any:
+            return self.reference_path(op, *args, **kwargs)
+        serve.__signature__ = get_op(op).signature  # type: ignore[attr-defined]  # registration checks it
+        return serve
 
     def reference_path(self, op: str, *args: Any, **kwargs: Any) -> Any:
         """Serve ``op`` with the contract's reference semantics (fp32 compute, plain PyTorch, on the

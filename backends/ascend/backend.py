@@ -12,7 +12,6 @@ the emulated twin (:mod:`hal.backends.ascend.torch_npu_double`) on the CPU.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import platform
 from pathlib import Path
@@ -22,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from hal.backend import Availability, Support, implements
-from hal.contract import get_op
-from hal.ops.mla import _allowed, _gather_paged_keys
-from hal.ops.routing import RENORM_EPS, MoePermutation
+from hal.ops.mla import attended_keys, gather_paged_keys
+from hal.ops.routing import RENORM_EPS, MoePermutation, invert_permutation
 from hal.vendor import VendorBackend
 
 __all__ = ["AscendBackend", "NORM_TYPE_SIGMOID", "soc_generation", "FP8_OPS", "ALWAYS_REFERENCE"]
@@ -96,10 +94,7 @@ class AscendBackend(VendorBackend):
 
     def __init__(self, lib=None) -> None:
         super().__init__(lib)
-        if self.emulated:  # the test double computes on CPU tensors
-            self.device_type = "cpu"
-        for op in ALWAYS_REFERENCE:
-            self.add_implementation(op, self._served_by_reference(op))
+        self.add_reference_implementations(ALWAYS_REFERENCE)
         self._causal_masks: Dict[torch.device, torch.Tensor] = {}
 
     # -- detection -------------------------------------------------------------------------------
@@ -147,14 +142,6 @@ class AscendBackend(VendorBackend):
         caps["grouped_gemm"] = Support({**caps["grouped_gemm"].axes, "x_dtype": frozenset(_FLOAT_AXIS),
                                         "w_dtype": frozenset(_FLOAT_AXIS)})
         return caps
-
-    def _served_by_reference(self, op: str):
-        reference = get_op(op).reference_impl
-
-        @functools.wraps(reference)  # carries the contract's signature, which registration checks
-        def serve(*args, **kwargs):
-            return self.reference_path(op, *args, **kwargs)
-        return serve
 
     # -- grouped GEMM ------------------------------------------------------------------------------
     @implements("grouped_gemm")
@@ -211,7 +198,7 @@ class AscendBackend(VendorBackend):
             active_expert_range=[0, num_experts])
         self.served(op, "npu_moe_init_routing_v2")
         return x_sorted, MoePermutation(counts.to(torch.int32), sorted_slots,
-                                        _inverse(sorted_slots).view(ids.shape))
+                                        invert_permutation(sorted_slots).view(ids.shape))
 
     @implements("moe_unpermute")
     def moe_unpermute(self, y_sorted, weights, permutation):
@@ -220,7 +207,7 @@ class AscendBackend(VendorBackend):
             return self.reference_path(op, y_sorted, weights, permutation)
         # The contract defines the combine by slot_rows; the kernel takes its inverse (row -> slot).
         # fp32 operands: the documentation promises no wider accumulation for bf16/fp16 tokens.
-        out = self.lib.npu_moe_token_unpermute(y_sorted.float(), _inverse(permutation.slot_rows.reshape(-1)),
+        out = self.lib.npu_moe_token_unpermute(y_sorted.float(), invert_permutation(permutation.slot_rows.reshape(-1)),
                                                probs=weights.float())
         self.served(op, "npu_moe_token_unpermute")
         return out.to(y_sorted.dtype)
@@ -281,7 +268,7 @@ class AscendBackend(VendorBackend):
         lens = seq_lens.tolist()  # FIA takes host lengths
         # The boundary conversion: the used keys of each sequence, re-paged into 128-slot blocks and split
         # into the latent and rope caches the kernel reads (blocks past a sequence's length hold zeros).
-        keys = _gather_paged_keys(kv_cache, block_table, seq_lens)
+        keys = gather_paged_keys(kv_cache, block_table, seq_lens)
         blocks = max(1, -(-keys.shape[1] // _MLA_BLOCK))
         pages = F.pad(keys, (0, 0, 0, blocks * _MLA_BLOCK - keys.shape[1])).view(batch * blocks, _MLA_BLOCK, d)
         table = torch.arange(batch * blocks, dtype=torch.int32, device=q.device).view(batch, blocks)
@@ -296,15 +283,9 @@ class AscendBackend(VendorBackend):
             **self._masking(causal and sq > 1, q.device))
         self.served(op, "npu_fused_infer_attention_score")
         # The MLA form returns no lse: computed here, one extra q.k pass in fp32 (pads hold zeros, masked)
-        allowed = _allowed(seq_lens, sq, pages.shape[0] // batch * _MLA_BLOCK, causal, None, None)
+        allowed = attended_keys(seq_lens, sq, pages.shape[0] // batch * _MLA_BLOCK, causal, None, None)
         logits = torch.einsum("bshd,bld->bshl", q.float(), pages.view(batch, -1, d).float()) * softmax_scale
         lse = logits.masked_fill(~allowed[:, :, None], float("-inf")).logsumexp(-1)
         out = out[:, :, :heads].masked_fill((seq_lens == 0)[:, None, None, None], 0)
         return out, lse
 
-
-def _inverse(permutation: torch.Tensor) -> torch.Tensor:
-    """int32 inverse of a 1-D permutation: ``inverse[permutation[i]] = i``."""
-    inverse = torch.empty_like(permutation, dtype=torch.int32)
-    inverse[permutation.long()] = torch.arange(permutation.numel(), dtype=torch.int32, device=permutation.device)
-    return inverse

@@ -33,7 +33,8 @@ import torch
 from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
     contract, dtype_name, result, value_checks_enabled
 
-__all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n"]
+__all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
+           "gather_paged_keys"]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _BOOL = ("true", "false")
@@ -117,7 +118,7 @@ def _features(dtype: torch.dtype, causal: bool, sinks: Optional[torch.Tensor], w
             ("window", flag(window is not None)), ("sparse", flag(topk_indices is not None)))
 
 
-def _allowed(num_keys: torch.Tensor, sq: int, length: int, causal: bool, window: Optional[int],
+def attended_keys(num_keys: torch.Tensor, sq: int, length: int, causal: bool, window: Optional[int],
              topk_indices: Optional[torch.Tensor]) -> torch.Tensor:
     """Boolean ``[N, sq, length]``: which key position each query attends. Row ``n`` has ``num_keys[n]``
     keys (positions past it are padding), its queries are its last ``sq`` positions."""
@@ -248,7 +249,7 @@ def _mla_prefill_reference(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_
             continue
         lk = torch.tensor([k1 - k0], device=q.device)
         topk = None if topk_indices is None else topk_indices[None, q0:q1]
-        allowed = _allowed(lk, q1 - q0, k1 - k0, causal, window, topk)
+        allowed = attended_keys(lk, q1 - q0, k1 - k0, causal, window, topk)
         o, s = _attend(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], allowed, softmax_scale, sinks,
                        compute_dtype)
         out[q0:q1], lse[q0:q1] = o[0], s[0]
@@ -338,7 +339,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     return Request(device, _features(q.dtype, causal, sinks, window, topk_indices))
 
 
-def _gather_paged_keys(kv_cache: torch.Tensor, block_table: torch.Tensor,
+def gather_paged_keys(kv_cache: torch.Tensor, block_table: torch.Tensor,
                        seq_lens: torch.Tensor) -> torch.Tensor:
     """The keys of each sequence as a dense ``[B, Lmax, D]`` tensor, zeros past ``seq_len`` (only used
     blocks and slots are read: the rest may hold garbage)."""
@@ -357,8 +358,8 @@ def _gather_paged_keys(kv_cache: torch.Tensor, block_table: torch.Tensor,
 @mla_decode.reference
 def _mla_decode_reference(q, kv_cache, block_table, seq_lens, *, softmax_scale, head_dim_v=512, causal=True,
                           sinks=None, window=None, topk_indices=None, compute_dtype=torch.float32):
-    keys = _gather_paged_keys(kv_cache, block_table, seq_lens)
-    allowed = _allowed(seq_lens, q.shape[1], keys.shape[1], causal, window, topk_indices)
+    keys = gather_paged_keys(kv_cache, block_table, seq_lens)
+    allowed = attended_keys(seq_lens, q.shape[1], keys.shape[1], causal, window, topk_indices)
     k = keys[:, :, None, :]  # one kv head shared by all query heads
     out, lse = _attend(q, k, k[..., :head_dim_v], allowed, softmax_scale, sinks, compute_dtype)
     return result(out, q.dtype, compute_dtype), result(lse, torch.float32, compute_dtype)

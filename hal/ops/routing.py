@@ -33,7 +33,7 @@ from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, 
 from hal.ops.grouped_gemm import GEMM_TOLERANCE
 
 __all__ = ["topk_routing", "hash_routing", "moe_permute", "moe_unpermute", "MoePermutation",
-           "ROUTING_TOLERANCE", "SCORING"]
+           "invert_permutation", "ROUTING_TOLERANCE", "SCORING"]
 
 SCORING = ("softmax", "sigmoid", "sqrtsoftplus")
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -286,15 +286,21 @@ def moe_permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> Tuple[t
     return Request(device, (("dtype", dtype_name(x.dtype)),))
 
 
+def invert_permutation(permutation: torch.Tensor) -> torch.Tensor:
+    """int32 inverse of a 1-D permutation: ``inverse[permutation[i]] = i`` (``slot_rows`` from
+    ``sorted_slots`` and back)."""
+    inverse = torch.empty(permutation.shape, dtype=torch.int32, device=permutation.device)
+    inverse[permutation.long()] = torch.arange(permutation.numel(), dtype=torch.int32, device=permutation.device)
+    return inverse
+
+
 @moe_permute.reference
 def _moe_permute_reference(x, ids, num_experts, *, compute_dtype=torch.float32):
     k = ids.shape[1]
     flat = ids.reshape(-1).long()
     order = torch.sort(flat, stable=True).indices
-    slot_rows = torch.empty_like(order)
-    slot_rows[order] = torch.arange(order.numel(), device=order.device)
     perm = MoePermutation(torch.bincount(flat, minlength=num_experts).to(torch.int32), order.to(torch.int32),
-                          slot_rows.view(-1, k).to(torch.int32))
+                          invert_permutation(order).view(-1, k))
     return x[order // k], perm
 
 
