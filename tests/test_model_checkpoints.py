@@ -16,6 +16,7 @@ from hal.model.bisect import bisect
 from hal.model.tiny import make_tiny
 from hal.ops.grouped_gemm import grouped_gemm
 from hal.ops.mla import mla_decode
+from hal.registry import registry
 from helpers import register_backend
 
 SHARD = "model-00002-of-00002.safetensors"
@@ -166,3 +167,24 @@ def test_bisect_names_the_wrong_operator_and_layer(tiny, cls, op, layer):
 def test_bisect_cli_passes_for_the_reference(tiny, capsys):
     assert main(["bisect", "--model", str(tiny), "--backend", "cpu", "--steps", "1"]) == 0
     assert "no operator diverges" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("twin, vendor_op", [("ascend-emulated", "npu_grouped_matmul"), ("mlu-emulated", "group_gemm")])
+def test_bisect_on_an_emulated_vendor_twin_names_its_broken_kernel(tiny, twin, vendor_op, monkeypatch):
+    """The twin as shipped agrees with the reference; with its (emulated) expert GEMM kernel 1% off,
+    bisect names grouped_gemm and nothing else."""
+    model = hal.model.load(tiny, backend="cpu", dtype=torch.float32)
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    assert all(f.status in ("ok", "unsupported") for f in bisect(model, twin, prompt=prompt, steps=1))
+    lib = registry().backend(twin).lib
+    kernel = getattr(lib, vendor_op)
+
+    def one_percent_off(*args, **kwargs):
+        out = kernel(*args, **kwargs)
+        (out[0] if isinstance(out, (list, tuple)) else out).mul_(1.01)
+        return out
+
+    monkeypatch.setattr(lib, vendor_op, one_percent_off)
+    findings = {f.op: f for f in bisect(model, twin, prompt=prompt, steps=1)}
+    assert findings["grouped_gemm"].status == "diverges", findings["grouped_gemm"]
+    assert all(f.status in ("ok", "unsupported") for op, f in findings.items() if op != "grouped_gemm"), findings
