@@ -36,6 +36,8 @@ def _generate(args: argparse.Namespace) -> int:
     import hal.model
     from hal.model.generate import timed_generate
     model = hal.model.load(args.model, backend=args.backend, dtype=_dtype(args.dtype), fp8=args.fp8)
+    if model.fp8 is not None:
+        print(f"FP8 checkpoint weights: {model.fp8} ({model.fp8_reason})", file=sys.stderr)
     new, rate = timed_generate(model, [args.prompt_ids], args.max_new_tokens)
     print(" ".join(map(str, new[0])))
     print(f"{args.max_new_tokens} tokens, {rate:.2f} tokens/s", file=sys.stderr)
@@ -98,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, "bfloat16")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens to generate")
     p.add_argument("--backend", help="backend to run on (default: the settings in force)")
-    p.add_argument("--fp8", default="auto", choices=["auto", "keep", "dequantize"],
-                   help="FP8 checkpoints: keep weights quantised, dequantise on load, or auto (keep if supported)")
+    p.add_argument("--fp8", default="auto", choices=["auto", "keep", "int8", "dequantize"],
+                   help="FP8 checkpoints: keep weights quantised, convert them to W8A8 int8, dequantise on load, "
+                        "or auto (the first of keep, int8, dequantize the backend serves; reported on stderr)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("model", help="model utilities")

@@ -1,4 +1,4 @@
-"""Low-precision formats shared by the contracts: FP8 e4m3, FP4 e2m1 (packed), UE8M0 scales.
+"""Low-precision formats shared by the contracts: FP8 e4m3, FP4 e2m1 (packed), UE8M0 scales, symmetric int8.
 
 Conventions (DeepSeek / DeepGEMM, see docs/contracts.md):
 
@@ -9,6 +9,8 @@ Conventions (DeepSeek / DeepGEMM, see docs/contracts.md):
 * FP4 e2m1 values are packed two a byte, the element with the lower index in the low nibble; a
   nibble is ``sign << 3 | code`` with codes 0..7 = 0, 0.5, 1, 1.5, 2, 3, 4, 6. Packed tensors have
   dtype ``torch.uint8`` (or ``torch.float4_e2m1fn_x2`` where torch has it) and last dim ``K // 2``.
+* Symmetric int8 (W8A8): quantisers write values in ``[-127, 127]`` (never -128) with one float32 scale
+  per row (activations: per token; weights: per output channel), ``x ~= q * scale``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 FP4_MAX = 6.0
+INT8_MAX = 127.0
 AMAX_FLOOR = 1e-4
 SCALE_FORMATS = ("fp32", "ue8m0")
 FP4_GROUP = 32

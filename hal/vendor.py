@@ -57,6 +57,16 @@ class EmulatedLibrary:
     def refuse(self, op: str, why: str) -> None:
         raise EmulatorRefusal(f"[emulated {op}] {why}")
 
+    @staticmethod
+    def per_row_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The per-row symmetric int8 quantiser both vendors document (``s = rowmax|x| / 127``, ``q =
+        round(x / s)``), with this double's picks where they are silent: no amax floor (an all-zero row
+        gets ``s = 0``, ``q = 0``) and ties rounded half away from zero. ``x`` ``[M, K]`` -> ``(q, s)``."""
+        xf = x.float()
+        s = xf.abs().amax(dim=-1) / 127.0
+        v = xf / s[:, None]
+        return (v.sign() * (v.abs() + 0.5).floor()).nan_to_num(0.0).clamp(-127, 127).to(torch.int8), s
+
 
 class VendorBackend(Backend):
     """A backend calling a vendor op library; see the module docstring.

@@ -12,28 +12,27 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 import hal
-from hal.model.config import ModelArgs
+from hal.model.config import CommonArgs
 
 # The operators a forward calls, in the order a layer calls them (quantised linears first).
-FORWARD_OPS = ("quantize_fp8", "fp8_gemm", "paged_cache_write", "mla_prefill", "mla_decode", "topk_routing",
-               "moe_permute", "grouped_gemm", "moe_unpermute")
+FORWARD_OPS = ("quantize_fp8", "fp8_gemm", "quantize_int8", "int8_gemm", "paged_cache_write", "mla_prefill",
+               "mla_decode", "hash_routing", "topk_routing", "moe_permute", "grouped_gemm", "moe_unpermute")
 
 _UNIT_ROUNDOFF = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
 
-def logits_rtol(args: ModelArgs, dtype: torch.dtype) -> float:
+def logits_rtol(args: CommonArgs, dtype: torch.dtype) -> float:
     """Tolerance on ``max|logits - reference|`` relative to ``max|reference|`` between two correct
     implementations (different summation orders, absorbed vs expanded attention, kernels within their
     contracts' tolerances).
 
-    Each layer's two residual branches pass about four rounding points (norm, projections, attention /
-    expert GEMMs, combine), plus the embedding and head: ``4 * layers + 4`` error sources in series. In
+    Each layer passes ``args.rounding_points_per_layer`` rounding points in series (V3: two residual
+    branches of about four: norm, projections, attention / expert GEMMs, combine; V4: eight, with the mHC
+    collapse and expansion), plus the embedding and head: ``points * layers + 4`` error sources. In
     bf16/fp16 each contributes up to a rounding of the activations (``u`` = 2**-8 / 2**-11); in fp32 the
-    dominant term is a ``K``-term fp32 dot product, ``K * 2**-24`` with ``K`` the widest reduction."""
-    widest = max(args.hidden_size, args.intermediate_size, args.moe_intermediate_size, args.kv_lora_rank,
-                 args.num_attention_heads * args.v_head_dim, args.q_lora_rank or 0)
-    unit = widest * 2**-24 if dtype == torch.float32 else _UNIT_ROUNDOFF[dtype]
-    return (4 * args.num_hidden_layers + 4) * unit
+    dominant term is a ``K``-term fp32 dot product, ``K * 2**-24`` with ``K = args.widest_reduction``."""
+    unit = args.widest_reduction * 2**-24 if dtype == torch.float32 else _UNIT_ROUNDOFF[dtype]
+    return (args.rounding_points_per_layer * args.num_hidden_layers + 4) * unit
 
 
 def teacher_forced_logits(model, prompt: torch.Tensor, steps: int,

@@ -78,6 +78,19 @@ class Checkpoint:
             raise CheckpointError(f"tensor '{name}': expected a float tensor, got {t.dtype}")
         return t if dtype is None else t.to(dtype)
 
+    def ids(self, name: str, shape: Sequence[int], upper: int) -> torch.Tensor:
+        """The integer tensor ``name`` (e.g. V4's ``tid2eid``), checked to have ``shape`` and values in
+        ``[0, upper)``, as int64."""
+        t = self._raw(name)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"tensor '{name}': expected shape {list(shape)}, got {list(t.shape)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise CheckpointError(f"tensor '{name}': expected an integer tensor, got {t.dtype}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
+            raise CheckpointError(f"tensor '{name}': expected values in [0, {upper}), "
+                                  f"got [{int(t.min())}, {int(t.max())}]")
+        return t.long()
+
     def weight(self, prefix: str, out_features: int, in_features: int,
                dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``prefix.weight`` ``[out, in]``: ``(weight in dtype, None)``, or ``(e4m3 weight, float32 scales)``

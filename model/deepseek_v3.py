@@ -17,9 +17,22 @@ from hal.model.config import ModelArgs
 FP8_GROUP = 128  # activation groups of the FP8 GEMMs: K must be a multiple
 
 
+#: what becomes of an FP8 checkpoint's weights: kept FP8, converted to W8A8 int8, or dequantised
+FP8_WEIGHT_MODES = ("keep", "int8", "dequantize")
+
+
+def quantized_activations(x: torch.Tensor, weight: torch.Tensor, scale_fmt: Optional[str]):
+    """``x`` quantised the way the GEMM with ``weight`` takes it: per token to int8 for an int8 weight
+    (:func:`hal.ops.quantize_int8`), in 1x128 groups to FP8 otherwise."""
+    if weight.dtype == torch.int8:
+        return hal.ops.quantize_int8(x)
+    return hal.ops.quantize_fp8(x, FP8_GROUP, scale_fmt)
+
+
 class Linear:
-    """``y = x @ W.T``: a plain weight, or FP8 e4m3 with 128x128 block scales kept quantised (activations
-    are then quantised in 1x128 groups and the product is :func:`hal.ops.fp8_gemm`)."""
+    """``y = x @ W.T``: a plain weight, FP8 e4m3 with 128x128 block scales kept quantised (activations
+    are then quantised in 1x128 groups and the product is :func:`hal.ops.fp8_gemm`), or int8 with a scale
+    per output channel (activations quantised per token, :func:`hal.ops.int8_gemm`)."""
 
     def __init__(self, weight: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype,
                  scale_fmt: Optional[str]):
@@ -28,29 +41,46 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             return F.linear(x, self.weight)
-        q, s = hal.ops.quantize_fp8(x, FP8_GROUP, self.scale_fmt)
-        return hal.ops.fp8_gemm(q, s, self.weight, self.scale, out_dtype=self.dtype)
+        q, s = quantized_activations(x, self.weight, self.scale_fmt)
+        gemm = hal.ops.int8_gemm if self.weight.dtype == torch.int8 else hal.ops.fp8_gemm
+        return gemm(q, s, self.weight, self.scale, out_dtype=self.dtype)
 
 
 class Weights:
-    """Reads the model's weights from a :class:`Checkpoint`, keeping FP8 ones quantised when ``keep_fp8``
-    and the GEMM's K is a multiple of 128, dequantising them (:func:`hal.ops.dequantize_fp8`) otherwise."""
+    """Reads the model's weights from a :class:`Checkpoint`. FP8 ones, by ``fp8`` (one of
+    :data:`FP8_WEIGHT_MODES`): kept quantised where the GEMM's K is a multiple of 128 (``"keep"``),
+    dequantised and requantised once to int8 per output channel (``"int8"``,
+    :func:`hal.ops.quantize_int8_weight`), or dequantised (:func:`hal.ops.dequantize_fp8`)."""
 
-    def __init__(self, ckpt: Checkpoint, args: ModelArgs, dtype: torch.dtype, keep_fp8: bool):
-        self.ckpt, self.args, self.dtype, self.keep_fp8 = ckpt, args, dtype, keep_fp8
+    def __init__(self, ckpt: Checkpoint, args: ModelArgs, dtype: torch.dtype, fp8: str):
+        self.ckpt, self.args, self.dtype, self.fp8 = ckpt, args, dtype, fp8
 
     def dense(self, prefix: str, out_features: int, in_features: int) -> torch.Tensor:
         w, s = self.ckpt.weight(prefix, out_features, in_features, self.dtype)
-        return w if s is None else hal.ops.dequantize_fp8(w, s, block_shape=(128, 128), out_dtype=self.dtype)
+        return w if s is None else _dequantized(w, s, self.dtype)
 
     def linear(self, prefix: str, out_features: int, in_features: int) -> Linear:
         w, s = self.ckpt.weight(prefix, out_features, in_features, self.dtype)
-        if s is not None and not (self.keep_fp8 and in_features % FP8_GROUP == 0):
-            w, s = hal.ops.dequantize_fp8(w, s, block_shape=(128, 128), out_dtype=self.dtype), None
+        if s is not None and self.fp8 == "int8":  # requantised from the exact (fp32) dequantised values
+            with _on_host():
+                w, s = hal.ops.quantize_int8_weight(_dequantized(w, s, torch.float32))
+        elif s is not None and not (self.fp8 == "keep" and in_features % FP8_GROUP == 0):
+            w, s = _dequantized(w, s, self.dtype), None
         return Linear(w, s, self.dtype, self.args.scale_fmt)
 
     def norm(self, name: str, size: int) -> torch.Tensor:
         return self.ckpt.tensor(name, (size,), self.dtype)
+
+
+def _on_host() -> ContextManager:
+    """Where load-time weight conversions run: on the host, where the checkpoint is read, by the CPU
+    reference (an accelerator without FP8, e.g. an Atlas A2, serves no operator on e4m3 tensors)."""
+    return hal.use_backend("cpu")
+
+
+def _dequantized(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with _on_host():
+        return hal.ops.dequantize_fp8(w, scale, block_shape=(128, 128), out_dtype=dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -194,13 +224,14 @@ class MLP:
 
 class Experts:
     """The routed experts, laid out once at load for :func:`hal.ops.grouped_gemm`: ``w13`` ``[E, 2I, H]``
-    (gate rows then up rows) and ``w2`` ``[E, H, I]``, FP8 with block scales when kept quantised."""
+    (gate rows then up rows) and ``w2`` ``[E, H, I]``, FP8 with block scales when kept quantised, int8
+    with per-channel scales (``[E, 2I]``, ``[E, H]``) when converted to W8A8."""
 
     def __init__(self, w: Weights, p: str, args: ModelArgs):
         e, dim, inter = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
         # FP8 stays FP8 only where both GEMMs' K and the concatenated gate/up blocks align to 128
-        keep = w.keep_fp8 and dim % FP8_GROUP == 0 and inter % FP8_GROUP == 0
-        fp8 = Weights(w.ckpt, w.args, w.dtype, keep)
+        aligned = dim % FP8_GROUP == 0 and inter % FP8_GROUP == 0
+        fp8 = Weights(w.ckpt, w.args, w.dtype, w.fp8 if w.fp8 != "keep" or aligned else "dequantize")
         w13, w2 = [], []
         for i in range(e):
             gate, up, down = (fp8.linear(f"{p}.{i}.{n}", *shape) for n, shape in (
@@ -216,7 +247,7 @@ class Experts:
               group_sizes: torch.Tensor) -> torch.Tensor:
         if scale is None:
             return hal.ops.grouped_gemm(x, w, group_sizes)
-        q, s = hal.ops.quantize_fp8(x, FP8_GROUP, self.scale_fmt)
+        q, s = quantized_activations(x, w, self.scale_fmt)
         return hal.ops.grouped_gemm(q, w, group_sizes, x_scale=s, w_scale=scale, out_dtype=self.dtype)
 
     def __call__(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
@@ -279,6 +310,10 @@ class Transformer:
 
     def __init__(self, args: ModelArgs, w: Weights, backend: Optional[str]):
         self.args, self.dtype, self.backend = args, w.dtype, backend
+        #: for an FP8 checkpoint, what became of its weights (one of FP8_WEIGHT_MODES) and why (set by
+        #: :func:`hal.model.load`); None for a checkpoint without FP8 weights
+        self.fp8: Optional[str] = None
+        self.fp8_reason = ""
         self.embed = w.ckpt.tensor("model.embed_tokens.weight", (args.vocab_size, args.hidden_size), w.dtype)
         self.layers = [Block(w, i, args) for i in range(args.num_hidden_layers)]
         self.norm = w.norm("model.norm.weight", args.hidden_size)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -12,23 +12,40 @@ from hal.contract import FLOAT_DTYPES, Request, dtype_name, get_op
 from hal.dispatch import route
 from hal.formats import FP8_DTYPE
 from hal.model.checkpoint import Checkpoint
-from hal.model.config import read_config
-from hal.model.deepseek_v3 import Transformer, Weights
+from hal.model import deepseek_v4
+from hal.model.config import V4Args, read_config
+from hal.model.deepseek_v3 import FP8_WEIGHT_MODES, Transformer, Weights
 
-FP8_MODES = ("auto", "keep", "dequantize")
+FP8_MODES = ("auto",) + FP8_WEIGHT_MODES
 
 
-def _backend_keeps_fp8(dtype: torch.dtype) -> bool:
-    """Whether the selected backend serves the FP8 requests a quantised model makes (else: dequantise)."""
-    cpu = torch.device("cpu")
+def _backend_serves(dtype: torch.dtype, weights: str) -> bool:
+    """Whether the selected backend serves the requests a model whose linears hold ``weights`` (``"fp8"``
+    or ``"int8"``) makes: the activation quantiser, the dense GEMM and the experts' grouped GEMM."""
+    out = dtype_name(dtype)
     fp8 = dtype_name(FP8_DTYPE)
-    requests = {
-        "quantize_fp8": (("dtype", dtype_name(dtype)), ("scale_fmt", "fp32")),
-        "fp8_gemm": (("out_dtype", dtype_name(dtype)),),
-        "grouped_gemm": (("layout", "contiguous"), ("x_dtype", fp8), ("w_dtype", fp8),
-                         ("out_dtype", dtype_name(dtype))),
-    }
+    if weights == "fp8":
+        requests = {"quantize_fp8": (("dtype", out), ("scale_fmt", "fp32")), "fp8_gemm": (("out_dtype", out),)}
+    else:
+        requests = {"quantize_int8": (("dtype", out),), "int8_gemm": (("out_dtype", out),)}
+    operand = fp8 if weights == "fp8" else "int8"
+    requests["grouped_gemm"] = (("layout", "contiguous"), ("x_dtype", operand), ("w_dtype", operand),
+                                ("out_dtype", out))
+    cpu = torch.device("cpu")
     return all(route(get_op(op)).refusal(Request(cpu, features)) is None for op, features in requests.items())
+
+
+def choose_fp8(fp8: str, dtype: torch.dtype) -> Tuple[str, str]:
+    """``(mode, why)``: what becomes of an FP8 checkpoint's weights under ``fp8`` on the selected backend.
+    ``"auto"`` prefers keeping FP8 (the backend serves FP8 GEMMs) over W8A8 int8 (it serves int8 GEMMs,
+    e.g. Ascend Atlas A2/A3) over dequantising."""
+    if fp8 != "auto":
+        return fp8, "requested"
+    if _backend_serves(dtype, "fp8"):
+        return "keep", "auto: the backend serves the FP8 GEMMs"
+    if _backend_serves(dtype, "int8"):
+        return "int8", "auto: the backend serves W8A8 int8 GEMMs but not FP8 ones"
+    return "dequantize", "auto: the backend serves neither FP8 nor int8 GEMMs"
 
 
 def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dtype = torch.bfloat16,
@@ -40,8 +57,12 @@ def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dty
       docs/selecting-a-backend.md).
     * ``dtype``: compute / weight dtype (bfloat16, float16 or float32); router weights stay float32.
     * ``fp8``: for FP8 block-quantised checkpoints: ``"keep"`` the weights quantised (FP8 GEMMs through
-      :func:`hal.ops.fp8_gemm` / :func:`hal.ops.grouped_gemm`), ``"dequantize"`` them on load, or
-      ``"auto"``: keep them when the backend serves those FP8 requests.
+      :func:`hal.ops.fp8_gemm` / :func:`hal.ops.grouped_gemm`), convert them once to W8A8 ``"int8"``
+      (per-channel int8 weights, per-token int8 activations: :func:`hal.ops.int8_gemm` and int8
+      :func:`hal.ops.grouped_gemm`; for accelerators without FP8), ``"dequantize"`` them on load, or
+      ``"auto"``: keep > int8 > dequantize, the first the backend serves (:func:`choose_fp8`).
+      The model's ``fp8`` attribute says what was chosen (None for a checkpoint without FP8 weights)
+      and ``fp8_reason`` why.
 
     Every tensor is checked against the shape the config implies before the model exists: a missing,
     misshapen, unreadable or unexpected tensor raises :class:`hal.model.CheckpointError` naming it.
@@ -50,21 +71,26 @@ def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dty
         raise hal.InvalidArgumentError("hal.model.load", "dtype", "torch.bfloat16, torch.float16 or torch.float32",
                                        repr(dtype))
     if fp8 not in FP8_MODES:
-        raise hal.InvalidArgumentError("hal.model.load", "fp8", "'auto', 'keep' or 'dequantize'", repr(fp8))
+        raise hal.InvalidArgumentError("hal.model.load", "fp8", " or ".join(repr(m) for m in FP8_MODES), repr(fp8))
     args = read_config(Path(path))
     with hal.use_backend(backend) if backend else contextlib.nullcontext():
-        keep = args.fp8_block is not None and (fp8 == "keep" or (fp8 == "auto" and _backend_keeps_fp8(dtype)))
+        mode, why = choose_fp8(fp8, dtype) if args.fp8_block is not None else ("dequantize", "")
         ckpt = Checkpoint(Path(path))
         try:
-            model = Transformer(args, Weights(ckpt, args, dtype, keep), backend)
+            model_class = deepseek_v4.Transformer if isinstance(args, V4Args) else Transformer
+            model = model_class(args, Weights(ckpt, args, dtype, mode), backend)
         except BaseException:
             ckpt.close()
             raise
+    if args.fp8_block is not None:
+        model.fp8, model.fp8_reason = mode, why
     ckpt.finish(ignored=lambda name: _mtp_layer(name, args.num_hidden_layers))
     return model
 
 
 def _mtp_layer(name: str, num_layers: int) -> bool:
-    """``model.layers.<n>.*`` with ``n >= num_hidden_layers``: the multi-token-prediction module, not run here."""
+    """``model.layers.<n>.*`` with ``n >= num_hidden_layers`` (V3) or ``mtp.*`` (V4): the multi-token-prediction
+    module, not run here."""
     parts = name.split(".")
-    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
+    return parts[0] == "mtp" or (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+                                 and int(parts[2]) >= num_layers)

@@ -1,5 +1,6 @@
 """``hal model make-tiny``: a tiny random checkpoint in the official Hugging Face layout (config.json,
-two safetensors shards and their index; optionally FP8 block-quantised like the released weights)."""
+two safetensors shards and their index; optionally FP8 block-quantised like the released weights). V4's
+layout is the one transformers' ``DeepseekV4ForCausalLM.save_pretrained`` writes and reads."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 
 import hal
-from hal.model.config import ModelNotSupportedError
 from hal.model.checkpoint import INDEX_FILE, SCALE_SUFFIX
 
 ARCHES = ("deepseek_v3", "deepseek_v4")
@@ -29,6 +29,24 @@ TINY_V3 = {
                      "original_max_position_embeddings": 64, "type": "yarn"},
     "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16",
 }
+# Every layer type (sliding, CSA with an indexer keeping fewer entries than a 64-token context closes, HCA),
+# a hash-routed layer; GEMM widths multiples of 128 as for V3.
+TINY_V4 = {
+    "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+    "vocab_size": 256, "hidden_size": 128, "moe_intermediate_size": 128, "num_hidden_layers": 3,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128, "qk_rope_head_dim": 32,
+    "q_lora_rank": 128, "o_groups": 2, "o_lora_rank": 128, "sliding_window": 8,
+    "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+    "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    "mlp_layer_types": ["hash_moe", "moe", "moe"], "index_n_heads": 2, "index_head_dim": 64, "index_topk": 4,
+    "hc_mult": 2, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "n_routed_experts": 8, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "routed_scaling_factor": 1.5, "scoring_func": "sqrtsoftplus", "swiglu_limit": 10.0,
+    "norm_topk_prob": True, "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+    "rope_theta": 10000.0, "compress_rope_theta": 160000.0, "num_nextn_predict_layers": 0,
+    "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16",
+}
+# V4's FP8 linears (the compressors' and the indexer's pooling projections stay bf16, as released)
+V4_FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "w1", "w2", "w3")
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
@@ -62,22 +80,84 @@ def _v3_shapes(c: Dict) -> Dict[str, tuple]:
     return shapes
 
 
+def _v4_shapes(c: Dict) -> Dict[str, tuple]:
+    """name -> shape of every tensor of a V4 checkpoint with config ``c`` (transformers' saved layout)."""
+    h, n, d, q = c["hidden_size"], c["hc_mult"], c["head_dim"], c["q_lora_rank"]
+    e, inter, mix = c["n_routed_experts"], c["moe_intermediate_size"], (2 + c["hc_mult"]) * c["hc_mult"]
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,),
+              "head.weight": (c["vocab_size"], h), "model.hc_head.hc_fn": (n, n * h), "model.hc_head.hc_base": (n,),
+              "model.hc_head.hc_scale": (1,)}
+    for i, kind in enumerate(c["layer_types"]):
+        p = f"model.layers.{i}"
+        a = f"{p}.attn"
+        heads, groups, o_rank = c["num_attention_heads"], c["o_groups"], c["o_lora_rank"]
+        shapes.update({f"{p}.attn_norm.weight": (h,), f"{p}.ffn_norm.weight": (h,),
+                       f"{a}.wq_a.weight": (q, h), f"{a}.q_norm.weight": (q,),
+                       f"{a}.wq_b.weight": (heads * d, q), f"{a}.wkv.weight": (d, h),
+                       f"{a}.norm.weight": (d,), f"{a}.attn_sink": (heads,),
+                       f"{a}.wo_a.weight": (groups * o_rank, heads * d // groups),
+                       f"{a}.wo_b.weight": (h, groups * o_rank)})
+        for hc in ("hc_attn", "hc_ffn"):
+            shapes.update({f"{p}.{hc}_fn": (mix, n * h), f"{p}.{hc}_base": (mix,), f"{p}.{hc}_scale": (3,)})
+        compressors = {}
+        if kind != "sliding_attention":
+            csa = kind == "compressed_sparse_attention"
+            compressors[f"{a}.compressor"] = (c["compress_rates"][kind], d, 2 if csa else 1)
+            if csa:
+                di, hi = c["index_head_dim"], c["index_n_heads"]
+                compressors[f"{a}.indexer.compressor"] = (c["compress_rates"][kind], di, 2)
+                shapes.update({f"{a}.indexer.wq_b.weight": (hi * di, q), f"{a}.indexer.weights_proj.weight": (hi, h)})
+        for m, (rate, width, overlap) in compressors.items():
+            shapes.update({f"{m}.wkv.weight": (overlap * width, h), f"{m}.wgate.weight": (overlap * width, h),
+                           f"{m}.ape": (rate, overlap * width), f"{m}.norm.weight": (width,)})
+        f = f"{p}.ffn"
+        shapes[f"{f}.gate.weight"] = (e, h)
+        if c["mlp_layer_types"][i] == "hash_moe":
+            shapes[f"{f}.gate.tid2eid"] = (c["vocab_size"], c["num_experts_per_tok"])
+        else:
+            shapes[f"{f}.gate.bias"] = (e,)
+        for m in [f"{f}.experts.{j}" for j in range(e)] + [f"{f}.shared_experts"]:
+            shapes.update({f"{m}.w1.weight": (inter, h), f"{m}.w3.weight": (inter, h), f"{m}.w2.weight": (h, inter)})
+    return shapes
+
+
+def _v4_tensor(name: str, shape: tuple, config: Dict, gen: torch.Generator) -> torch.Tensor:
+    """A random V4 tensor: norms near 1, float32 vectors (sinks, biases, mHC bases and scales, pooling
+    biases), a random hash table, matrices scaled by ``K**-0.5`` (mHC ones float32, as transformers keeps them)."""
+    if name.endswith("tid2eid"):
+        experts, k = config["n_routed_experts"], shape[1]
+        return torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(shape[0])])
+    if name.endswith("norm.weight"):
+        return (1 + 0.1 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    if len(shape) == 1 or name.endswith(".ape"):
+        return 0.5 * torch.randn(shape, generator=gen)
+    t = torch.randn(shape, generator=gen) * shape[-1] ** -0.5
+    return t if "hc_" in name else t.to(torch.bfloat16)
+
+
 def make_tiny(arch: str, out: Union[str, Path], fp8: bool = False, seed: int = 0,
               scale_fmt: Optional[str] = None) -> Path:
     """Write a tiny random ``arch`` checkpoint to ``out`` (created); FP8 block-quantised when ``fp8``
     (``scale_fmt='ue8m0'``: power-of-two scales, as V3.1). Returns the directory."""
     if arch not in ARCHES:
         raise hal.InvalidArgumentError("make_tiny", "arch", f"one of {list(ARCHES)}", repr(arch))
-    if arch == "deepseek_v4":
-        raise ModelNotSupportedError("make-tiny: deepseek_v4 checkpoints are not implemented yet")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = dict(TINY_V3)
+    v4 = arch == "deepseek_v4"
+    config = dict(TINY_V4 if v4 else TINY_V3)
     if fp8:
         config["quantization_config"] = dict(FP8_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))
     gen = torch.Generator().manual_seed(seed)
     tensors: Dict[str, torch.Tensor] = {}
-    for name, shape in _v3_shapes(config).items():
+    for name, shape in (_v4_shapes if v4 else _v3_shapes)(config).items():
+        if v4:
+            t = _v4_tensor(name, shape, config, gen)
+            linear = name.endswith(".weight") and name.split(".")[-2] in V4_FP8_LINEARS and "compressor" not in name
+            if fp8 and linear:
+                tensors[name], tensors[name + SCALE_SUFFIX] = hal.ops.quantize_fp8_weight(t.float(), 128, scale_fmt)
+            else:
+                tensors[name] = t
+            continue
         if name.endswith("norm.weight"):
             t = 1 + 0.1 * torch.randn(shape, generator=gen)
         elif name.endswith("e_score_correction_bias"):

@@ -263,3 +263,55 @@ def test_conformance_cells_through_the_emulated_twin(tmp_path):
     assert rc == 0 and report["meta"]["emulated"] and "EMULATED" in (tmp_path / "r" / "report.md").read_text()
     assert report["summary"]["pass"] >= 15
     assert report["meta"]["backend"] == "ascend-emulated"
+
+
+# ------------------------------------------------------------------ W8A8 int8 (Atlas A2/A3: no FP8)
+
+def test_a2_serves_w8a8_int8_on_torch_npu_kernels():
+    b = emulated_a2()
+    caps = b.capabilities()
+    assert {"quantize_int8", "int8_gemm", "quantize_int8_weight"} <= set(caps)
+    assert "int8" in caps["grouped_gemm"].axes["x_dtype"] and "int8" in caps["grouped_gemm"].axes["w_dtype"]
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 96, dtype=torch.bfloat16)
+    x[0, 1] = 0  # npu_dynamic_quant has no amax floor: the backend applies the contract's
+    w_q, w_s = hal.ops.quantize_int8_weight(torch.randn(2, 40, 96))
+    q, s = b.quantize_int8(x)
+    ref_q, ref_s = hal.ops.quantize_int8.reference_impl(x)
+    assert q.shape == x.shape and s.shape == (2, 3)
+    assert (q.int() - ref_q.int()).abs().max() <= 1 and torch.equal(s, ref_s)
+    assert float(s[0, 1]) > 0 and not q[0, 1].any()
+    y = b.int8_gemm(q, s, w_q[0], w_s[0])
+    exact = hal.ops.int8_gemm.reference_impl(q, s, w_q[0], w_s[0], compute_dtype=torch.float64)
+    assert y.shape == (2, 3, 40) and compare(y, exact, hal.ops.int8_gemm.tolerance["bfloat16"]).ok
+    rows, sizes = q.view(6, 96), torch.tensor([4, 2])
+    y = b.grouped_gemm(rows, w_q, sizes, x_scale=s.view(6), w_scale=w_s)
+    exact = hal.ops.grouped_gemm.reference_impl(rows, w_q, sizes, x_scale=s.view(6), w_scale=w_s,
+                                                 compute_dtype=torch.float64)
+    assert compare(y, exact, hal.ops.grouped_gemm.tolerance["bfloat16"], n=96 + 3,
+                   magnitude=exact.abs()).ok
+    assert b.paths == {("quantize_int8", "npu_dynamic_quant"): 1, ("int8_gemm", "npu_quant_matmul"): 1,
+                       ("grouped_gemm", "npu_grouped_matmul"): 1}
+    assert b.lib.calls == ["npu_dynamic_quant", "npu_quant_matmul", "npu_grouped_matmul"]
+
+
+def test_int8_requests_outside_the_documented_forms_take_the_reference_path():
+    b = emulated_a2()
+    q, s = hal.ops.quantize_int8.reference_impl(torch.randn(3, 64))
+    w_q, w_s = hal.ops.quantize_int8_weight.reference_impl(torch.randn(8, 64))
+    b.quantize_int8(torch.randn(3, 64))                      # fp32 x: npu_dynamic_quant takes fp16/bf16
+    b.int8_gemm(q, s, w_q, w_s, out_dtype=torch.float32)     # fp32 output: not in the A2/A3 table
+    assert b.paths == {("quantize_int8", "reference"): 1, ("int8_gemm", "reference"): 1}
+    assert b.lib.calls == []
+
+
+def test_double_refuses_undocumented_w8a8_forms():
+    lib = TorchNpuTestDouble("a2")
+    a = torch.zeros(2, 8, dtype=torch.int8)
+    with pytest.raises(EmulatorRefusal, match="output_dtype"):
+        lib.npu_quant_matmul(a, a.t(), torch.ones(2), pertoken_scale=torch.ones(2))  # None: int8 output
+    with pytest.raises(EmulatorRefusal, match="float16/bfloat16"):
+        lib.npu_dynamic_quant(torch.zeros(2, 8))
+    with pytest.raises(EmulatorRefusal, match="int8 x int8 -> int32"):
+        lib.npu_grouped_matmul([a], [a.view(1, 8, 2)], group_list=torch.tensor([2]), group_list_type=1,
+                               group_type=0, split_item=2, output_dtype=torch.bfloat16)

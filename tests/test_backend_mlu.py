@@ -273,3 +273,44 @@ def test_conformance_cells_pass_through_the_emulated_twin(monkeypatch, emulate, 
         for features in cells(op)[::3]:  # a third of the cells, spread over the feature axes
             r = run_cell("mlu-emulated", op, features, profile="quick", seed=0)
             assert r.status == "pass", (r.id, r.message, r.minimal_example)
+
+
+# -- W8A8 int8 ---------------------------------------------------------------------------------------
+
+def int8_operands(m=6, n=40, k=96, groups=2):
+    torch.manual_seed(3)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    x[0] = 0  # tmo documents no amax floor: the backend applies the contract's
+    w_q, w_s = hal.ops.quantize_int8_weight(torch.randn(groups, n, k))
+    return x, w_q, w_s
+
+
+@pytest.mark.parametrize("capability", [(5, 0), (3, 0)])
+def test_int8_runs_on_tmo_kernels_on_devices_without_fp8(capability):
+    b = mlu(NEW, capability, quant="fp8")
+    axes = b.capabilities()["grouped_gemm"].axes
+    assert "int8" in axes["x_dtype"] and "int8" in axes["w_dtype"] and "float8_e4m3fn" not in axes["x_dtype"]
+    x, w_q, w_s = int8_operands()
+    q, s = b.quantize_int8(x)
+    ref_q, ref_s = reference("quantize_int8", x)
+    assert (q.int() - ref_q.int()).abs().max() <= 1 and torch.allclose(s, ref_s, rtol=2**-23, atol=0)
+    assert float(s[0]) > 0 and not q[0].any()  # the all-zero row: the contract's floored scale
+    y = b.int8_gemm(q, s, w_q[0], w_s[0])
+    assert torch.allclose(y.double(), reference("int8_gemm", q, s, w_q[0], w_s[0], compute_dtype=torch.float64),
+                          rtol=2**-7, atol=0)
+    sizes = torch.tensor([2, 4], dtype=torch.int32)
+    y = b.grouped_gemm(q, w_q, sizes, x_scale=s, w_scale=w_s)
+    expected = reference("grouped_gemm", q, w_q, sizes, x_scale=s, w_scale=w_s, compute_dtype=torch.float64)
+    assert torch.allclose(y.double(), expected, rtol=2**-7, atol=1e-6)
+    assert b.paths == {("quantize_int8", "scaled_quantize"): 1, ("int8_gemm", "scaled_matmul"): 1,
+                       ("grouped_gemm", "smooth_quant_group_gemm(int8)"): 1}
+
+
+def test_int8_on_tmo_1_6_quantises_and_multiplies_on_the_reference_path_but_groups_on_tmo():
+    b = mlu(OLD)
+    x, w_q, w_s = int8_operands()
+    q, s = b.quantize_int8(x)
+    b.int8_gemm(q, s, w_q[0], w_s[0])
+    b.grouped_gemm(q, w_q, torch.tensor([6, 0], dtype=torch.int32), x_scale=s, w_scale=w_s)
+    assert b.paths == {("quantize_int8", "reference"): 1, ("int8_gemm", "reference"): 1,
+                       ("grouped_gemm", "smooth_quant_group_gemm(int8)"): 1}

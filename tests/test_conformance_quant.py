@@ -11,6 +11,7 @@ from hal.conformance.core import PROFILES, run_cell
 from helpers import register_backend
 from hal.formats import FP8_DTYPE, FP8_MAX, ceil_pow2, expand_scale, scale_as_float
 from hal.ops.quant import fp8_gemm as GEMM
+from hal.ops.quant import int8_gemm as I8GEMM
 from hal.ops.quant import quantize_fp4 as Q4
 from hal.ops.quant import quantize_fp8 as Q8
 
@@ -21,6 +22,9 @@ CELLS = {
     "fp8_gemm": {"out_dtype": "bfloat16"},
     "quantize_fp4": {"dtype": "bfloat16"},
     "dequantize_fp4": {"out_dtype": "float16"},
+    "quantize_int8": {"dtype": "bfloat16"},
+    "quantize_int8_weight": {"dtype": "float32"},
+    "int8_gemm": {"out_dtype": "bfloat16"},
 }
 FP32_SCALES = {"dtype": "bfloat16", "scale_fmt": "fp32"}
 
@@ -156,3 +160,76 @@ def test_fp8_gemm_wrong_weight_block_scale_fails():
 
 def test_fp8_gemm_dropped_a_scale_fails():
     _fails("gemm-no-a-scale", Fp8GemmDropsAScale, "fp8_gemm", CELLS["fp8_gemm"])
+
+
+class Int8ScaleOver128(CpuBackend):
+    """quantize_int8 with s = amax / 128 (the int8 range's magnitude, not 127): q never reaches 127."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_int8", self.wrong)
+
+    def wrong(self, x):
+        xf = x.float()
+        s = xf.abs().amax(dim=-1).clamp_min(1e-4) / 128.0
+        return torch.round(xf / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), s
+
+
+class Int8RoundsTowardZero(CpuBackend):
+    """quantize_int8_weight truncating x / s (a float-to-int cast) instead of rounding to nearest: q is
+    at most one step off, which the q tolerance admits, but |w - q s| reaches a whole step."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_int8_weight", self.wrong)
+
+    def wrong(self, w):
+        wf = w.float()
+        s = wf.abs().amax(dim=-1).clamp_min(1e-4) / torch.tensor(127.0)
+        return (wf / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), s
+
+
+class Int8GemmFirstChannelScale(CpuBackend):
+    """int8_gemm applying b_scale[0] to every output channel (a per-tensor weight scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("int8_gemm", self.wrong)
+
+    def wrong(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
+        return I8GEMM.reference_impl(a, a_scale, b, b_scale[:1].expand_as(b_scale), out_dtype=out_dtype)
+
+
+class Int8GemmBf16Accumulator(CpuBackend):
+    """int8_gemm summing the products in bfloat16 (no exact integer accumulation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("int8_gemm", self.wrong)
+
+    def wrong(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
+        k = a.shape[-1]
+        acc = torch.zeros(a.reshape(-1, k).shape[0], b.shape[0], dtype=torch.bfloat16)
+        for i in range(k):
+            acc += a.reshape(-1, k)[:, i:i + 1].to(torch.bfloat16) * b[:, i].to(torch.bfloat16)
+        y = acc.float() * a_scale.reshape(-1, 1) * b_scale
+        return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
+
+
+def test_int8_scale_over_128_fails():
+    result = _fails("int8-128", Int8ScaleOver128, "quantize_int8", CELLS["quantize_int8"])
+    assert result.message.startswith("s:"), result.message
+
+
+def test_int8_rounding_toward_zero_fails_the_round_to_nearest_property():
+    result = _fails("int8-trunc", Int8RoundsTowardZero, "quantize_int8_weight", CELLS["quantize_int8_weight"])
+    assert "rounded to nearest" in result.message, result.message
+
+
+def test_int8_gemm_per_tensor_weight_scale_fails():
+    result = _fails("int8-b-scale", Int8GemmFirstChannelScale, "int8_gemm", CELLS["int8_gemm"])
+    assert result.message.startswith("y:") and "mismatched elements" in result.message, result.message
+
+
+def test_int8_gemm_narrow_accumulator_fails():
+    _fails("int8-bf16-acc", Int8GemmBf16Accumulator, "int8_gemm", CELLS["int8_gemm"])

@@ -184,3 +184,35 @@ def test_expert_weights_are_laid_out_once_for_the_grouped_gemm(fp8_checkpoints):
     assert torch.equal(experts.w13[5], torch.cat((tensors[f"{p}.gate_proj.weight"], tensors[f"{p}.up_proj.weight"])))
     assert torch.equal(experts.w2[5], tensors[f"{p}.down_proj.weight"])
     assert math.prod(experts.w13.shape) == 8 * 256 * 128
+
+
+def test_fp8_checkpoint_as_w8a8_int8_runs_int8_gemms_close_to_the_dequantized_model(fp8_checkpoints):
+    """fp8="int8": weights dequantised then requantised per output channel, activations per token. An int8
+    step is amax / 127 of its row, so one operand's relative squared error is about (3 / 127)**2 / 12 ~ 5e-5
+    for normal-like rows (amax ~ 3 sigma): a GEMM stays near 1e-4 and a dozen in series near 1e-3, so the
+    bound is 5e-3 per position (FP8's is 1e-2, DeepGEMM's metric). Near-tie expert flips move a token's
+    logits by O(1), so up to a third of the positions may exceed it (a bug moves all)."""
+    fp8, _ = fp8_checkpoints
+    w8a8 = hal.model.load(fp8, backend="cpu", dtype=torch.float32, fp8="int8")
+    plain = hal.model.load(fp8, backend="cpu", dtype=torch.float32, fp8="dequantize")
+    assert (w8a8.fp8, w8a8.fp8_reason) == ("int8", "requested") and plain.fp8 == "dequantize"
+    assert w8a8.layers[0].attn.wq_a.weight.dtype == torch.int8 and w8a8.layers[0].attn.wq_a.scale.dim() == 1
+    experts = w8a8.layers[1].ffn.experts
+    assert experts.w13.dtype == torch.int8 and experts.s13.shape == experts.w13.shape[:2]
+    prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11]])
+    ref, fed = reference_logits_ours(plain, prompt, steps=3)
+    got = our_logits(w8a8, prompt, fed)
+    per_position = (((got - ref) ** 2).sum(-1) / (got ** 2 + ref ** 2).sum(-1)).flatten()
+    assert float(per_position.min()) > 0  # the int8 path really ran
+    assert int((per_position > 5e-3).sum()) <= per_position.numel() // 3, per_position
+
+
+def test_auto_picks_int8_on_an_atlas_a2_and_generate_reports_it(fp8_checkpoints, capsys):
+    from hal.cli import main
+    fp8, _ = fp8_checkpoints
+    model = hal.model.load(fp8, backend="ascend-emulated", dtype=torch.bfloat16)
+    assert model.fp8 == "int8" and "not FP8" in model.fp8_reason
+    assert hal.model.load(fp8, backend="ascend-950-emulated", dtype=torch.bfloat16).fp8 == "keep"
+    assert main(["generate", "--model", str(fp8), "--backend", "ascend-emulated", "--prompt-ids", "1", "2",
+                 "--max-new-tokens", "2"]) == 0
+    assert "FP8 checkpoint weights: int8 (auto:" in capsys.readouterr().err

@@ -747,3 +747,62 @@ def test_error_message_says_expected_and_got():
 def test_quantize_fp4_of_no_rows():
     q, s = hal.ops.quantize_fp4(torch.zeros(0, 64))
     assert q.shape == (0, 32) and q.dtype == torch.uint8 and s.shape == (0, 2)
+
+
+# ------------------------------------------------------------------ W8A8 int8
+
+def test_quantize_int8_is_per_token_symmetric_with_ties_to_even_and_the_amax_floor():
+    x = torch.tensor([[127.0, 0.5, -0.5, 1.5, -63.5], [0.0, 0.0, 0.0, 0.0, 0.0], [2e-5, 0, 0, 0, 0]])
+    q, s = hal.ops.quantize_int8(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (3,)
+    assert q[0].tolist() == [127, 0, 0, 2, -64]         # s = 1: ties to even, never -128
+    assert s[1] == s[2] == torch.tensor(1e-4) / 127      # all-zero and tiny rows: amax floored at 1e-4
+    assert q[1].tolist() == [0] * 5 and q[2, 0] == 25    # 2e-5 / (1e-4 / 127) = 25.4
+
+
+def test_quantize_int8_weight_scales_each_output_channel():
+    w = torch.randn(3, 5, 16)
+    q, s = hal.ops.quantize_int8_weight(w)
+    assert q.shape == w.shape and s.shape == (3, 5)
+    assert torch.equal(q.abs().amax(-1), torch.full((3, 5), 127, dtype=torch.int8))
+    assert (q.float() * s[..., None] - w).abs().le(s[..., None] / 2 + 1e-7).all()
+
+
+def test_int8_gemm_accumulates_exactly_and_scales_per_token_and_channel():
+    a = torch.full((2, 3000), 127, dtype=torch.int8)  # 3000 * 127 * 127 = 48387000 > 2**24: beyond fp32 exact
+    b = torch.full((4, 3000), -127, dtype=torch.int8)
+    y = hal.ops.int8_gemm(a, torch.tensor([1.0, 0.5]), b, torch.tensor([1.0, 2.0, 1.0, 1.0]),
+                          out_dtype=torch.float32)
+    assert y[0, 0] == -48387000 and y[1, 1] == -48387000 and y[1, 0] == -48387000 / 2
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda: hal.ops.quantize_int8(torch.zeros(4, 0)), "x"),
+    (lambda: hal.ops.quantize_int8(torch.zeros(4, dtype=torch.int8)), "x"),
+    (lambda: hal.ops.quantize_int8_weight(torch.zeros(4)), "w"),
+    (lambda: hal.ops.int8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2),
+                               torch.zeros(3, 8, dtype=torch.int8), torch.ones(4)), "b_scale"),
+    (lambda: hal.ops.int8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2, 1),
+                               torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)), "a_scale"),
+    (lambda: hal.ops.int8_gemm(torch.zeros(2, 8), torch.ones(2), torch.zeros(3, 8, dtype=torch.int8),
+                               torch.ones(3)), "a"),
+    (lambda: hal.ops.int8_gemm(torch.zeros(1, 2**17, dtype=torch.int8), torch.ones(1),
+                               torch.zeros(1, 2**17, dtype=torch.int8), torch.ones(1)), "a"),
+    (lambda: hal.ops.grouped_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.zeros(1, 3, 8),
+                                  torch.tensor([2]), x_scale=torch.ones(2)), "w"),
+    (lambda: hal.ops.grouped_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.zeros(1, 3, 8, dtype=torch.int8),
+                                  torch.tensor([2]), x_scale=torch.ones(2), w_scale=torch.ones(1, 1, 1)), "w_scale"),
+])
+def test_int8_contracts_name_the_bad_argument(call, argument):
+    with pytest.raises(hal.InvalidArgumentError) as info:
+        call()
+    assert info.value.argument == argument
+
+
+def test_int8_grouped_gemm_is_the_per_group_int8_gemm():
+    torch.manual_seed(5)
+    q, s = hal.ops.quantize_int8(torch.randn(5, 64))
+    wq, ws = hal.ops.quantize_int8_weight(torch.randn(2, 8, 64))
+    y = hal.ops.grouped_gemm(q, wq, torch.tensor([3, 2]), x_scale=s, w_scale=ws)
+    expected = torch.cat([hal.ops.int8_gemm(q[:3], s[:3], wq[0], ws[0]), hal.ops.int8_gemm(q[3:], s[3:], wq[1], ws[1])])
+    assert y.dtype == torch.bfloat16 and compare(y, expected.double(), GEMM_TOLERANCE["bfloat16"]).ok

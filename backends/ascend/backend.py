@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from hal.backend import Availability, Support, implements
 from hal.ops.mla import attended_keys, gather_paged_keys
+from hal.ops.quant import apply_int8_amax_floor
 from hal.ops.routing import RENORM_EPS, MoePermutation, invert_permutation
 from hal.vendor import VendorBackend
 
@@ -41,6 +42,8 @@ _MLA_BLOCK = 128                                       # latent cache block size
 _MLA_LATENT, _MLA_ROPE = 512, 64                       # absorbed MLA key = [c_kv 512 | k_rope 64]
 _PREFILL_NOPE, _PREFILL_V = 128, 128                   # non-absorbed prefill: qk 128 + 64 rope, v 128
 _MAX_MLA_HEADS = 128
+_QUANT_MATMUL_MAX_DIM = 65535                          # npu_quant_matmul: last dims of x1 / x2 at most this
+_QUANT_MATMUL_OUT = (torch.bfloat16, torch.float16)    # int8 x int8, fp32 scale + fp32 pertoken_scale -> these
 
 #: The quantisation contracts. Atlas A2/A3 have no FP8 (no fp8 dtype in any documented table): they
 #: are not offered there. On Ascend 950 they run on the reference path: DeepSeek's 1x128 / 128x128
@@ -56,6 +59,8 @@ ALWAYS_REFERENCE: Dict[str, str] = {
     "paged_cache_write": "a scatter into the HAL's cache layout; npu_kv_rmsnorm_rope_cache also fuses "
                          "RMSNorm and RoPE, which the contract does not",
     **{op: _FP8_REASON for op in FP8_OPS},
+    "quantize_int8_weight": "run once at load; npu_dynamic_quant's per-channel mode is tested on Ascend 950 only "
+                            "(aclnnDynamicQuantV3) and quantises over the other axis",
 }
 
 _GENERATIONS = ((range(220, 226), "Atlas A2"), (range(250, 256), "Atlas A3"), (range(260, 261), "Ascend 950"),
@@ -139,8 +144,9 @@ class AscendBackend(VendorBackend):
             return caps
         for op in FP8_OPS:
             caps.pop(op, None)
-        caps["grouped_gemm"] = Support({**caps["grouped_gemm"].axes, "x_dtype": frozenset(_FLOAT_AXIS),
-                                        "w_dtype": frozenset(_FLOAT_AXIS)})
+        # W8A8 int8 is what Atlas A2/A3 offer for quantised checkpoints (npu_dynamic_quant + GMM)
+        caps["grouped_gemm"] = Support({**caps["grouped_gemm"].axes, "x_dtype": frozenset(_FLOAT_AXIS + ("int8",)),
+                                        "w_dtype": frozenset(_FLOAT_AXIS + ("int8",))})
         return caps
 
     # -- grouped GEMM ------------------------------------------------------------------------------
@@ -149,20 +155,53 @@ class AscendBackend(VendorBackend):
         op = "grouped_gemm"
         groups, n, k = w.shape
         rows = x.reshape(-1, k)
+        int8 = x.dtype == torch.int8
         plain = x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and \
             out_dtype in (None, x.dtype)
-        if not plain or rows.shape[0] == 0 or groups > 1024 or max(n, k) >= 65536:
+        if not (plain or int8) or rows.shape[0] == 0 or groups > 1024 or max(n, k) >= 65536:
             return self.reference_path(op, x, w, group_sizes, layout=layout, x_scale=x_scale, w_scale=w_scale,
                                        out_dtype=out_dtype)
         if layout == "contiguous":
             counts = group_sizes.to(torch.int64)
         else:  # masked [G, max_m, K]: every group owns max_m rows; rows past its count are unspecified
             counts = torch.full((groups,), x.shape[1], dtype=torch.int64, device=x.device)
-        # GMM computes x[M, K] @ w[e] with w [E, K, N]; a transposed view of [E, N, K] is accepted: no copy
+        # GMM computes x[M, K] @ w[e] with w [E, K, N]; a transposed view of [E, N, K] is accepted: no copy.
+        # int8: the exact int32 products (output_dtype=int32, vllm-ascend's form), scaled here in fp32: the
+        # documented per-token form wants bf16 weight scales for a bf16 output, and rounding the contract's
+        # fp32 scales to bf16 moves the result by up to 2**-9, beyond the tolerance.
         y = self.lib.npu_grouped_matmul([rows], [w.transpose(1, 2)], group_list=counts,
-                                        group_list_type=_GROUP_LIST_COUNTS, group_type=0, split_item=2)[0]
+                                        group_list_type=_GROUP_LIST_COUNTS, group_type=0, split_item=2,
+                                        output_dtype=torch.int32 if int8 else None)[0]
         self.served(op, "npu_grouped_matmul")
+        if int8:
+            channel_scales = torch.repeat_interleave(w_scale, counts, dim=0, output_size=rows.shape[0])
+            y = (y.float() * x_scale.reshape(-1, 1) * channel_scales).to(out_dtype or torch.bfloat16)
         return y if layout == "contiguous" else y.view(groups, x.shape[1], n)
+
+    # -- W8A8 int8 ---------------------------------------------------------------------------------
+    @implements("quantize_int8")
+    def quantize_int8(self, x):
+        op = "quantize_int8"
+        rows = x.reshape(-1, x.shape[-1])
+        if x.dtype not in (torch.bfloat16, torch.float16) or rows.shape[0] == 0:  # documented: fp16/bf16 x
+            return self.reference_path(op, x)
+        q, s = self.lib.npu_dynamic_quant(rows)  # dst_type None: int8, per token, scale = rowmax / 127
+        self.served(op, "npu_dynamic_quant")
+        q, s = apply_int8_amax_floor(rows, q, s)  # the kernel has no amax floor
+        return q.view(x.shape), s.view(x.shape[:-1])
+
+    @implements("int8_gemm")
+    def int8_gemm(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
+        op = "int8_gemm"
+        k, n = a.shape[-1], b.shape[0]
+        rows = a.reshape(-1, k)
+        if out_dtype not in _QUANT_MATMUL_OUT or rows.shape[0] == 0 or max(k, n) > _QUANT_MATMUL_MAX_DIM:
+            return self.reference_path(op, a, a_scale, b, b_scale, out_dtype=out_dtype)
+        # x2 is [K, N]: the transposed view of the [N, K] weight, as vllm-ascend passes it
+        y = self.lib.npu_quant_matmul(rows, b.t(), b_scale, pertoken_scale=a_scale.reshape(-1),
+                                      output_dtype=out_dtype)
+        self.served(op, "npu_quant_matmul")
+        return y.view(*a.shape[:-1], n)
 
     # -- routing ---------------------------------------------------------------------------------
     @implements("topk_routing")

@@ -5,7 +5,9 @@ about hardware: every backend built on it is registered ``emulated`` and its rep
 
 What it reproduces, per operator: the signature (keyword names and defaults the backend uses), the
 output conventions (lists, int32 ids, tuples, placeholder outputs) and the documented refusals (block
-size, head counts, group limits, dtype combinations, bias dtype, renormalisation with sigmoid). Where the
+size, head counts, group limits, dtype combinations, bias dtype, renormalisation with sigmoid). The W8A8
+operators (``npu_dynamic_quant``, ``npu_quant_matmul``, GMM's int8 -> int32 form) are emulated in the
+forms the backend uses. Where the
 documentation leaves a behaviour open, the double picks the answer a careless backend would get wrong:
 rows attending no key come back NaN, and undocumented inputs (empty batches, zero-length sequences) are
 refused, so the backend must handle them itself.
@@ -65,11 +67,16 @@ class TorchNpuTestDouble(EmulatedLibrary):
             self.refuse(op, f"x must be 2-D and weight 3-D [E, K, N], got {tuple(xs.shape)} and {tuple(w.shape)}")
         if any(v is not None for v in (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale)) \
                 or act_type != 0:
-            self.refuse(op, "the double emulates the unquantised form only (no bias, scales or activation)")
-        if xs.dtype not in _GMM_DTYPES or w.dtype != xs.dtype:
+            self.refuse(op, "the double emulates the unscaled forms only (no bias, scales or activation)")
+        int8 = xs.dtype == torch.int8
+        if int8:  # vllm-ascend's int32-output W8A8 form: the raw int32 sums, dequantised by the caller
+            if w.dtype != torch.int8 or output_dtype != torch.int32:
+                self.refuse(op, f"int8 x with {w.dtype} weight, output_dtype {output_dtype}: the double emulates "
+                                "int8 x int8 -> int32 only")
+        elif xs.dtype not in _GMM_DTYPES or w.dtype != xs.dtype:
             self.refuse(op, f"x/weight dtypes {xs.dtype}/{w.dtype}: the unquantised table lists fp16/fp16, "
                             "bf16/bf16 and fp32/fp32")
-        if output_dtype is not None and output_dtype != xs.dtype:
+        elif output_dtype is not None and output_dtype != xs.dtype:
             self.refuse(op, f"output_dtype {output_dtype} for {xs.dtype} x (the table allows None or x's dtype)")
         if xs.shape[0] == 0:
             self.refuse(op, "empty x (zero rows) is not documented")
@@ -80,12 +87,14 @@ class TorchNpuTestDouble(EmulatedLibrary):
         if w.shape[1] != xs.shape[1]:
             self.refuse(op, f"weight must be [E, K={xs.shape[1]}, N], got {tuple(w.shape)}")
         counts = self._group_counts(op, group_list, group_list_type, w.shape[0], xs.shape[0])
-        y = torch.empty(xs.shape[0], w.shape[2], dtype=torch.float32, device=xs.device)
+        # float64 holds the int8 sums exactly (the int32 accumulator); float operands accumulate in fp32
+        acc = torch.float64 if int8 else torch.float32
+        y = torch.empty(xs.shape[0], w.shape[2], dtype=acc, device=xs.device)
         start = 0
         for e, size in enumerate(counts):
-            y[start:start + size] = xs[start:start + size].float() @ w[e].float()
+            y[start:start + size] = xs[start:start + size].to(acc) @ w[e].to(acc)
             start += size
-        return [y.to(xs.dtype)]
+        return [y.to(output_dtype or xs.dtype)]
 
     def _group_counts(self, op: str, group_list: Optional[torch.Tensor], group_list_type: int, groups: int,
                       rows: int) -> List[int]:
@@ -103,6 +112,54 @@ class TorchNpuTestDouble(EmulatedLibrary):
         if min(counts, default=0) < 0 or sum(counts) != rows:
             self.refuse(op, f"group_list {values} (type {group_list_type}) does not cover the {rows} rows of x")
         return counts
+
+    # -------------------------------------------------------------------- W8A8 quantisation
+    def npu_dynamic_quant(self, input: torch.Tensor, *, smooth_scales=None, group_index=None, dst_type=None,
+                          quant_mode: str = "pertoken", dst_type_max: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric per-token int8 (:meth:`per_row_int8`: scale fp32 of shape ``x.shape[:-1]``)."""
+        op = "npu_dynamic_quant"
+        self.record(op)
+        if input.dtype not in _FIA_DTYPES or input.dim() < 2:
+            self.refuse(op, f"input must be float16/bfloat16 with dim > 1, got {input.dtype} {input.dim()}-D")
+        if smooth_scales is not None or group_index is not None or dst_type not in (None, torch.int8) or \
+                quant_mode != "pertoken" or dst_type_max != 0.0:
+            self.refuse(op, "the double emulates the plain per-token int8 form only")
+        if input.numel() == 0:
+            self.refuse(op, "empty input is not documented")
+        if input.dim() != 2:
+            self.refuse(op, "the double emulates 2-D input [tokens, K]")
+        return self.per_row_int8(input)
+
+    def npu_quant_matmul(self, x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *, offset=None,
+                         pertoken_scale: Optional[torch.Tensor] = None, bias=None, output_dtype=None, x1_dtype=None,
+                         x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None, group_sizes=None,
+                         y_scale=None) -> torch.Tensor:
+        """W8A8 per-token form: ``y = (x1 @ x2) * scale * pertoken_scale`` with ``x1`` int8 ``[M, K]``, ``x2``
+        int8 ``[K, N]``, ``scale`` fp32 ``(N,)``, ``pertoken_scale`` fp32 ``(M,)``; int32 accumulation,
+        output bf16 or fp16 (the A2/A3 table for fp32 scales)."""
+        op = "npu_quant_matmul"
+        self.record(op)
+        if x1.dtype != torch.int8 or x2.dtype != torch.int8 or x1.dim() != 2 or x2.dim() != 2 or \
+                x2.shape[0] != x1.shape[1]:
+            self.refuse(op, f"the double emulates int8 x1 [M, K] and x2 [K, N], got {x1.dtype} {tuple(x1.shape)} "
+                            f"and {x2.dtype} {tuple(x2.shape)}")
+        if any(v is not None for v in (offset, bias, x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype,
+                                       group_sizes, y_scale)):
+            self.refuse(op, "the double emulates the per-token W8A8 form only (no offset, bias, dtype overrides)")
+        if scale.dtype != torch.float32 or tuple(scale.shape) not in ((1,), (x2.shape[1],)):
+            self.refuse(op, "scale must be float32 of shape (1,) or (N,)")
+        if pertoken_scale is None or pertoken_scale.dtype != torch.float32 or \
+                tuple(pertoken_scale.shape) != (x1.shape[0],):
+            self.refuse(op, "pertoken_scale must be float32 (M,)")
+        if output_dtype not in (torch.bfloat16, torch.float16):
+            self.refuse(op, f"output_dtype {output_dtype}: fp32 scales with a per-token scale give bf16 or fp16 "
+                            "(None would give int8, not emulated)")
+        if max(x1.shape[1], x2.shape[1]) > 65535:
+            self.refuse(op, "the last dims of x1 and x2 must be <= 65535")
+        if x1.shape[0] == 0:
+            self.refuse(op, "empty x1 (zero rows) is not documented")
+        acc = (x1.double() @ x2.double()).float()  # the exact int32 sums
+        return (acc * scale * pertoken_scale[:, None]).to(output_dtype)
 
     # -------------------------------------------------------------------- routing
     def npu_moe_gating_top_k(self, x: torch.Tensor, k: int, *, bias: Optional[torch.Tensor] = None,

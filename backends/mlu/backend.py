@@ -20,6 +20,7 @@ from hal.backend import Availability, Support, implements
 from hal.contract import FLOAT_DTYPES
 from hal.errors import ConfigError
 from hal.ops.grouped_gemm import dequantized_operands
+from hal.ops.quant import apply_int8_amax_floor
 from hal.ops.routing import RENORM_EPS, MoePermutation, invert_permutation
 from hal.vendor import VendorBackend
 
@@ -37,6 +38,8 @@ REFERENCE_SERVED: Dict[str, str] = {
     "dequantize_fp8": "an elementwise product: torch on the MLU",
     "quantize_fp4": "tmo's FP4 (float4_e2m1fn_x2 with MX scales) does not document this packing and rounding",
     "dequantize_fp4": "an elementwise product: torch on the MLU",
+    "quantize_int8_weight": "run once at load; scaled_quantize's static_per_channel mode takes the scale as an "
+                            "input instead of computing it",
 }
 
 #: HAL_MLU_QUANT: how FP8 operands are computed
@@ -139,9 +142,9 @@ class MluBackend(VendorBackend):
     def capabilities(self) -> Dict[str, Support]:
         caps = super().capabilities()
         if self.quant == "fp8" and not self.fp8_native:
-            floats = frozenset(("bfloat16", "float16", "float32"))
+            unscaled = frozenset(("bfloat16", "float16", "float32", "int8"))  # int8 needs no FP8 compute
             caps.pop("fp8_gemm", None)
-            caps["grouped_gemm"] = Support(dict(caps["grouped_gemm"].axes, x_dtype=floats, w_dtype=floats))
+            caps["grouped_gemm"] = Support(dict(caps["grouped_gemm"].axes, x_dtype=unscaled, w_dtype=unscaled))
         return caps
 
     # -- MoE: routing, permutation, expert GEMM, combine ------------------------------------------
@@ -203,6 +206,11 @@ class MluBackend(VendorBackend):
             # tmo wants the activation scales K-block-major: (k_block, total_m)
             return self.lib.smooth_quant_group_gemm(x, w, counts, None, None, None, None, x_scale.t().contiguous(),
                                                     w_scale.float(), out, max_m)
+        if x.dtype == torch.int8 and out in _HALF_TYPES:
+            # the per-token / per-channel form: a_scale (total_m), b_scale (experts, n), both multipliers
+            self.served("grouped_gemm", "smooth_quant_group_gemm(int8)")
+            return self.lib.smooth_quant_group_gemm(x, w, counts, None, None, None, None, x_scale, w_scale, out,
+                                                    max_m)
         if x_scale is not None or w_scale is not None:  # dequantise-on-load
             x, w = dequantized_operands(x, w, x_scale, w_scale, torch.float32)
             self.served("grouped_gemm", "group_gemm(dequantized)")
@@ -261,6 +269,29 @@ class MluBackend(VendorBackend):
         # tmo's cache is (blocks, kv_heads, block_size, D): one latent head, written through a view
         self.lib.reshape_paged_cache(kv.unsqueeze(1), None, kv_cache.unsqueeze(1), None, slot_mapping.to(torch.int32))
         self.served("paged_cache_write", "reshape_paged_cache")
+
+    # -- W8A8 int8 ---------------------------------------------------------------------------------
+    @implements("quantize_int8")
+    def quantize_int8(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        if not self.api.int8_scaled or rows.shape[0] == 0:
+            return self.reference_path("quantize_int8", x)
+        # dynamic per token, no smoothing vector: (q, s) with s the dequantisation multiplier rowmax / 127
+        # (the reciprocal convention, dtype_max / input_max, is matmul's for scalar int8 scales only)
+        q, s = self.lib.scaled_quantize(rows, quant_type=torch.int8, quant_mode="dynamic_per_token")
+        self.served("quantize_int8", "scaled_quantize")
+        q, s = apply_int8_amax_floor(rows, q, s)  # tmo documents no amax floor
+        return q.view(x.shape), s.view(x.shape[:-1])
+
+    @implements("int8_gemm")
+    def int8_gemm(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
+        k = a.shape[-1]
+        rows = a.reshape(-1, k)
+        if not self.api.int8_scaled or out_dtype not in _HALF_TYPES or rows.shape[0] == 0:
+            return self.reference_path("int8_gemm", a, a_scale, b, b_scale, out_dtype=out_dtype)
+        y = self.lib.scaled_matmul(rows, b, a_scale.reshape(-1), b_scale, out_dtype)
+        self.served("int8_gemm", "scaled_matmul")
+        return y.view(*a.shape[:-1], b.shape[0])
 
     # -- FP8 GEMM ---------------------------------------------------------------------------------
     @implements("fp8_gemm")

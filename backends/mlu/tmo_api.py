@@ -41,6 +41,9 @@ class TmoApi:
     group_gemm_output_dtype: bool
     #: scaled_matmul and the float8 "a_groupwise-b_per_block" smooth_quant_group_gemm (1.12.1; not in 1.6)
     fp8_block_gemm: bool
+    #: scaled_quantize + scaled_matmul: W8A8 int8 per-token / per-channel (1.12.1; 1.6 has the older
+    #: per_token_smooth_quantize / smooth_quant_matmul, which the backend does not call)
+    int8_scaled: bool
 
 
 def _version_tuple(version: str) -> Tuple[int, ...]:
@@ -77,4 +80,5 @@ def detect(lib: Any) -> TmoApi:
         if name == "group_gemm":
             group_gemm_params = frozenset(params)
     return TmoApi(version=version, group_gemm_output_dtype="output_dtype" in group_gemm_params,
-                  fp8_block_gemm=hasattr(lib, "scaled_matmul") and hasattr(lib, "smooth_quant_group_gemm"))
+                  fp8_block_gemm=hasattr(lib, "scaled_matmul") and hasattr(lib, "smooth_quant_group_gemm"),
+                  int8_scaled=hasattr(lib, "scaled_quantize") and hasattr(lib, "scaled_matmul"))

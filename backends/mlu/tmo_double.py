@@ -121,13 +121,35 @@ class TmoTestDouble(EmulatedLibrary):
                       f"max_in_group_list={max_in_group_list} is below the largest group {max(counts)}")
         return _per_group(a.float(), b.float(), counts).to(output_dtype or a.dtype)
 
+    def _int8_group_gemm(self, a, b, m_list, expand_idx, c, alpha, beta, a_scale, b_scale, dtype, max_m, bias=None,
+                         d=None):
+        """The int8 per-token / per-channel form: ``d_i = (a_i @ b[i].T) * a_scale_i.outer(b_scale[i])`` with
+        a_scale (total_m) and b_scale (experts, n) float32 multipliers; int32 accumulation."""
+        op = "smooth_quant_group_gemm"
+        self.record(op)
+        self._require(op, b.dtype == torch.int8 and b.dim() == 3, "int8 a needs int8 b (experts, n, k)")
+        self._require(op, a_scale.dtype == torch.float32 and tuple(a_scale.shape) == (a.shape[0],) and
+                      b_scale.dtype == torch.float32 and tuple(b_scale.shape) == tuple(b.shape[:2]),
+                      "the per-token / per-channel form takes float a_scale (total_m) and b_scale (experts, n)")
+        self._require(op, dtype in (torch.float16, torch.bfloat16), f"dtype must be half or bfloat16, got {dtype}")
+        self._require(op, all(t is None for t in (expand_idx, c, alpha, beta, bias, d)), "not emulated: c, bias ...")
+        counts = m_list.tolist()
+        self._require(op, max(counts, default=0) <= max_m, "max_m is below the largest group")
+        acc = _per_group(a.double(), b.double(), counts).float()  # float64 holds the int32 sums exactly
+        rows = torch.repeat_interleave(b_scale, torch.tensor(counts, dtype=torch.int64), dim=0)
+        return (acc * a_scale[:, None] * rows).to(dtype)
+
     def _fp8_block_group_gemm(self, a, b, m_list, expand_idx, c, alpha, beta, a_scale, b_scale, dtype, max_m,
                                 bias=None, quant_flag=None, d=None, tile_config=None, a_calibration=None,
                                 b_calibration=None, a_quant_bit_size=8, a_lora=None, b_lora=None, idx_offset=None,
                                 is_symmetric_quant=True):
-        """Only the FP8 "a_groupwise-b_per_block" form is emulated: a_scale (k_block, total_m), b_scale
-        (experts, n_block, k_block), 128-wide blocks; scales are dequantisation multipliers."""
+        """The int8 per-token form (:meth:`_int8_group_gemm`), or the FP8 "a_groupwise-b_per_block" form:
+        a_scale (k_block, total_m), b_scale (experts, n_block, k_block), 128-wide blocks; scales are
+        dequantisation multipliers."""
         op = "smooth_quant_group_gemm"
+        if a.dtype == torch.int8:
+            return self._int8_group_gemm(a, b, m_list, expand_idx, c, alpha, beta, a_scale, b_scale, dtype, max_m,
+                                         bias, d)
         self.record(op)
         self._require_fp8_device(op)
         self._require(op, a.dtype == _FP8 and b.dtype == _FP8 and b_scale.dim() == 3,
@@ -287,14 +309,22 @@ class TmoTestDouble(EmulatedLibrary):
     def _scaled_matmul(self, a, b, a_scale, b_scale, output_dtype, bias=None, c=None, act_mode="none",
                       quant_bit_size=8, alpha=1.0, beta=1.0, use_hp_active=False, a_quant_bit_size=-1, a_calib=None,
                       b_calib=None, output=None, tile_config=None):
-        """Only the FP8 per-block form: a (M, K) with a_scale (M, K/128), b (N, K) with b_scale
-        (ceil(N/128), K/128) ("only support fp8 and blocksize=groupsize=128"); scales multiply."""
+        """The int8 per-token / per-channel form: a (M, K), b (N, K) int8, a_scale (M), b_scale (N), int32
+        accumulation; or the FP8 per-block form: a (M, K) with a_scale (M, K/128), b (N, K) with b_scale
+        (ceil(N/128), K/128) ("only support fp8 and blocksize=groupsize=128"). Scales multiply."""
         op = "scaled_matmul"
         self.record(op)
+        self._require(op, output_dtype in (torch.float16, torch.bfloat16), "output_dtype must be half or bfloat16")
+        if a.dtype == torch.int8:
+            self._require(op, b.dtype == torch.int8 and a_scale.shape == a.shape[:1] and b_scale.shape == b.shape[:1]
+                          and a_scale.dtype == torch.float32 and b_scale.dtype == torch.float32,
+                          "int8 a needs int8 b with float a_scale (M) and b_scale (N)")
+            self._require(op, all(t is None for t in (bias, c, output)) and act_mode == "none", "bias, c not emulated")
+            acc = (a.double() @ b.double().t()).float()  # float64 holds the int32 sums exactly
+            return (acc * a_scale[:, None] * b_scale).to(output_dtype)
         self._require_fp8_device(op)
         self._require(op, a.dtype == _FP8 and b.dtype == _FP8 and b_scale.dim() == 2 and a_scale.dim() == 2,
                       "per_block groupwise quantization only supports fp8 a and b with 2-D scales")
-        self._require(op, output_dtype in (torch.float16, torch.bfloat16), "output_dtype must be half or bfloat16")
         self._require(op, all(t is None for t in (bias, c, output)) and act_mode == "none", "bias, c not emulated")
         k = a.shape[1]
         a_deq = (a.float().view(-1, k // 128, 128) * a_scale.float()[..., None]).view(-1, k)
@@ -306,6 +336,21 @@ class Tmo1_12TestDouble(TmoTestDouble):
     """TEST DOUBLE of torch_mlu_ops 1.12.1, the newest documented release."""
 
     version = NEWEST_TMO
+
+    def scaled_quantize(self, x, scale=None, zero=None, scale_ub=None, quant_type=torch.int8,
+                        quant_mode="dynamic_per_token", act_mode="none", active_coef=1.0, is_gated=False,
+                        quant_bit_size=8, scale_type=torch.float32, need_output_scale_trans=False,
+                        output_reduced=None, group_size=1):
+        """Only dynamic per-token int8 without a smoothing vector (:meth:`per_row_int8`)."""
+        op = "scaled_quantize"
+        self.record(op)
+        self._require(op, x.dtype in _FLOATS and x.dim() == 2, "x must be a 2-D float, half or bfloat16 tensor")
+        self._require(op, quant_type == torch.int8 and quant_mode == "dynamic_per_token" and scale_type == torch.float32,
+                      "only dynamic_per_token int8 with float32 scales is emulated")
+        self._require(op, all(t is None for t in (scale, zero, scale_ub, output_reduced)) and act_mode == "none" and
+                      not need_output_scale_trans and quant_bit_size == 8, "smoothing, zero points, activations "
+                      "and scale layouts are not emulated")
+        return self.per_row_int8(x)
 
     def group_gemm(self, a, b, group_list, expand_idx, c, alpha, beta, max_in_group_list, bias=None, d=None,
                    trans_a=False, trans_b=True, tile_config=None, idx_offset=None, output_dtype=None):
@@ -337,6 +382,9 @@ class Tmo1_6TestDouble(TmoTestDouble):
     def smooth_quant_group_gemm(self, a, b, m_list, expand_idx, c, alpha, beta, a_scale, b_scale, dtype, max_m,
                                 bias=None, quant_flag=None, d=None, tile_config=None, a_calibration=None,
                                 b_calibration=None, a_quant_bit_size=8, a_lora=None, b_lora=None):
+        if isinstance(a, torch.Tensor) and a.dtype == torch.int8:  # the int8 smooth-quant form vLLM-MLU calls
+            return self._int8_group_gemm(a, b, m_list, expand_idx, c, alpha, beta, a_scale, b_scale, dtype, max_m,
+                                         bias, d)
         self.record("smooth_quant_group_gemm")
         self.refuse("smooth_quant_group_gemm", "the float8 a_groupwise-b_per_block form is not in torch_mlu_ops 1.6")
 

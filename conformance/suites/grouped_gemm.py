@@ -1,4 +1,5 @@
-"""Grouped GEMM: oracle agreement, equality with per-group GEMMs, invariance to group order."""
+"""Grouped GEMM: oracle agreement, equality with per-group GEMMs, invariance to group order (plain, FP8/FP4
+block-scaled and W8A8 int8 operands)."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -16,7 +17,9 @@ FLOATS = tuple(DTYPES)
 
 
 def _quantised_weights(w: torch.Tensor, w_dtype: str):
-    from hal.ops import quantize_fp4, quantize_fp8_weight
+    from hal.ops import quantize_fp4, quantize_fp8_weight, quantize_int8_weight
+    if w_dtype == "int8":
+        return quantize_int8_weight.reference_impl(w)
     if w_dtype == "float8_e4m3fn":
         pairs = [quantize_fp8_weight.reference_impl(e) for e in w]
     else:
@@ -31,6 +34,8 @@ class GroupedGemmSuite(Suite):
     def meaningful(self, f: Mapping[str, str]) -> bool:
         if f["x_dtype"] in FLOATS:  # plain activations: weights of the same dtype or block-scaled
             return f["out_dtype"] == f["x_dtype"] and f["w_dtype"] in (f["x_dtype"], "float8_e4m3fn", "fp4_e2m1")
+        if f["x_dtype"] == "int8":  # W8A8: int8 operands go together
+            return f["w_dtype"] == "int8" and f["out_dtype"] == "bfloat16"
         return f["w_dtype"] in ("float8_e4m3fn", "fp4_e2m1") and f["out_dtype"] == "bfloat16"
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
@@ -60,6 +65,9 @@ class GroupedGemmSuite(Suite):
         if x_fp8:
             from hal.ops import quantize_fp8
             x, kwargs["x_scale"] = quantize_fp8.reference_impl(x)
+        elif f["x_dtype"] == "int8":
+            from hal.ops import quantize_int8
+            x, kwargs["x_scale"] = quantize_int8.reference_impl(x)
         if w_dtype not in FLOATS:
             w, kwargs["w_scale"] = _quantised_weights(w, w_dtype)
         group_sizes = torch.tensor(sizes, dtype=data.draw(st.sampled_from([torch.int32, torch.int64]),

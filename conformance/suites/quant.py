@@ -13,6 +13,13 @@ the GEMM: ``DEQUANT_TOLERANCE`` / ``GEMM_TOLERANCE``). Properties checked on top
   doubles ``y`` (within tolerance).
 * quantize_fp4: ``s`` a positive power of two; decoded ``q`` on the e2m1 grid ``{0, .5, 1, 1.5, 2, 3,
   4, 6}``; ``max(amax, 1e-4) / s <= 6`` (never clips); round trip ``|e2m1(q) s - w| <= step_e2m1 / 2 s``.
+* quantize_int8, quantize_int8_weight (one scale per row of K): ``q`` int8 in ``[-127, 127]``; ``s > 0``
+  and tight, ``127 (1 - rtol) <= max(amax, 1e-4) / s <= 127 (1 + rtol)``; ``q`` is ``x / s`` rounded to
+  nearest, ``|x - q s| <= (1/2 + 2**-14) s`` (the slack: the fp32 roundings of another division form,
+  at most ``127 * 3 * 2**-23``), which a rounding toward zero or a wrong scale fails.
+* int8_gemm: the integer sum is exact: with unit scales ``y == sum_k a b`` wherever that integer is
+  representable in ``out_dtype`` (an accumulator narrower than int32 / fp32 fails); doubling
+  ``a_scale`` doubles ``y`` (within tolerance).
 
 Inputs: DeepSeek-like shapes kept small (rows 0..6, K of 1..3 groups, weights ``[N, K]`` with partial
 128-blocks), values from :func:`tensor_specs` (ties, outliers, wide range, tiny/subnormal, near the
@@ -29,8 +36,9 @@ from hypothesis import strategies as st
 
 from hal.conformance.core import Case, Recorder, Suite, suite
 from hal.conformance.strategies import tensor_specs
-from hal.formats import AMAX_FLOOR, FP4_MAX, FP8_DTYPE, FP8_MAX, expand_scale, scale_as_float, scale_shape, \
-    unpack_fp4
+from hal.contract import Tolerance
+from hal.formats import AMAX_FLOOR, FP4_MAX, FP8_DTYPE, FP8_MAX, INT8_MAX, expand_scale, scale_as_float, \
+    scale_shape, unpack_fp4
 from hal.ops.grouped_gemm import dequantized_operands
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -315,3 +323,92 @@ class DequantizeFp4Suite(Suite):
         rec.holds(output.dtype == case.kwargs["out_dtype"], f"the result has dtype {out_dtype}")
         rec.close("y", output, oracle, self.contract.tolerance[out_dtype])
         exact_when_pow2(rec, output, oracle, case.args[1])
+
+
+# --------------------------------------------------------------------------- quantize_int8, quantize_int8_weight
+
+class _Int8QuantSuite(Suite):
+    """What the per-row int8 quantisers share: checks against the oracle and properties."""
+
+    def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
+        x = case.args[0]
+        q, s = output
+        q_tol, s_tol = self.contract.tolerance["int8"], self.contract.tolerance["float32"]
+        rec.holds(q.dtype == torch.int8 and q.shape == x.shape, "q is int8 of x's shape")
+        rec.close("q", q, oracle[0].double(), Tolerance(rtol=0.0, atol=float(q_tol.ulps)))
+        rec.close("s", s, oracle[1].double(), s_tol)
+        qf, s64 = q.double(), s.double()
+        rec.holds(bool((qf.abs() <= INT8_MAX).all()), "q in [-127, 127]")
+        rec.holds(bool((s64 > 0).all()), "s > 0 (the amax floor 1e-4 keeps all-zero rows finite)")
+        ratio = x.float().abs().amax(dim=-1).clamp_min(AMAX_FLOOR).double() / s64
+        rec.holds(bool(((ratio <= INT8_MAX * (1 + s_tol.rtol)) & (ratio >= INT8_MAX * (1 - s_tol.rtol))).all()),
+                  "the scale is tight: 127 (1 - rtol) <= max(amax, 1e-4) / s <= 127 (1 + rtol)")
+        err = (x.double() - qf * s64.unsqueeze(-1)).abs()
+        rec.holds(bool((err <= (0.5 + 2**-14) * s64.unsqueeze(-1)).all()),
+                  "|x - q s| <= (1/2 + 2**-14) s (q is x / s rounded to nearest)")
+
+
+@suite
+class QuantizeInt8Suite(_Int8QuantSuite):
+    op = "quantize_int8"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        k = data.draw(st.sampled_from((1, 7, 64, 128, 300)), label="K")
+        x = draw_values(data, draw_lead(data) + (k,), DTYPES[f["dtype"]], INT8_MAX, "x values")
+        if x.dim() > 1 and x.shape[0] and data.draw(st.booleans(), label="first row all zero"):
+            x[0] = 0
+        return Case((x,), {})
+
+
+@suite
+class QuantizeInt8WeightSuite(_Int8QuantSuite):
+    op = "quantize_int8_weight"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        experts = data.draw(st.sampled_from(((), (1,), (3,))), label="expert dims")
+        shape = experts + (data.draw(st.sampled_from(SIZES), label="N"),
+                           data.draw(st.sampled_from(SIZES[:-1]), label="K"))
+        w = draw_values(data, shape, DTYPES[f["dtype"]], INT8_MAX, "w values")
+        if shape[-2] and data.draw(st.booleans(), label="first channel all zero"):
+            w[..., 0, :] = 0
+        return Case((w,), {})
+
+
+# --------------------------------------------------------------------------- int8_gemm
+
+@suite
+class Int8GemmSuite(Suite):
+    op = "int8_gemm"
+
+    def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
+        from hal.ops import quantize_int8, quantize_int8_weight
+        k = data.draw(st.sampled_from((1, 64, 128, 300, 2048)), label="K")
+        n = data.draw(st.sampled_from(SIZES[:-1]), label="N")
+        lead = draw_lead(data)
+        if data.draw(st.booleans(), label="operands from the quantisers (else any int8, -128 included)"):
+            a, a_scale = quantize_int8.reference_impl(draw_values(data, lead + (k,), torch.bfloat16, INT8_MAX, "a"))
+            b, b_scale = quantize_int8_weight.reference_impl(draw_values(data, (n, k), torch.bfloat16, INT8_MAX, "b"))
+        else:
+            g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="int8 seed"))
+            a = torch.randint(-128, 128, lead + (k,), generator=g, dtype=torch.int8)
+            b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+            a_scale = torch.exp2(torch.randint(-20, 4, lead, generator=g).float() + torch.rand(lead, generator=g))
+            b_scale = torch.exp2(torch.randint(-20, 4, (n,), generator=g).float() + torch.rand(n, generator=g))
+        return Case((a, a_scale, b, b_scale), {"out_dtype": DTYPES[f["out_dtype"]]})
+
+    def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
+        a, a_scale, b, b_scale = case.args
+        out_dtype = case.kwargs["out_dtype"]
+        rec.holds(output.dtype == out_dtype, f"the result has dtype {out_dtype}")
+        tol = self.contract.tolerance[str(out_dtype).replace("torch.", "")]
+        rec.close("y", output, oracle, tol)
+        if not (a.numel() and b.shape[0]):
+            return
+        units = Case((a, torch.ones_like(a_scale), b, torch.ones_like(b_scale)), case.kwargs)
+        y1 = run(units).double()
+        exact = a.reshape(-1, a.shape[-1]).double() @ b.double().t()
+        representable = (exact.to(out_dtype).double() == exact).reshape(y1.shape)
+        rec.holds(bool((y1[representable] == exact.reshape(y1.shape)[representable]).all()),
+                  "with unit scales y == sum_k a b exactly wherever representable in out_dtype (exact accumulation)")
+        doubled = Case((a, a_scale * 2, b, b_scale), case.kwargs)
+        rec.close("y (a_scale doubled)", run(doubled), 2 * oracle, tol)

@@ -1,4 +1,4 @@
-"""Family 1: grouped GEMM for MoE experts (plain and block-scaled low-precision operands)."""
+"""Family 1: grouped GEMM for MoE experts (plain, block-scaled low-precision and W8A8 int8 operands)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,6 +10,9 @@ from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, 
 from hal.formats import FP4_GROUP, FP8_DTYPE, dequantize_values, fp4_dtypes, is_fp4, scale_dtypes, scale_shape
 
 __all__ = ["grouped_gemm"]
+
+INT8_MAX_K = 2**31 // (128 * 128) - 1  # int32 accumulation of int8 products cannot overflow: K * 128 * 128 < 2**31
+INT8_SCALES = (torch.float32,)
 
 _FP8_ACT_BLOCK = (1, 128)
 _FP8_WEIGHT_BLOCK = (128, 128)
@@ -30,8 +33,8 @@ GEMM_TOLERANCE = {
     family="grouped_gemm",
     axes={
         "layout": ("contiguous", "masked"),
-        "x_dtype": ("bfloat16", "float16", "float32", "float8_e4m3fn"),
-        "w_dtype": ("bfloat16", "float16", "float32", "float8_e4m3fn", "fp4_e2m1"),
+        "x_dtype": ("bfloat16", "float16", "float32", "float8_e4m3fn", "int8"),
+        "w_dtype": ("bfloat16", "float16", "float32", "float8_e4m3fn", "fp4_e2m1", "int8"),
         "out_dtype": ("bfloat16", "float16", "float32"),
     },
     tolerance=GEMM_TOLERANCE,
@@ -57,20 +60,25 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
       ``[G, N, K/2]`` with UE8M0 ``w_scale`` ``[G, N, K/32]`` (one scale per 32 along K).
     * ``x`` is bf16/fp16/fp32, or FP8 e4m3 with ``x_scale`` float32 ``[..., K/128]`` (1x128 groups, as
       :func:`hal.ops.quantize_fp8` returns), ``K % 128 == 0``.
+    * W8A8: ``x`` int8 with a per-row (per-token) ``x_scale`` float32 ``x.shape[:-1]`` (``[M]``, resp.
+      ``[G, max_m]``; as :func:`hal.ops.quantize_int8` returns) together with ``w`` int8 with a
+      per-output-channel ``w_scale`` float32 ``[G, N]`` (as :func:`hal.ops.quantize_int8_weight`
+      returns); an int8 operand needs the other one int8. ``K <= 131071`` (int32 accumulation).
     * ``group_sizes`` is int32/int64 ``[G]``, non-negative.
-    * ``out_dtype`` defaults to ``x.dtype`` for float ``x``, ``bfloat16`` for FP8 ``x``.
+    * ``out_dtype`` defaults to ``x.dtype`` for float ``x``, ``bfloat16`` for FP8 or int8 ``x``.
 
     Semantics: ``y[m, n] = sum_k X[m, k] * W[g(m), n, k]`` where ``X``, ``W`` are the dequantised
-    operands (value times block scale), accumulated in at least fp32 (for block-scaled operands, per
-    128-wide K block then across blocks) and rounded once to ``out_dtype``.
-    Tolerance: :data:`GEMM_TOLERANCE` with ``n = K`` (``n = K + 3`` when an operand is block-scaled:
+    operands (value times block, row or channel scale), accumulated in at least fp32 (for block-scaled
+    operands, per 128-wide K block then across blocks; for int8 operands an exact int32 sum scaled by
+    ``x_scale[m] * w_scale[g, n]`` is within the tolerance) and rounded once to ``out_dtype``.
+    Tolerance: :data:`GEMM_TOLERANCE` with ``n = K`` (``n = K + 3`` when an operand is scaled:
     dequantising each operand and scaling per block add up to three fp32 roundings per term).
     """
     op = "grouped_gemm"
     check(layout in ("contiguous", "masked"), op, "layout", "'contiguous' or 'masked'", repr(layout))
     x_ndim = 2 if layout == "contiguous" else 3
-    check_tensor(op, "x", x, ndim=x_ndim, dtypes=FLOAT_DTYPES + (FP8_DTYPE,))
-    check_tensor(op, "w", w, ndim=3, dtypes=FLOAT_DTYPES + (FP8_DTYPE,) + fp4_dtypes())
+    check_tensor(op, "x", x, ndim=x_ndim, dtypes=FLOAT_DTYPES + (FP8_DTYPE, torch.int8))
+    check_tensor(op, "w", w, ndim=3, dtypes=FLOAT_DTYPES + (FP8_DTYPE, torch.int8) + fp4_dtypes())
     check_tensor(op, "group_sizes", group_sizes, ndim=1, dtypes=INDEX_DTYPES)
     device = check_same_device(op, x=x, w=w, group_sizes=group_sizes, x_scale=x_scale, w_scale=w_scale)
     G, N = w.shape[0], w.shape[1]
@@ -82,8 +90,16 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
           f"{group_sizes.shape[0]}")
     if layout == "masked":
         check(x.shape[0] == G, op, "x", f"shape [G={G}, max_m, K] for the masked layout", tuple(x.shape))
-    _check_scale(op, "x_scale", x_scale, x.dtype == FP8_DTYPE,
-                 scale_shape(x.shape, _FP8_ACT_BLOCK), "an FP8 x (1x128 groups along K)")
+    int8 = x.dtype == torch.int8
+    check(int8 == (w.dtype == torch.int8), op, "x" if w.dtype == torch.int8 else "w",
+          "int8 x and int8 w together (W8A8)", f"x {dtype_name(x.dtype)}, w {dtype_name(w.dtype)}")
+    if int8:
+        check(K <= INT8_MAX_K, op, "x", f"K <= {INT8_MAX_K} for int8 operands (int32 accumulation)", f"K = {K}")
+        _check_scale(op, "x_scale", x_scale, True, tuple(x.shape[:-1]), "an int8 x (one per row)", INT8_SCALES)
+        _check_scale(op, "w_scale", w_scale, True, (G, N), "an int8 w (one per output channel)", INT8_SCALES)
+    else:
+        _check_scale(op, "x_scale", x_scale, x.dtype == FP8_DTYPE,
+                     scale_shape(x.shape, _FP8_ACT_BLOCK), "an FP8 x (1x128 groups along K)")
     if x.dtype == FP8_DTYPE:
         check(K % 128 == 0, op, "x", "K divisible by 128 for FP8 activations", f"K = {K}")
     if w_fp4:
@@ -91,7 +107,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
         expected = (G, N, K // FP4_GROUP)
     else:
         expected = scale_shape(w.shape, _FP8_WEIGHT_BLOCK)
-    _check_scale(op, "w_scale", w_scale, w.dtype == FP8_DTYPE or w_fp4, expected, "a low-precision w")
+    if not int8:
+        _check_scale(op, "w_scale", w_scale, w.dtype == FP8_DTYPE or w_fp4, expected, "a low-precision w")
     if out_dtype is not None:
         check(out_dtype in FLOAT_DTYPES, op, "out_dtype", "bfloat16, float16 or float32", out_dtype)
     if value_checks_enabled(device):
@@ -110,23 +127,30 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
 
 
 def _check_scale(op: str, name: str, scale: Optional[torch.Tensor], needed: bool, shape: tuple,
-                 what: str) -> None:
+                 what: str, dtypes: Optional[tuple] = None) -> None:
     if not needed:
-        check(scale is None, op, name, "None (its operand is not block-scaled)", "a tensor")
+        check(scale is None, op, name, "None (its operand is not scaled)", "a tensor")
         return
     check(scale is not None, op, name, f"a scale tensor for {what}", "None")
-    check_tensor(op, name, scale, dtypes=scale_dtypes())
+    check_tensor(op, name, scale, dtypes=dtypes or scale_dtypes())
     check(tuple(scale.shape) == tuple(shape), op, name, f"shape {tuple(shape)}", f"shape {tuple(scale.shape)}")
 
 
 def dequantized_operands(x: torch.Tensor, w: torch.Tensor, x_scale: Optional[torch.Tensor],
                          w_scale: Optional[torch.Tensor], compute_dtype: torch.dtype):
-    """``x`` and ``w`` as plain tensors of ``compute_dtype`` (block scales applied)."""
+    """``x`` and ``w`` as plain tensors of ``compute_dtype`` (block, row or channel scales applied)."""
     if x_scale is not None:
-        x = dequantize_values(x, x_scale, _FP8_ACT_BLOCK, compute_dtype)
+        x = _row_scaled(x, x_scale, compute_dtype) if x.dtype == torch.int8 else \
+            dequantize_values(x, x_scale, _FP8_ACT_BLOCK, compute_dtype)
     if w_scale is not None:
-        w = dequantize_values(w, w_scale, _FP4_WEIGHT_BLOCK if is_fp4(w) else _FP8_WEIGHT_BLOCK, compute_dtype)
+        w = _row_scaled(w, w_scale, compute_dtype) if w.dtype == torch.int8 else \
+            dequantize_values(w, w_scale, _FP4_WEIGHT_BLOCK if is_fp4(w) else _FP8_WEIGHT_BLOCK, compute_dtype)
     return x.to(compute_dtype), w.to(compute_dtype)
+
+
+def _row_scaled(q: torch.Tensor, scale: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """int8 values ``[..., K]`` times their row scale ``[...]``."""
+    return q.to(compute_dtype) * scale.to(compute_dtype).unsqueeze(-1)
 
 
 @grouped_gemm.reference

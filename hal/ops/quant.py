@@ -24,13 +24,15 @@ import torch
 
 from hal.contract import FLOAT_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, contract, \
     dtype_name, result
-from hal.formats import AMAX_FLOOR, FP4_GROUP, FP4_MAX, FP8_DTYPE, FP8_MAX, SCALE_FORMATS, ceil_pow2, \
+from hal.formats import AMAX_FLOOR, FP4_GROUP, FP4_MAX, FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_FORMATS, ceil_pow2, \
     dequantize_values, encode_fp4, expand_scale, fp4_dtypes, scale_dtypes, scale_shape
-from hal.ops.grouped_gemm import GEMM_TOLERANCE, dequantized_operands
+from hal.ops.grouped_gemm import GEMM_TOLERANCE, INT8_MAX_K, dequantized_operands
 
 __all__ = [
     "quantize_fp8", "quantize_fp8_weight", "dequantize_fp8", "fp8_gemm", "quantize_fp4", "dequantize_fp4",
-    "FP8_QUANT_TOLERANCE", "FP4_QUANT_TOLERANCE", "DEQUANT_TOLERANCE",
+    "quantize_int8", "quantize_int8_weight", "int8_gemm", "apply_int8_amax_floor",
+    "FP8_QUANT_TOLERANCE", "FP4_QUANT_TOLERANCE", "DEQUANT_TOLERANCE", "INT8_QUANT_TOLERANCE", "INT8_GEMM_TOLERANCE",
+    "INT8_MAX_K",
 ]
 
 _FP8_GEMM_BLOCK = 128
@@ -439,3 +441,193 @@ def _dequantize_fp4_reference(q, scale, *, group_size=FP4_GROUP, out_dtype=torch
                               compute_dtype=torch.float32):
     y = dequantize_values(q, scale, (group_size,), compute_dtype)
     return result(y, out_dtype, compute_dtype)
+
+
+# --------------------------------------------------------------------------- symmetric int8 (W8A8)
+
+# Quantisers: "int8" for q (distance in integer steps), "float32" for the scales. The vendors' kernels
+# (npu_dynamic_quant, tmo's per-token quantisers) document s = rowmax|x| / 127 and q = round(x / s) but
+# neither the tie rule nor the division form: a kernel rounding half away from zero, or computing
+# x * fl(1/s), lands one step from the reference on (near-)midpoints (q within 1), and amax * fl(1/127)
+# can move s by one fp32 ulp (rtol 2**-23; s >= 1e-4 / 127 is a normal number). The conformance suite
+# also checks that q is x / s rounded to nearest (up to those fp32 roundings), which a rounding toward
+# zero, or a wrong scale, fails.
+INT8_QUANT_TOLERANCE = {
+    "int8": Tolerance(rtol=0.0, atol=0.0, ulps=1),
+    "float32": Tolerance(rtol=2**-23, atol=0.0),
+}
+
+# int8_gemm: the int32 accumulation is exact; the result then takes at most four roundings: the
+# accumulator to fp32 (exact below 2**24), the two scale multiplications in fp32 (2**-24 each) and the
+# rounding to out_dtype (half an ulp). The errors are relative (no cancellation happens after the exact
+# sum): rtol is one ulp of out_dtype at the bottom of a binade (2**-7 bf16, 2**-10 fp16), which holds the
+# half-ulp rounding plus 3 * 2**-24; for float32 four fp32 roundings, 2**-22 (rounded up to 2**-21 for
+# a kernel rounding through an intermediate format). atol 2**-24 is fp16's subnormal spacing.
+INT8_GEMM_TOLERANCE = {
+    "float32": Tolerance(rtol=2**-21, atol=0.0),
+    "bfloat16": Tolerance(rtol=2**-7, atol=0.0),
+    "float16": Tolerance(rtol=2**-10, atol=2**-24),
+}
+
+
+def _int8_scales(amax: torch.Tensor) -> torch.Tensor:
+    """float32 amax -> dequantisation scales max(amax, 1e-4) / 127 (fp32 division by a tensor)."""
+    amax = amax.clamp_min(AMAX_FLOOR)  # NaN stays NaN
+    return amax / torch.full_like(amax, INT8_MAX)
+
+
+def _to_int8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 values / their (broadcast) scales, rounded half to even, clamped to +-127, as int8."""
+    return torch.round(values / scales).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def apply_int8_amax_floor(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For a backend whose per-row int8 quantiser has no amax floor (the vendors' kernels divide by
+    ``rowmax / 127`` as is): rows whose scale ``s`` lies below the contract's ``1e-4 / 127`` (all-zero
+    rows, where such a kernel divides 0 by 0, and rows of tiny values) get the contract's values.
+    ``x`` ``[..., K]``, ``q`` int8 ``[..., K]``, ``s`` float32 ``[...]``; elementwise, no host sync."""
+    floor = _int8_scales(s.new_zeros(()))
+    small = s < floor  # NaN scales (non-finite rows) stay as they are
+    return torch.where(small[..., None], _to_int8(x.float(), floor), q), torch.where(small, floor, s)
+
+
+def _check_int8_rows(op: str, name: str, t: torch.Tensor) -> None:
+    check(t.shape[-1] >= 1, op, name, "a last dim K >= 1 (one scale per row of K values)", f"K = {t.shape[-1]}")
+
+
+@contract(
+    family="quant",
+    axes={"dtype": _IN_DTYPES},
+    tolerance=INT8_QUANT_TOLERANCE,
+)
+def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token symmetric int8 quantisation of activations (W8A8: Ascend ``npu_dynamic_quant``,
+    Cambricon tmo ``per_token_smooth_quantize`` / ``scaled_quantize`` without a smoothing vector).
+
+    Arguments: ``x`` ``[..., K]`` bfloat16, float16 or float32, at least 1-D, ``K >= 1`` (empty leading
+    dims give empty outputs).
+
+    Returns ``(q, s)``: ``q`` int8 of ``x``'s shape (contiguous) and ``s`` float32 ``x.shape[:-1]``, the
+    dequantisation multiplier of each row: ``x[..., k] ~= q[..., k] * s[...]``.
+
+    Semantics, per row (all in float32, whatever ``x``'s dtype):
+
+    1. ``amax = max(max_k |x_k|, 1e-4)``;
+    2. ``s = amax / 127``, one correctly rounded fp32 division;
+    3. ``q = clamp(round(x / s), -127, 127)``: an fp32 division rounded to the nearest integer, ties to
+       even. -128 is never written (symmetric range: ``-q`` is always representable).
+
+    The choices: both vendors document ``s = rowmax|x| / 127`` and ``q = round(x / s)`` (symmetric,
+    per token), but neither documents a floor nor the tie rule. The floor ``1e-4`` is the HAL's FP8
+    quantisers' (DeepSeek's ``act_quant``): every scale is a positive normal number and an all-zero
+    row gives ``q = 0`` instead of 0 / 0 (:func:`apply_int8_amax_floor` lets a backend over a kernel
+    without it conform). Ties to even is IEEE's default rounding (``torch.round``); a kernel rounding half
+    away from zero differs by one step on exact ties, which the tolerance admits.
+
+    Tolerance (:data:`INT8_QUANT_TOLERANCE`): ``q`` within one step of the reference, ``s`` within one
+    fp32 ulp. A row holding NaN or +-inf gets a non-finite scale and unspecified ``q``.
+    """
+    op = "quantize_int8"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+    check(x.dim() >= 1, op, "x", "a tensor of at least 1 dim [..., K]", "a 0-D tensor")
+    _check_int8_rows(op, "x", x)
+    return Request(x.device, (("dtype", dtype_name(x.dtype)),))
+
+
+@quantize_int8.reference
+def _quantize_int8_reference(x, *, compute_dtype=torch.float32):
+    # compute_dtype is ignored: the format defines the bits (float32 algorithm, see the docstring)
+    xf = x.float()
+    s = _int8_scales(xf.abs().amax(dim=-1))
+    return _to_int8(xf, s.unsqueeze(-1)), s
+
+
+@contract(
+    family="quant",
+    axes={"dtype": _IN_DTYPES},
+    tolerance=INT8_QUANT_TOLERANCE,
+)
+def quantize_int8_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8 quantisation of a weight (W8A8 weights, e.g. an FP8 checkpoint's
+    weights dequantised and converted once at load).
+
+    Arguments: ``w`` ``[N, K]`` (nn.Linear layout) or ``[G, N, K]`` (one weight per expert), bfloat16,
+    float16 or float32, ``K >= 1``.
+
+    Returns ``(q, s)``: ``q`` int8 of ``w``'s shape and ``s`` float32 ``[N]`` resp. ``[G, N]``:
+    ``w[..., n, k] ~= q[..., n, k] * s[..., n]``.
+
+    Semantics: those of :func:`quantize_int8` with an output channel (a row of ``K`` input weights) in
+    place of a token: ``s = max(amax, 1e-4) / 127``, ``q = clamp(round(w / s), -127, 127)`` (fp32,
+    ties to even). Tolerance (:data:`INT8_QUANT_TOLERANCE`) and NaN/inf behaviour: as
+    :func:`quantize_int8`.
+    """
+    op = "quantize_int8_weight"
+    check_tensor(op, "w", w, dtypes=FLOAT_DTYPES)
+    check(w.dim() in (2, 3), op, "w", "a 2-D [N, K] or 3-D [G, N, K] tensor",
+          f"{w.dim()}-D of shape {tuple(w.shape)}")
+    _check_int8_rows(op, "w", w)
+    return Request(w.device, (("dtype", dtype_name(w.dtype)),))
+
+
+@quantize_int8_weight.reference
+def _quantize_int8_weight_reference(w, *, compute_dtype=torch.float32):
+    return _quantize_int8_reference(w)  # per row of K: the same algorithm
+
+
+@contract(
+    family="quant",
+    axes={"out_dtype": _OUT_DTYPES},
+    tolerance=INT8_GEMM_TOLERANCE,
+)
+def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *,
+              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W8A8 GEMM ``y = A @ B.T`` with per-token activation scales and per-channel weight scales
+    (Ascend ``npu_quant_matmul`` with ``pertoken_scale``; Cambricon tmo ``scaled_matmul`` /
+    ``smooth_quant_matmul``).
+
+    Arguments:
+
+    * ``a``: int8 ``[..., K]`` (at least 1-D), ``1 <= K <= INT8_MAX_K`` (= 131071: ``K * 128 * 128 <
+      2**31``, so an int32 accumulator cannot overflow); ``a_scale`` float32 ``a.shape[:-1]`` (as
+      :func:`quantize_int8` returns).
+    * ``b``: int8 ``[N, K]`` (nn.Linear layout, "NT"); ``b_scale`` float32 ``[N]`` (as
+      :func:`quantize_int8_weight` returns).
+    * Any int8 value (-128 included) is accepted; scales are used as given.
+    * ``out_dtype``: bfloat16 (default), float16 or float32.
+
+    Returns ``y`` ``[..., N]`` in ``out_dtype``::
+
+        y[m, n] = (sum_k a[m, k] * b[n, k]) * a_scale[m] * b_scale[n]
+
+    the integer sum exact (int32 accumulation), the scaling and the rounding to ``out_dtype`` as few
+    roundings as the kernel takes; the reference forms the exact sum and applies the scales in
+    ``compute_dtype`` (float64 for the oracle).
+
+    Tolerance (:data:`INT8_GEMM_TOLERANCE`): relative, one ulp of ``out_dtype`` at the bottom of a
+    binade (bf16 2**-7, fp16 2**-10; fp32 2**-21: four fp32 roundings), since after the exact sum only
+    multiplications round.
+    """
+    op = "int8_gemm"
+    check_tensor(op, "a", a, dtypes=(torch.int8,))
+    check(a.dim() >= 1, op, "a", "a tensor of at least 1 dim [..., K]", "a 0-D tensor")
+    check_tensor(op, "b", b, ndim=2, dtypes=(torch.int8,))
+    K = a.shape[-1]
+    check(1 <= K <= INT8_MAX_K, op, "a", f"last dim K in [1, {INT8_MAX_K}] (int32 accumulation)", f"K = {K}")
+    check(b.shape[1] == K, op, "b", f"shape [N, K = {K}] (K matching a.shape[-1])", f"shape {tuple(b.shape)}")
+    for name, scale, shape, what in (("a_scale", a_scale, tuple(a.shape[:-1]), "one per row of a"),
+                                     ("b_scale", b_scale, (b.shape[0],), "one per row (output channel) of b")):
+        check_tensor(op, name, scale, dtypes=(torch.float32,))
+        check(tuple(scale.shape) == shape, op, name, f"shape {shape} ({what})", f"shape {tuple(scale.shape)}")
+    out = _check_out_dtype(op, out_dtype)
+    device = check_same_device(op, a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    return Request(device, (("out_dtype", dtype_name(out)),))
+
+
+@int8_gemm.reference
+def _int8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16, compute_dtype=torch.float32):
+    K = a.shape[-1]
+    # float64 holds every int8 dot product exactly (|sum| < 2**31): the exact int32 accumulation
+    acc = (a.reshape(-1, K).double() @ b.double().t()).to(compute_dtype)
+    y = acc * a_scale.reshape(-1, 1).to(compute_dtype) * b_scale.to(compute_dtype)
+    return result(y.reshape(*a.shape[:-1], b.shape[0]), out_dtype, compute_dtype)

@@ -1,0 +1,180 @@
+"""hal.model's DeepSeek V4 against transformers' own implementation: tiny random ``DeepseekV4ForCausalLM``s
+saved with ``save_pretrained``, loaded with ``hal.model.load``, logits compared for the prefill and several
+decode steps through transformers' cache path (teacher-forced: both sides are fed the reference's greedy
+tokens). Every V4 feature is active: hash-routed and top-k routed MoE, sliding-window, CSA (with the
+indexer keeping fewer entries than are closed) and HCA layers, sinks, mHC, the grouped output projection.
+Tolerance: :func:`v4_logits_rtol`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hal.model
+from hal.cli import main
+from hal.model.bisect import logits_rtol
+from hal.model.tiny import make_tiny
+# the V3 harness: transformers' cache path, ours, and the per-position comparison (bf16: a fifth of the
+# positions may flip a near-tie routing or, here, indexer choice)
+from test_model_deepseek_v3 import assert_close, dequantized_copy, our_logits, reference_logits
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
+
+# The config the implementation was brought up with: three layers, one of each attention type, a hash layer.
+TUNED = dict(vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+             head_dim=16, q_lora_rank=24, qk_rope_head_dim=8, num_experts_per_tok=2, n_routed_experts=8,
+             layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+             compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+             mlp_layer_types=["hash_moe", "moe", "moe"], hc_mult=3, sliding_window=6, o_groups=2, o_lora_rank=12,
+             index_n_heads=2, index_head_dim=16, index_topk=3, max_position_embeddings=256)
+# A config no code was tuned on: four layers (two hash layers, CSA twice), YaRN on the compressed layers'
+# rope, CSA pooling 2 tokens with a wider indexer top-k, HCA pooling 5 (not a power of two), sigmoid
+# scoring, 4 mHC streams, a short window, more groups, odd widths.
+OTHER = dict(vocab_size=50, hidden_size=40, moe_intermediate_size=12, num_hidden_layers=4, num_attention_heads=6,
+             head_dim=20, q_lora_rank=18, qk_rope_head_dim=6, num_experts_per_tok=3, n_routed_experts=6,
+             layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention",
+                          "compressed_sparse_attention"],
+             compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 5},
+             mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], hc_mult=4, hc_sinkhorn_iters=7,
+             sliding_window=4, o_groups=3, o_lora_rank=10, index_n_heads=3, index_head_dim=10, index_topk=4,
+             scoring_func="sigmoid", routed_scaling_factor=2.0, swiglu_limit=1.5, max_position_embeddings=512,
+             rope_theta=5000.0, compress_rope_theta=40000.0,
+             rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                              "beta_fast": 32, "beta_slow": 1})
+PROMPT_LEN, STEPS = 13, 6  # several windows closed at prefill, more during decode
+
+def hf_model(settings: dict, seed: int = 0) -> DeepseekV4ForCausalLM:
+    """A float32 transformers model with weights large enough that attention, pooling, routing and the mHC
+    mixing are not trivial (transformers initialises sinks, biases and tid2eid to zeros)."""
+    torch.manual_seed(seed)
+    # eager experts: torch's grouped_mm kernel refuses the odd widths of these tiny models
+    model = DeepseekV4ForCausalLM(DeepseekV4Config(**settings, experts_implementation="eager")).eval()
+    config = model.config
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+            elif p.dim() == 1 or "position_bias" in name:  # sinks, mHC bases and scales, pooling biases
+                p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5 * 1.5)
+        for layer in model.model.layers:
+            gate = layer.mlp.gate
+            if hasattr(gate, "tid2eid"):
+                table = [torch.randperm(config.n_routed_experts)[:config.num_experts_per_tok]
+                         for _ in range(config.vocab_size)]
+                gate.tid2eid.copy_(torch.stack(table))
+            else:
+                gate.e_score_correction_bias.normal_(0.0, 0.1)
+    return model
+
+
+def prompt_for(settings: dict) -> torch.Tensor:
+    return torch.randint(0, settings["vocab_size"], (2, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=["tuned", "other"])
+def saved(request, tmp_path_factory):
+    settings = TUNED if request.param == "tuned" else OTHER
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model(settings).save_pretrained(path)
+    return settings, path
+
+
+def test_every_v4_feature_is_exercised(saved):
+    settings, path = saved
+    args = hal.model.load(path, backend="cpu", dtype=torch.float32).args
+    assert set(args.layer_types) == {"sliding_attention", "compressed_sparse_attention",
+                                     "heavily_compressed_attention"}
+    assert any(args.hash_layers) and not all(args.hash_layers)
+    csa = min(r for t, r in zip(args.layer_types, args.compress_rates) if t == "compressed_sparse_attention")
+    assert (PROMPT_LEN + STEPS) // csa > args.index_topk  # the indexer really drops entries
+    assert PROMPT_LEN > args.sliding_window  # the window really drops keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_and_decode_match_transformers(saved, dtype):
+    settings, path = saved
+    # transformers' bf16 model as loaded from the checkpoint: norms, mHC, sinks and pooling biases stay fp32
+    ref_model = DeepseekV4ForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
+    ref, fed = reference_logits(ref_model, prompt_for(settings), STEPS)
+    ours = hal.model.load(path, backend="cpu", dtype=dtype)
+    assert_close(our_logits(ours, prompt_for(settings), fed), ref, logits_rtol(ours.args, dtype),
+                 flips_allowed=dtype != torch.float32)
+
+
+@pytest.mark.parametrize("change", [{"sliding_window": 7}, {"hc_sinkhorn_iters": 2}, {"index_topk": 2}],
+                         ids=["window", "sinkhorn", "topk"])
+def test_the_tolerance_catches_a_model_bug(saved, tmp_path, change):
+    """The fp32 tolerance sees a one-off in the window or the indexer's top-k, or a Sinkhorn stopped early
+    (our side reads the edited config, the reference keeps the saved one)."""
+    settings, path = saved
+    ref, fed = reference_logits(DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+                                prompt_for(settings), STEPS)
+    for file in path.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, **change)))
+    ours = hal.model.load(tmp_path, backend="cpu", dtype=torch.float32)
+    with pytest.raises(AssertionError, match="logits differ"):
+        assert_close(our_logits(ours, prompt_for(settings), fed), ref, logits_rtol(ours.args, torch.float32))
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory):
+    """``make-tiny --fp8`` and its plainly dequantised float32 copy (the hash table kept as ints)."""
+    root = tmp_path_factory.mktemp("fp8")
+    make_tiny("deepseek_v4", root / "fp8", fp8=True, seed=3)
+    dequantized_copy(root / "fp8", root / "dequantized")
+    file = root / "dequantized" / "model.safetensors"
+    tensors = load_file(str(file))
+    save_file({n: t.long() if n.endswith("tid2eid") else t for n, t in tensors.items()}, str(file))
+    return root / "fp8", root / "dequantized"
+
+
+def test_make_tiny_fp8_dequantized_on_load_matches_transformers(fp8_checkpoints):
+    """make-tiny writes what transformers reads, and our FP8 dequantisation is the plain one."""
+    fp8, dequantized = fp8_checkpoints
+    ref_model = DeepseekV4ForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
+    prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11, 12]])
+    ref, fed = reference_logits(ref_model, prompt, steps=4)
+    ours = hal.model.load(fp8, backend="cpu", dtype=torch.float32, fp8="dequantize")
+    assert_close(our_logits(ours, prompt, fed), ref, logits_rtol(ours.args, torch.float32))
+
+
+def test_make_tiny_fp8_kept_quantized_runs_fp8_gemms_close_to_the_dequantized_model(fp8_checkpoints):
+    """Kept FP8, activations are quantised too (e4m3, up to 2**-4 relative an element): DeepGEMM's metric
+    per position, sum (a-b)^2 / sum(a^2 + b^2) below 1e-2, with up to a third of the positions allowed to
+    exceed it through a routing or indexer flip (as for V3, docs/model.md)."""
+    fp8, _ = fp8_checkpoints
+    kept = hal.model.load(fp8, backend="cpu", dtype=torch.float32, fp8="keep")
+    plain = hal.model.load(fp8, backend="cpu", dtype=torch.float32, fp8="dequantize")
+    assert kept.layers[0].attn.wq_a.weight.dtype == torch.float8_e4m3fn
+    assert kept.layers[1].ffn.experts.w13.dtype == torch.float8_e4m3fn
+    prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11, 12]])
+    ref = our_logits(plain, prompt, torch.tensor([[1, 2, 3]]))
+    got = our_logits(kept, prompt, torch.tensor([[1, 2, 3]]))
+    per_position = (((got - ref) ** 2).sum(-1) / (got ** 2 + ref ** 2).sum(-1)).flatten()
+    assert float(per_position.min()) > 0  # the FP8 path really ran
+    assert int((per_position > 1e-2).sum()) <= per_position.numel() // 3, per_position
+
+
+def test_cli_make_tiny_and_generate(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["model", "make-tiny", "--arch", "deepseek_v4", str(out)]) == 0
+    assert main(["generate", "--model", str(out), "--prompt-ids", "1", "2", "3", "--max-new-tokens", "4",
+                 "--backend", "cpu"]) == 0
+    tokens = capsys.readouterr().out.split("\n")[-2].split()
+    assert len(tokens) == 4 and all(0 <= int(t) < 256 for t in tokens)
+
+
+def test_fp4_expert_checkpoints_are_refused_naming_what_is_missing(tmp_path):
+    out = make_tiny("deepseek_v4", tmp_path / "tiny")
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128], "expert_dtype": "fp4"}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hal.model.ModelNotSupportedError, match="FP4 expert weights"):
+        hal.model.load(out)
