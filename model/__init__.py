@@ -3,8 +3,8 @@
 >>> model = hal.model.load("/path/to/DeepSeek-V3", backend="cpu", dtype=torch.bfloat16)  # doctest: +SKIP
 >>> tokens = hal.model.generate(model, [[1, 2, 3]], max_new_tokens=8)                    # doctest: +SKIP
 
-``model_type`` ``deepseek_v3`` (V3, R1, V3.1 configs) and ``deepseek_v4`` (bf16 or FP8 experts; FP4
-experts are refused with :class:`ModelNotSupportedError`). See docs/model.md.
+``model_type`` ``deepseek_v3`` (V3, R1, V3.1 configs) and ``deepseek_v4`` (bf16, FP8 or packed FP4 experts).
+See docs/model.md.
 """
 from hal.model.config import CheckpointError, ModelArgs, ModelNotSupportedError
 from hal.model.generate import generate

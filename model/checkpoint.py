@@ -10,11 +10,12 @@ from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 import torch
 from safetensors import safe_open
 
-from hal.formats import FP8_DTYPE, scale_dtypes
+from hal.formats import FP4_GROUP, FP8_DTYPE, fp4_dtypes, scale_dtypes
 from hal.model.config import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"  # FP8 weights: "<name>.weight" + "<name>.weight_scale_inv" (the dequant multiplier)
+FP4_STORAGE_DTYPES = (torch.int8,) + fp4_dtypes()
 
 
 def _open(file: Path):
@@ -69,11 +70,15 @@ class Checkpoint:
         self._used.add(name)
         return t
 
-    def tensor(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The tensor ``name``, checked to have ``shape``, converted to ``dtype`` (a float dtype)."""
+    def _shaped(self, name: str, shape: Sequence[int], what: str = "shape") -> torch.Tensor:
         t = self._raw(name)
         if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"tensor '{name}': expected shape {list(shape)}, got {list(t.shape)}")
+            raise CheckpointError(f"tensor '{name}': expected {what} {list(shape)}, got {list(t.shape)}")
+        return t
+
+    def tensor(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The tensor ``name``, checked to have ``shape``, converted to ``dtype`` (a float dtype)."""
+        t = self._shaped(name, shape)
         if not t.is_floating_point():
             raise CheckpointError(f"tensor '{name}': expected a float tensor, got {t.dtype}")
         return t if dtype is None else t.to(dtype)
@@ -81,9 +86,7 @@ class Checkpoint:
     def ids(self, name: str, shape: Sequence[int], upper: int) -> torch.Tensor:
         """The integer tensor ``name`` (e.g. V4's ``tid2eid``), checked to have ``shape`` and values in
         ``[0, upper)``, as int64."""
-        t = self._raw(name)
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"tensor '{name}': expected shape {list(shape)}, got {list(t.shape)}")
+        t = self._shaped(name, shape)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise CheckpointError(f"tensor '{name}': expected an integer tensor, got {t.dtype}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
@@ -109,6 +112,27 @@ class Checkpoint:
         if s.dtype not in scale_dtypes():
             raise CheckpointError(f"tensor '{scale_name}': expected float32 or UE8M0 scales, got {s.dtype}")
         return q, s.float()
+
+    def fp4_weight(self, prefix: str, out_features: int, in_features: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``prefix.weight`` stored packed FP4 (V4's ``expert_dtype: fp4`` experts, DeepGEMM's operand): two
+        e2m1 values a byte, the lower index in the low nibble, ``[out, in / 2]`` int8 (as transformers stores
+        it), uint8 or float4_e2m1fn_x2, with ``prefix.weight_scale_inv`` ``[out, in / 32]`` (UE8M0 or float32).
+        Returns ``(uint8 packed weight, float32 scales)``."""
+        name = f"{prefix}.weight"
+        scale_name = name + SCALE_SUFFIX
+        if in_features % FP4_GROUP:
+            raise CheckpointError(f"tensor '{name}': packed FP4 needs in_features divisible by {FP4_GROUP}, "
+                                  f"got {in_features}")
+        q = self._shaped(name, (out_features, in_features // 2), "packed FP4 shape [out, in / 2] =")
+        if q.dtype not in FP4_STORAGE_DTYPES:
+            raise CheckpointError(f"tensor '{name}': expected packed FP4 (int8, uint8 or float4_e2m1fn_x2), "
+                                  f"got {q.dtype}")
+        if scale_name not in self:
+            raise CheckpointError(f"tensor '{name}' is packed FP4 but '{scale_name}' is missing")
+        s = self._shaped(scale_name, (out_features, in_features // FP4_GROUP), "one scale per 32 along K, shape")
+        if s.dtype not in scale_dtypes():
+            raise CheckpointError(f"tensor '{scale_name}': expected UE8M0 or float32 scales, got {s.dtype}")
+        return q.view(torch.uint8), s.float()
 
     def close(self) -> None:
         for handle in self._handles.values():

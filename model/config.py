@@ -180,7 +180,8 @@ class V4Args(CommonArgs):
     * mHC: ``hc_mult`` residual streams, ``hc_sinkhorn_iters``, ``hc_eps``;
     * MoE (every layer): ``hash_layers[i]`` (routing by ``tid2eid[token]``), ``moe_intermediate_size``,
       ``n_routed_experts``, ``n_shared_experts``, ``num_experts_per_tok``, ``routed_scaling_factor``,
-      ``scoring_func``, ``swiglu_limit`` (clamp of the SwiGLU gate / up);
+      ``scoring_func``, ``swiglu_limit`` (clamp of the SwiGLU gate / up); ``fp4_experts``: the routed
+      experts' weights are packed FP4 e2m1 with a UE8M0 scale per 32 along K (``expert_dtype: fp4``).
     """
 
     head_dim: int
@@ -206,6 +207,7 @@ class V4Args(CommonArgs):
     routed_scaling_factor: float
     scoring_func: str
     swiglu_limit: float
+    fp4_experts: bool
 
 
     # error sources for logits_rtol (hal.model.bisect): per layer, two sub-layers of about four rounding
@@ -275,9 +277,8 @@ def _v4_args(cfg: Dict[str, Any]) -> V4Args:
         compress = dict(cfg.get("rope_scaling") or {}, rope_theta=cfg.get("compress_rope_theta", 160000.0))
     block, fmt = _quantization(cfg)
     expert_dtype = (cfg.get("quantization_config") or {}).get("expert_dtype", cfg.get("expert_dtype"))
-    if expert_dtype not in (None, "fp8", "bf16"):
-        raise ModelNotSupportedError(f"config.json: expert_dtype {expert_dtype!r} (FP4 expert weights) is not "
-                                     "implemented yet; dequantise the experts to FP8 or bf16")
+    if expert_dtype not in (None, "fp8", "bf16", "fp4"):
+        raise CheckpointError(f"config.json: field 'expert_dtype' must be 'fp4', 'fp8' or 'bf16', got {expert_dtype!r}")
     if _field(cfg, "num_key_value_heads", int, 1, required=False) != 1:
         raise CheckpointError(f"config.json: field 'num_key_value_heads' must be 1 (V4's shared-KV MQA), "
                               f"got {cfg['num_key_value_heads']!r}")
@@ -320,6 +321,7 @@ def _v4_args(cfg: Dict[str, Any]) -> V4Args:
         routed_scaling_factor=_field(cfg, "routed_scaling_factor", float, 1.0, required=False),
         scoring_func=scoring,
         swiglu_limit=_field(cfg, "swiglu_limit", float, 10.0, required=False),
+        fp4_experts=expert_dtype == "fp4",
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         fp8_block=block,
         scale_fmt=fmt,

@@ -18,8 +18,42 @@ import torch
 import torch.nn.functional as F
 
 import hal
+from hal.formats import FP8_DTYPE, is_fp4
 from hal.model.config import V4Args
-from hal.model.deepseek_v3 import FP8_GROUP, Experts as V3Experts, LayerContext, Rope, Weights, _stack_scales
+from hal.model.deepseek_v3 import FP8_GROUP, Experts as V3Experts, LayerContext, Rope, Weights as V3Weights, \
+    _on_host, _stack_scales
+
+#: what becomes of FP4 expert weights: kept packed for the grouped GEMM, or dequantised on load
+FP4_WEIGHT_MODES = ("keep", "dequantize")
+
+
+class Weights(V3Weights):
+    """V3's weight reader, plus FP4 expert weights by ``fp4`` (one of :data:`FP4_WEIGHT_MODES`): kept packed
+    with their scales (``"keep"``), or dequantised (:func:`hal.ops.dequantize_fp4`, on the host); None for a
+    checkpoint without FP4 experts."""
+
+    def __init__(self, ckpt, args: V4Args, dtype: torch.dtype, fp8: str, fp4: Optional[str]):
+        super().__init__(ckpt, args, dtype, fp8)
+        self.fp4 = fp4
+
+    def fp4_expert(self, prefix: str, out_features: int, in_features: int):
+        """``(packed uint8 weight, float32 scales)`` kept, or ``(weight in dtype, None)`` dequantised."""
+        q, s = self.ckpt.fp4_weight(prefix, out_features, in_features)
+        if self.fp4 == "keep":
+            return q, s
+        with _on_host():
+            return hal.ops.dequantize_fp4(q, s, out_dtype=self.dtype), None
+
+
+def fp4_activation_dtype(args: V4Args, fp8: str, dtype: torch.dtype) -> torch.dtype:
+    """What the experts' FP4 GEMMs multiply the weights with: FP8 activations (1x128 groups, DeepGEMM's
+    ``fp8_fp4`` GEMMs) when the model keeps its FP8 linears and both GEMMs' K align to 128, else ``dtype``."""
+    return FP8_DTYPE if fp8 == "keep" and _expert_k_aligned(args) else dtype
+
+
+def _expert_k_aligned(args: V4Args) -> bool:
+    """Whether both expert GEMMs' K (and the gate / up blocks) align to FP8's 128."""
+    return args.hidden_size % FP8_GROUP == 0 and args.moe_intermediate_size % FP8_GROUP == 0
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -227,22 +261,36 @@ class MLP:
 
 class Experts(V3Experts):
     """The routed experts as V3's (``w13`` ``[E, 2I, H]``, ``w2`` ``[E, H, I]`` for the grouped GEMM), read from
-    V4's ``w1`` (gate) / ``w3`` (up) / ``w2`` (down) names, with the clamped SwiGLU."""
+    V4's ``w1`` (gate) / ``w3`` (up) / ``w2`` (down) names, with the clamped SwiGLU. FP4 experts kept packed
+    (``w13`` uint8 ``[E, 2I, H / 2]``, scales ``[E, 2I, H / 32]``) multiply :func:`fp4_activation_dtype`
+    activations."""
 
     def __init__(self, w: Weights, p: str, args: V4Args):  # not super().__init__: that reads V3 names
         dim, inter = args.hidden_size, args.moe_intermediate_size
-        aligned = dim % FP8_GROUP == 0 and inter % FP8_GROUP == 0
-        fp8 = Weights(w.ckpt, w.args, w.dtype, w.fp8 if w.fp8 != "keep" or aligned else "dequantize")
+        if args.fp4_experts:
+            read = w.fp4_expert
+        else:
+            fp8 = V3Weights(w.ckpt, w.args, w.dtype,
+                            w.fp8 if w.fp8 != "keep" or _expert_k_aligned(args) else "dequantize")
+
+            def read(prefix: str, out_features: int, in_features: int):
+                linear = fp8.linear(prefix, out_features, in_features)
+                return linear.weight, linear.scale
         w13, w2 = [], []
         for i in range(args.n_routed_experts):
-            gate, up = fp8.linear(f"{p}.{i}.w1", inter, dim), fp8.linear(f"{p}.{i}.w3", inter, dim)
-            down = fp8.linear(f"{p}.{i}.w2", dim, inter)
-            w13.append((torch.cat((gate.weight, up.weight)), None if gate.scale is None else
-                        torch.cat((gate.scale, up.scale))))
-            w2.append((down.weight, down.scale))
+            (gate, gate_scale), (up, up_scale) = read(f"{p}.{i}.w1", inter, dim), read(f"{p}.{i}.w3", inter, dim)
+            w13.append((torch.cat((gate, up)), None if gate_scale is None else torch.cat((gate_scale, up_scale))))
+            w2.append(read(f"{p}.{i}.w2", dim, inter))
         self.w13, self.s13 = torch.stack([t for t, _ in w13]), _stack_scales([s for _, s in w13])
         self.w2, self.s2 = torch.stack([t for t, _ in w2]), _stack_scales([s for _, s in w2])
         self.dtype, self.scale_fmt, self.limit = w.dtype, args.scale_fmt, args.swiglu_limit
+        self.fp4_x_dtype = fp4_activation_dtype(args, w.fp8, w.dtype)
+
+    def _gemm(self, x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],
+              group_sizes: torch.Tensor) -> torch.Tensor:
+        if is_fp4(w) and self.fp4_x_dtype != FP8_DTYPE:
+            return hal.ops.grouped_gemm(x, w, group_sizes, w_scale=scale, out_dtype=self.dtype)
+        return super()._gemm(x, w, scale, group_sizes)
 
     def __call__(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
         gate, up = self._gemm(x_sorted, self.w13, self.s13, group_sizes).chunk(2, dim=-1)
@@ -351,6 +399,9 @@ class Transformer:
         self.args, self.dtype, self.backend = args, w.dtype, backend
         self.fp8: Optional[str] = None  # as V3's: set by hal.model.load for an FP8 checkpoint
         self.fp8_reason = ""
+        #: for FP4 experts, what became of them (one of FP4_WEIGHT_MODES) and why (set by hal.model.load)
+        self.fp4: Optional[str] = None
+        self.fp4_reason = ""
         h, n = args.hidden_size, args.hc_mult
         self.embed = w.ckpt.tensor("model.embed_tokens.weight", (args.vocab_size, h), w.dtype)
         main_rope, compress_rope = _rope(args.main_rope), _rope(args.compress_rope)

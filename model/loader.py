@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -17,6 +17,14 @@ from hal.model.config import V4Args, read_config
 from hal.model.deepseek_v3 import FP8_WEIGHT_MODES, Transformer, Weights
 
 FP8_MODES = ("auto",) + FP8_WEIGHT_MODES
+FP4_MODES = ("auto",) + deepseek_v4.FP4_WEIGHT_MODES
+
+
+def _serves(requests: Dict[str, Tuple[Tuple[str, str], ...]]) -> bool:
+    """Whether the selected backend serves every ``{op: features}`` request (CPU tensors: where the model's
+    arguments are)."""
+    cpu = torch.device("cpu")
+    return all(route(get_op(op)).refusal(Request(cpu, features)) is None for op, features in requests.items())
 
 
 def _backend_serves(dtype: torch.dtype, weights: str) -> bool:
@@ -31,8 +39,7 @@ def _backend_serves(dtype: torch.dtype, weights: str) -> bool:
     operand = fp8 if weights == "fp8" else "int8"
     requests["grouped_gemm"] = (("layout", "contiguous"), ("x_dtype", operand), ("w_dtype", operand),
                                 ("out_dtype", out))
-    cpu = torch.device("cpu")
-    return all(route(get_op(op)).refusal(Request(cpu, features)) is None for op, features in requests.items())
+    return _serves(requests)
 
 
 def choose_fp8(fp8: str, dtype: torch.dtype) -> Tuple[str, str]:
@@ -48,8 +55,21 @@ def choose_fp8(fp8: str, dtype: torch.dtype) -> Tuple[str, str]:
     return "dequantize", "auto: the backend serves neither FP8 nor int8 GEMMs"
 
 
+def choose_fp4(fp4: str, activations: torch.dtype, dtype: torch.dtype) -> Tuple[str, str]:
+    """``(mode, why)``: what becomes of FP4 expert weights under ``fp4`` on the selected backend, the experts
+    multiplying ``activations`` (:func:`hal.model.deepseek_v4.fp4_activation_dtype`). ``"auto"`` keeps them
+    packed when the backend serves that grouped GEMM with FP4 weights, else dequantises them."""
+    if fp4 != "auto":
+        return fp4, "requested"
+    x = dtype_name(activations)
+    if _serves({"grouped_gemm": (("layout", "contiguous"), ("x_dtype", x), ("w_dtype", "fp4_e2m1"),
+                                 ("out_dtype", dtype_name(dtype)))}):
+        return "keep", f"auto: the backend serves grouped GEMMs of {x} activations and FP4 weights"
+    return "dequantize", f"auto: the backend serves no grouped GEMM of {x} activations and FP4 weights"
+
+
 def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dtype = torch.bfloat16,
-         fp8: str = "auto") -> Transformer:
+         fp8: str = "auto", fp4: str = "auto") -> Transformer:
     """Load a Hugging Face style DeepSeek checkpoint directory (``config.json`` + safetensors, sharded with
     ``model.safetensors.index.json`` or not).
 
@@ -63,6 +83,10 @@ def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dty
       ``"auto"``: keep > int8 > dequantize, the first the backend serves (:func:`choose_fp8`).
       The model's ``fp8`` attribute says what was chosen (None for a checkpoint without FP8 weights)
       and ``fp8_reason`` why.
+    * ``fp4``: for DeepSeek V4 checkpoints with FP4 experts (``expert_dtype: fp4``): ``"keep"`` them packed
+      (FP4 operands of :func:`hal.ops.grouped_gemm`; activations FP8 when the model keeps FP8 linears, else
+      ``dtype``), ``"dequantize"`` them on load (:func:`hal.ops.dequantize_fp4`), or ``"auto"``: keep when
+      the backend serves it (:func:`choose_fp4`). Reported as ``model.fp4`` / ``model.fp4_reason``.
 
     Every tensor is checked against the shape the config implies before the model exists: a missing,
     misshapen, unreadable or unexpected tensor raises :class:`hal.model.CheckpointError` naming it.
@@ -70,15 +94,22 @@ def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dty
     if dtype not in FLOAT_DTYPES:
         raise hal.InvalidArgumentError("hal.model.load", "dtype", "torch.bfloat16, torch.float16 or torch.float32",
                                        repr(dtype))
-    if fp8 not in FP8_MODES:
-        raise hal.InvalidArgumentError("hal.model.load", "fp8", " or ".join(repr(m) for m in FP8_MODES), repr(fp8))
+    for name, value, modes in (("fp8", fp8, FP8_MODES), ("fp4", fp4, FP4_MODES)):
+        if value not in modes:
+            raise hal.InvalidArgumentError("hal.model.load", name, " or ".join(repr(m) for m in modes), repr(value))
     args = read_config(Path(path))
+    fp4_experts = isinstance(args, V4Args) and args.fp4_experts
     with hal.use_backend(backend) if backend else contextlib.nullcontext():
         mode, why = choose_fp8(fp8, dtype) if args.fp8_block is not None else ("dequantize", "")
+        fp4_mode, fp4_why = choose_fp4(fp4, deepseek_v4.fp4_activation_dtype(args, mode, dtype), dtype) \
+            if fp4_experts else (None, "")
         ckpt = Checkpoint(Path(path))
         try:
-            model_class = deepseek_v4.Transformer if isinstance(args, V4Args) else Transformer
-            model = model_class(args, Weights(ckpt, args, dtype, mode), backend)
+            if isinstance(args, V4Args):
+                model = deepseek_v4.Transformer(args, deepseek_v4.Weights(ckpt, args, dtype, mode, fp4_mode), backend)
+                model.fp4, model.fp4_reason = fp4_mode, fp4_why
+            else:
+                model = Transformer(args, Weights(ckpt, args, dtype, mode), backend)
         except BaseException:
             ckpt.close()
             raise

@@ -47,6 +47,8 @@ TINY_V4 = {
 }
 # V4's FP8 linears (the compressors' and the indexer's pooling projections stay bf16, as released)
 V4_FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wo_a", "wo_b", "w1", "w2", "w3")
+# V4's FP4 expert scales are UE8M0 bytes where torch has the dtype (exact: quantize_fp4's scales are powers of two)
+FP4_SCALE_DTYPE = getattr(torch, "float8_e8m0fnu", torch.float32)
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
@@ -136,24 +138,34 @@ def _v4_tensor(name: str, shape: tuple, config: Dict, gen: torch.Generator) -> t
 
 
 def make_tiny(arch: str, out: Union[str, Path], fp8: bool = False, seed: int = 0,
-              scale_fmt: Optional[str] = None) -> Path:
+              scale_fmt: Optional[str] = None, fp4: bool = False) -> Path:
     """Write a tiny random ``arch`` checkpoint to ``out`` (created); FP8 block-quantised when ``fp8``
-    (``scale_fmt='ue8m0'``: power-of-two scales, as V3.1). Returns the directory."""
+    (``scale_fmt='ue8m0'``: power-of-two scales, as V3.1); V4's routed experts packed FP4 when ``fp4``
+    (:func:`hal.ops.quantize_fp4`: int8 ``[N, K / 2]``, the lower index in the low nibble, with UE8M0
+    ``weight_scale_inv`` ``[N, K / 32]``; ``expert_dtype: fp4`` in the quantization config, or at the top
+    level without ``fp8``). Returns the directory."""
     if arch not in ARCHES:
         raise hal.InvalidArgumentError("make_tiny", "arch", f"one of {list(ARCHES)}", repr(arch))
+    v4 = arch == "deepseek_v4"
+    if fp4 and not v4:
+        raise hal.InvalidArgumentError("make_tiny", "fp4", "False for deepseek_v3 (only V4 has FP4 experts)", "True")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    v4 = arch == "deepseek_v4"
     config = dict(TINY_V4 if v4 else TINY_V3)
     if fp8:
         config["quantization_config"] = dict(FP8_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))
+    if fp4:
+        config.get("quantization_config", config)["expert_dtype"] = "fp4"
     gen = torch.Generator().manual_seed(seed)
     tensors: Dict[str, torch.Tensor] = {}
     for name, shape in (_v4_shapes if v4 else _v3_shapes)(config).items():
         if v4:
             t = _v4_tensor(name, shape, config, gen)
             linear = name.endswith(".weight") and name.split(".")[-2] in V4_FP8_LINEARS and "compressor" not in name
-            if fp8 and linear:
+            if fp4 and linear and ".experts." in name:
+                q, scale = hal.ops.quantize_fp4(t.float())
+                tensors[name], tensors[name + SCALE_SUFFIX] = q.view(torch.int8), scale.to(FP4_SCALE_DTYPE)
+            elif fp8 and linear:
                 tensors[name], tensors[name + SCALE_SUFFIX] = hal.ops.quantize_fp8_weight(t.float(), 128, scale_fmt)
             else:
                 tensors[name] = t

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import hal.model
 from hal.cli import main
 from hal.model.bisect import logits_rtol
-from hal.model.tiny import make_tiny
+from hal.model.tiny import FP4_SCALE_DTYPE, make_tiny
 # the V3 harness: transformers' cache path, ours, and the per-position comparison (bf16: a fifth of the
 # positions may flip a near-tie routing or, here, indexer choice)
 from test_model_deepseek_v3 import assert_close, dequantized_copy, our_logits, reference_logits
@@ -171,10 +171,89 @@ def test_cli_make_tiny_and_generate(tmp_path, capsys):
     assert len(tokens) == 4 and all(0 <= int(t) < 256 for t in tokens)
 
 
-def test_fp4_expert_checkpoints_are_refused_naming_what_is_missing(tmp_path):
+@pytest.fixture(scope="module")
+def fp4_checkpoint(tmp_path_factory):
+    """``make-tiny --fp4``: routed experts packed FP4, everything else bf16."""
+    return make_tiny("deepseek_v4", tmp_path_factory.mktemp("fp4") / "tiny", fp4=True, seed=5)
+
+
+def test_fp4_experts_kept_packed_match_them_dequantized_on_load(fp4_checkpoint):
+    """Kept packed, the experts' grouped GEMMs take the FP4 weights and their UE8M0 scales; dequantised on
+    load, the same values as float32 weights (e2m1 times a power of two is exact in float32). The activations
+    are the same float32 ones: only where the GEMM applies the scales and its summation order differ, so
+    the fp32 model tolerance holds at every position. The dequantised weights are transformers' own
+    reading of the checkpoint's FP4 tensors (its FP8/FP4 dequantiser): make-tiny writes the official
+    packing (lower index in the low nibble, a scale per 32 along K)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    kept = hal.model.load(fp4_checkpoint, backend="cpu", dtype=torch.float32)
+    plain = hal.model.load(fp4_checkpoint, backend="cpu", dtype=torch.float32, fp4="dequantize")
+    assert (kept.fp4, plain.fp4, plain.fp4_reason) == ("keep", "dequantize", "requested")
+    assert "FP4 weights" in kept.fp4_reason and kept.fp8 is None
+    experts = kept.layers[1].ffn.experts
+    assert (experts.w13.dtype, experts.w13.shape, experts.s13.shape) == (torch.uint8, (8, 256, 64), (8, 256, 4))
+    tensors = {}
+    for file in fp4_checkpoint.glob("*.safetensors"):
+        tensors.update(load_file(str(file)))
+    name = "model.layers.1.ffn.experts.5.w2.weight"
+    assert tensors[name].dtype == torch.int8 and tensors[name + "_scale_inv"].dtype == FP4_SCALE_DTYPE  # UE8M0
+    theirs = Fp8Dequantize(None)._dequantize_one(tensors[name], tensors[name + "_scale_inv"], torch.float32)
+    assert torch.equal(plain.layers[1].ffn.experts.w2[5], theirs)
+    prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11, 12]])
+    fed = torch.tensor([[1, 2, 3]])
+    assert_close(our_logits(kept, prompt, fed), our_logits(plain, prompt, fed), logits_rtol(kept.args, torch.float32))
+
+
+def test_fp4_experts_are_dequantized_on_an_atlas_a2_and_kept_on_a_950(fp4_checkpoint):
+    """The emulated Atlas A2 offers no FP4 operand: auto dequantises the experts on load (on the host) and
+    says why; the emulated Ascend 950 serves FP4-weight grouped GEMMs, so they stay packed."""
+    a2 = hal.model.load(fp4_checkpoint, backend="ascend-emulated", dtype=torch.bfloat16)
+    assert a2.fp4 == "dequantize" and "no grouped GEMM of bfloat16 activations and FP4 weights" in a2.fp4_reason
+    assert a2.layers[1].ffn.experts.w13.dtype == torch.bfloat16
+    assert len(hal.model.generate(a2, [[1, 2, 3]], max_new_tokens=2)[0]) == 2
+    assert hal.model.load(fp4_checkpoint, backend="ascend-950-emulated", dtype=torch.bfloat16).fp4 == "keep"
+
+
+def test_fp4_experts_with_fp8_linears_take_fp8_activations(tmp_path):
+    """``--fp4 --fp8``: the rest FP8 kept, so the FP4 expert GEMMs take FP8 activations (DeepGEMM's
+    fp8 x fp4 GEMMs); the CPU reference serves them."""
+    path = make_tiny("deepseek_v4", tmp_path / "tiny", fp8=True, fp4=True, seed=5)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["expert_dtype"] == "fp4"
+    model = hal.model.load(path, backend="cpu", dtype=torch.bfloat16)
+    assert (model.fp8, model.fp4) == ("keep", "keep") and "float8_e4m3fn activations" in model.fp4_reason
+    assert model.layers[1].ffn.experts.fp4_x_dtype == torch.float8_e4m3fn
+    assert len(hal.model.generate(model, [[1, 2, 3]], max_new_tokens=2)[0]) == 2
+
+
+def _rewrite(path, name: str, tensor) -> None:
+    """Replace (``tensor``) or drop (None) the tensor ``name`` of the sharded checkpoint ``path``."""
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = path / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    if tensor is None:
+        del tensors[name], index["weight_map"][name]
+    else:
+        tensors[name] = tensor
+    save_file(tensors, str(shard))
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("w1.weight", r"tensor 'model\.layers\.2\.ffn\.experts\.3\.w1\.weight': expected packed FP4 shape"),
+    ("w1.weight_scale_inv", r"'model\.layers\.2\.ffn\.experts\.3\.w1\.weight' is packed FP4 but "
+                            r"'model\.layers\.2\.ffn\.experts\.3\.w1\.weight_scale_inv' is missing"),
+], ids=["unpacked-shape", "missing-scale"])
+def test_a_bad_fp4_tensor_is_named_at_load(fp4_checkpoint, tmp_path, broken, message):
+    for file in fp4_checkpoint.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    name = f"model.layers.2.ffn.experts.3.{broken}"
+    _rewrite(tmp_path, name, torch.zeros(128, 128, dtype=torch.int8) if broken == "w1.weight" else None)
+    with pytest.raises(hal.model.CheckpointError, match=message):
+        hal.model.load(tmp_path, backend="cpu")
+
+
+def test_a_bf16_checkpoint_declaring_fp4_experts_is_refused_naming_the_tensor(tmp_path):
     out = make_tiny("deepseek_v4", tmp_path / "tiny")
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128], "expert_dtype": "fp4"}
-    (out / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hal.model.ModelNotSupportedError, match="FP4 expert weights"):
+    (out / "config.json").write_text(json.dumps(dict(config, expert_dtype="fp4")))
+    with pytest.raises(hal.model.CheckpointError, match=r"experts\.0\.w1\.weight': expected packed FP4 shape"):
         hal.model.load(out)
