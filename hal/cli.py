@@ -35,9 +35,11 @@ def _dtype(name: str):
 def _generate(args: argparse.Namespace) -> int:
     import hal.model
     from hal.model.generate import timed_generate
-    model = hal.model.load(args.model, backend=args.backend, dtype=_dtype(args.dtype), fp8=args.fp8)
+    model = hal.model.load(args.model, backend=args.backend, dtype=_dtype(args.dtype), fp8=args.fp8, fp4=args.fp4)
     if model.fp8 is not None:
         print(f"FP8 checkpoint weights: {model.fp8} ({model.fp8_reason})", file=sys.stderr)
+    if getattr(model, "fp4", None) is not None:  # V4 models with FP4 experts
+        print(f"FP4 expert weights: {model.fp4} ({model.fp4_reason})", file=sys.stderr)
     new, rate = timed_generate(model, [args.prompt_ids], args.max_new_tokens)
     print(" ".join(map(str, new[0])))
     print(f"{args.max_new_tokens} tokens, {rate:.2f} tokens/s", file=sys.stderr)
@@ -46,8 +48,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _make_tiny(args: argparse.Namespace) -> int:
     from hal.model.tiny import make_tiny
-    out = make_tiny(args.arch, args.dir, fp8=args.fp8, seed=args.seed, scale_fmt=args.scale_fmt)
-    print(f"wrote a tiny random {args.arch} checkpoint{' (FP8)' if args.fp8 else ''} to {out}")
+    out = make_tiny(args.arch, args.dir, fp8=args.fp8, seed=args.seed, scale_fmt=args.scale_fmt, fp4=args.fp4)
+    formats = " + ".join(f for f, on in (("FP8", args.fp8), ("FP4 experts", args.fp4)) if on)
+    print(f"wrote a tiny random {args.arch} checkpoint{f' ({formats})' if formats else ''} to {out}")
     return 0
 
 
@@ -58,6 +61,11 @@ def _bisect(args: argparse.Namespace) -> int:
     findings = bisect(model, args.backend, prompt=[args.prompt_ids], steps=args.steps)
     sys.stdout.write(render(findings, args.backend, logits_rtol(model.args, model.dtype)))
     return 1 if any(f.status == "diverges" for f in findings) else 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from hal import bench
+    return bench.main(args.size, args.backend, args.json, model=not args.no_model)
 
 
 def _add_model_args(p: argparse.ArgumentParser, dtype: str) -> None:
@@ -103,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", default="auto", choices=["auto", "keep", "int8", "dequantize"],
                    help="FP8 checkpoints: keep weights quantised, convert them to W8A8 int8, dequantise on load, "
                         "or auto (the first of keep, int8, dequantize the backend serves; reported on stderr)")
+    p.add_argument("--fp4", default="auto", choices=["auto", "keep", "dequantize"],
+                   help="V4 FP4 experts: keep them packed, dequantise on load, or auto (keep when the backend "
+                        "serves FP4-weight grouped GEMMs; reported on stderr)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("model", help="model utilities")
@@ -112,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="output directory")
     p.add_argument("--fp8", action="store_true", help="FP8 block-quantised weights (weight_scale_inv)")
     p.add_argument("--scale-fmt", choices=["ue8m0"], help="power-of-two (UE8M0) FP8 scales, as V3.1")
+    p.add_argument("--fp4", action="store_true", help="deepseek_v4: routed experts packed FP4 (UE8M0 scale per 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_make_tiny)
 
@@ -123,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", required=True, help="backend to check operator by operator")
     p.add_argument("--steps", type=int, default=3, help="decode steps after the prefill (default: 3)")
     p.set_defaults(func=_bisect)
+
+    p = sub.add_parser("bench", help="measure each operator and the model against limits measured in the same run",
+                       description="Time each operator on DeepSeek-shaped problems and print it as a ratio to its "
+                                   "limit on this machine (dense fp32 GEMM of equal FLOPs, memory copy of equal "
+                                   "bytes, a direct call), median and spread over repetitions; and the tiny V3 "
+                                   "model against transformers when it is installed. See docs/performance.md.")
+    p.add_argument("--backend", default="cpu", help="backend to measure (default: cpu)")
+    p.add_argument("--size", default="default", choices=["default", "tiny"],
+                   help="problem sizes: default (minutes on 2 cores) or tiny (seconds, for CI)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--no-model", action="store_true", help="operators only, skip the end-to-end model")
+    p.set_defaults(func=_bench)
     return parser
 
 

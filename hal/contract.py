@@ -110,11 +110,18 @@ class Op:
         return self._validate(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from hal.dispatch import dispatch  # import cycle: dispatch needs the registry and config
-        return dispatch(self, self._validate(*args, **kwargs), args, kwargs)
+        return _dispatch()(self, self._validate(*args, **kwargs), args, kwargs)
 
     def __repr__(self) -> str:
         return f"<hal op {self.family}.{self.name}>"
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatch() -> Callable[..., Any]:
+    """:func:`hal.dispatch.dispatch`, imported on first use (import cycle: dispatch needs the registry and
+    config) and then held, so that an operator call does not pay for an import statement."""
+    from hal.dispatch import dispatch
+    return dispatch
 
 
 def contract(*, family: str, axes: Mapping[str, Sequence[str]],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from hal import config
@@ -36,6 +36,8 @@ class Route:
     policy: str           # "error" | "warn"
     fallback: str         # backend name used under "warn"
     source: str           # which settings layer chose the backend ("auto-detected" if none)
+    # (device type, features) of requests this route was found to serve: skips refusal() next time
+    served: Set[Tuple[str, Tuple[Tuple[str, str], ...]]] = field(default_factory=set, compare=False)
 
     def refusal(self, request: Request) -> Optional[str]:
         """Why this route cannot serve ``request``, or ``None`` when it can."""
@@ -93,8 +95,13 @@ def _resolve(op: Op, layers: Tuple[config.Layer, ...]) -> Route:
 
 def dispatch(op: Op, request: Request, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     r = route(op)
+    served = r.served
+    if (request.device.type, request.features) in served:  # the hot path: a request seen before
+        return r.impl(*args, **kwargs)  # type: ignore[misc]
     refusal = r.refusal(request)
     if refusal is None:
+        if len(served) < 256:  # feature combinations are few; a bound anyway
+            served.add((request.device.type, request.features))
         return r.impl(*args, **kwargs)  # type: ignore[misc]
     return _fall_back(op, r, request, refusal, args, kwargs)
 

@@ -1,0 +1,374 @@
+"""``hal bench``: what each operator costs on a backend, as a ratio to its limit measured in the same run.
+
+Every figure pairs an operator with a *limit* it cannot beat on this machine, timed back to back in each
+repetition (after warm-up), so a machine that is busier or slower moves both: the headline is the median
+of the per-repetition ratios, with their spread (min and max). Absolute times are reported beside them.
+
+* GEMMs: a dense fp32 ``torch.mm`` of the same FLOPs (ratio = achieved share of its throughput).
+* Memory-bound operators: a memory copy of the same bytes (ratio = achieved share of copy bandwidth).
+* MLA decode: its roofline, the larger of reading the latent cache once (a copy of those bytes) and its
+  FLOPs at the dense fp32 GEMM rate measured in this run; also the DeepSeek "naive" formulation (per-head
+  keys and values decompressed and cached, attended with :func:`hal.ops.mla_prefill`).
+* Dispatch: a HAL operator call against a direct call of the backend's implementation, split into
+  validation and routing.
+* The model: ``hal.model`` on a tiny random DeepSeek V3 checkpoint against transformers'
+  ``DeepseekV3ForCausalLM`` on the same checkpoint and tokens (skipped when transformers is missing).
+
+A benchmark, not a test: nothing here asserts a time. See docs/performance.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import hal
+from hal.dispatch import route
+
+__all__ = ["Figure", "SIZES", "run", "render"]
+
+
+@dataclass(frozen=True)
+class Size:
+    """Problem sizes: DeepSeek V3 shapes scaled down to a 2-core CPU (``default``) or to seconds (``tiny``)."""
+
+    experts: int
+    gemm_tokens: int       # routed token copies (tokens x top-k) over all experts
+    hidden: int            # K of the expert GEMM
+    expert_width: int      # N of the expert GEMM
+    heads: int             # MLA query heads (DeepSeek V3: 128)
+    context: int           # MLA decode keys per sequence
+    quant_tokens: int
+    model_context: int     # tokens of the model's prompt
+    decode_steps: int
+    reps: int
+    sample_s: float        # a timed sample lasts about this long (short calls are repeated within it)
+    scaling: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+
+
+SIZES = {
+    "tiny": Size(experts=8, gemm_tokens=64, hidden=128, expert_width=64, heads=2, context=256, quant_tokens=16,
+                 model_context=32, decode_steps=2, reps=3, sample_s=0.002,
+                 scaling={"tokens": (32, 64), "experts": (4, 8), "context": (128, 256)}),
+    "default": Size(experts=64, gemm_tokens=8192, hidden=1024, expert_width=512, heads=16, context=4096,
+                    quant_tokens=2048, model_context=2048, decode_steps=16, reps=7, sample_s=0.05,
+                    scaling={"tokens": (1024, 4096, 16384), "experts": (16, 64, 256),
+                             "context": (1024, 4096, 16384)}),
+}
+
+_LATENT, _ROPE, _NOPE, _HEAD_V = 512, 64, 128, 128  # DeepSeek V3's MLA widths (kept: they set the roofline)
+
+
+@dataclass
+class Figure:
+    """One measurement: the operator's time, its limit's, and their ratio over the repetitions."""
+
+    name: str
+    limit: str             # what the operator is compared with
+    ratio: float           # median over repetitions; meaning given by ``ratio_means``
+    ratio_min: float
+    ratio_max: float
+    ratio_means: str
+    op_ms: float           # medians, milliseconds
+    limit_ms: float
+    target: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def _seconds(fn: Callable[[], Any], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def _calls_per_sample(fn: Callable[[], Any], min_s: float) -> int:
+    """How many calls make one timed sample last about ``min_s`` (short calls are timed in batches)."""
+    once = _seconds(fn, 1)
+    return max(1, min(10000, int(min_s / max(once, 1e-7))))
+
+
+def _paired(fn: Callable[[], Any], limit: Callable[[], Any], size: Size) -> Tuple[List[float], List[float]]:
+    """Per repetition, the seconds per call of ``fn`` and of ``limit``, timed back to back after warm-up."""
+    for f in (fn, limit, fn, limit):  # warm-up: allocator, caches, lazy initialisation
+        f()
+    n_fn, n_limit = _calls_per_sample(fn, size.sample_s), _calls_per_sample(limit, size.sample_s)
+    times: Tuple[List[float], List[float]] = ([], [])
+    for _ in range(size.reps):
+        times[0].append(_seconds(fn, n_fn))
+        times[1].append(_seconds(limit, n_limit))
+    return times
+
+
+def _figure(name: str, limit_name: str, op_s: Sequence[float], limit_s: Sequence[float], *, means: str,
+            limit_over_op: bool = True, target: Optional[str] = None, **extra: Any) -> Figure:
+    """``limit_over_op``: ratio = limit time / op time (share of the limit's speed); else op / limit."""
+    ratios = [(b / a) if limit_over_op else (a / b) for a, b in zip(op_s, limit_s)]
+    return Figure(name, limit_name, statistics.median(ratios), min(ratios), max(ratios), means,
+                  statistics.median(op_s) * 1e3, statistics.median(limit_s) * 1e3, target, extra)
+
+
+def _bf16(*shape: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale).to(torch.bfloat16)
+
+
+def _uneven_groups(tokens: int, experts: int) -> torch.Tensor:
+    """Group sizes adding up to ``tokens``, skewed as routing makes them (some experts hot, some empty)."""
+    popularity = torch.distributions.Dirichlet(torch.full((experts,), 0.5)).sample()
+    ids = torch.multinomial(popularity, tokens, replacement=True)
+    return torch.bincount(ids, minlength=experts)
+
+
+def _copy_of(nbytes: int) -> Callable[[], Any]:
+    """A memory copy that reads ``nbytes / 2`` and writes ``nbytes / 2`` bytes (``nbytes`` moved in all)."""
+    src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8).random_()
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def _dense_gemm(flops: float, k: int, n: int) -> Callable[[], Any]:
+    """A dense fp32 ``[M, k] @ [k, n]`` with M chosen so that it does ``flops`` FLOPs."""
+    m = max(1, round(flops / (2 * k * n)))
+    a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+    return lambda: torch.mm(a, b, out=out)
+
+
+# --------------------------------------------------------------------------- operators
+
+def bench_grouped_gemm(size: Size, experts: int, tokens: int) -> Figure:
+    k, n = size.hidden, size.expert_width
+    groups = _uneven_groups(tokens, experts)
+    x, w = _bf16(tokens, k), _bf16(experts, n, k, scale=k ** -0.5)
+    flops = 2.0 * tokens * k * n
+    op_s, dense_s = _paired(lambda: hal.ops.grouped_gemm(x, w, groups), _dense_gemm(flops, k, n), size)
+    return _figure(f"grouped_gemm bf16 {experts} experts, {tokens} rows, K={k}, N={n}",
+                   "dense fp32 GEMM, same FLOPs", op_s, dense_s, means="share of dense fp32 GEMM throughput",
+                   target=">= 0.85", gflops=flops / statistics.median(op_s) / 1e9,
+                   dense_gflops=flops / statistics.median(dense_s) / 1e9)
+
+
+def _mla_problem(heads: int, context: int, block_size: int = 64):
+    d = _LATENT + _ROPE
+    blocks = (context + block_size - 1) // block_size
+    kv_cache = _bf16(blocks, block_size, d)
+    block_table = torch.randperm(blocks, dtype=torch.int32)[None]  # pages scattered over the cache
+    seq_lens = torch.tensor([context], dtype=torch.int32)
+    q = _bf16(1, 1, heads, d)
+    return q, kv_cache, block_table, seq_lens
+
+
+def bench_mla_decode(size: Size, context: int, dense_gflops: float) -> List[Figure]:
+    heads = size.heads
+    q, kv_cache, block_table, seq_lens = _mla_problem(heads, context)
+    scale = (_NOPE + _ROPE) ** -0.5
+
+    def absorbed():
+        return hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, softmax_scale=scale, head_dim_v=_LATENT)
+
+    cache_bytes = context * (_LATENT + _ROPE) * kv_cache.element_size()
+    flops = 2.0 * heads * context * (_LATENT + _ROPE + _LATENT)
+    op_s, copy_s = _paired(absorbed, _copy_of(2 * cache_bytes), size)
+    compute_s = flops / (dense_gflops * 1e9)
+    roofline = [max(c, compute_s) for c in copy_s]
+    figures = [_figure(f"mla_decode absorbed, {heads} heads, {context} keys", "roofline: max(copy of the latent "
+                       "cache, FLOPs at the dense fp32 GEMM rate)", op_s, roofline, means="time / roofline time",
+                       limit_over_op=False, target="<= 1.5", cache_mb=cache_bytes / 2**20,
+                       bound="memory" if statistics.median(copy_s) > compute_s else "compute")]
+    # DeepSeek's naive form: per-head keys [nope | rope] and values decompressed once and cached
+    k = _bf16(context, heads, _NOPE + _ROPE)
+    v = _bf16(context, heads, _HEAD_V)
+    qn = _bf16(1, heads, _NOPE + _ROPE)
+    cu_q = torch.tensor([0, 1], dtype=torch.int32)
+    cu_k = torch.tensor([0, context], dtype=torch.int32)
+    naive_s, op2_s = _paired(lambda: hal.ops.mla_prefill(qn, k, v, cu_q, cu_k, softmax_scale=scale), absorbed,
+                             size)
+    figures.append(_figure(f"mla_decode absorbed vs naive, {heads} heads, {context} keys",
+                           "naive (decompressed K/V cache) via mla_prefill", op2_s, naive_s,
+                           means="speed-up over naive", target=">= 10"))
+    return figures
+
+
+def bench_quantize_fp8(size: Size, tokens: int) -> Figure:
+    k = 7168 // 2
+    x = _bf16(tokens, k)
+    moved = x.numel() * (2 + 1) + x.numel() // 128 * 4  # read bf16, write e4m3 and fp32 scales
+    op_s, copy_s = _paired(lambda: hal.ops.quantize_fp8(x, 128), _copy_of(moved), size)
+    return _figure(f"quantize_fp8 bf16 [{tokens}, {k}] group 128", "memory copy, same bytes", op_s, copy_s,
+                   means="share of copy bandwidth", target=">= 0.5",
+                   gb_per_s=moved / statistics.median(op_s) / 1e9)
+
+
+def _dispatch_cases() -> Dict[str, Tuple[hal.contract.Op, tuple, dict]]:
+    """Small calls of several operators, where the per-call overhead is what a decode step feels."""
+    logits = torch.randn(4, 64)
+    return {
+        "quantize_fp8": (hal.ops.quantize_fp8, (torch.randn(4, 128),), {}),
+        "grouped_gemm": (hal.ops.grouped_gemm, (torch.randn(8, 32), torch.randn(4, 16, 32),
+                                                torch.tensor([2, 2, 2, 2])), {}),
+        "topk_routing": (hal.ops.topk_routing, (logits,), dict(top_k=2, scoring="sigmoid")),
+        "mla_decode": (hal.ops.mla_decode, _mla_problem(2, 64, 16), dict(softmax_scale=0.1, head_dim_v=512)),
+    }
+
+
+def bench_dispatch(size: Size) -> List[Figure]:
+    """Op call vs a direct call of the routed implementation; the overhead split into validation (the
+    contract's checks) and routing (route lookup, support check)."""
+    figures = []
+    for name, (op, args, kwargs) in _dispatch_cases().items():
+        impl = route(op).impl
+        call_s, direct_s = _paired(lambda: op(*args, **kwargs), lambda: impl(*args, **kwargs), size)
+        validate_s, _ = _paired(lambda: op.validate(*args, **kwargs), lambda: None, size)
+        overhead = [(a - b) * 1e6 for a, b in zip(call_s, direct_s)]
+        validation_us = statistics.median(validate_s) * 1e6
+        median_overhead = statistics.median(overhead)
+        figures.append(Figure(f"dispatch overhead, {name}", "direct call of the backend implementation",
+                              median_overhead, min(overhead), max(overhead), "microseconds per call",
+                              statistics.median(call_s) * 1e3, statistics.median(direct_s) * 1e3, "< 2 us",
+                              {"validation_us": validation_us, "routing_us": median_overhead - validation_us}))
+    return figures
+
+
+# --------------------------------------------------------------------------- the model
+
+def _timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def _hal_run(model, prompt: torch.Tensor, steps: int) -> Tuple[List[int], float, float]:
+    """Greedy tokens, prefill seconds and decode seconds per token of ``hal.model``."""
+    cache = model.new_cache(1, prompt.shape[1] + steps)
+    logits, prefill_s = _timed(lambda: model(prompt, cache))
+    tokens = [int(logits[0, -1].argmax())]
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        tokens.append(int(model(torch.tensor([[tokens[-1]]]), cache)[0, -1].argmax()))
+    return tokens, prefill_s, (time.perf_counter() - start) / max(steps - 1, 1)
+
+
+def _hf_run(model, prompt: torch.Tensor, steps: int) -> Tuple[List[int], float, float]:
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out, prefill_s = _timed(lambda: model(prompt, cache=cache, use_cache=True))
+        tokens = [int(out.logits[0, -1].argmax())]
+        start = time.perf_counter()
+        for _ in range(steps - 1):
+            out = model(torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens, prefill_s, (time.perf_counter() - start) / max(steps - 1, 1)
+
+
+def bench_model(size: Size, backend: str) -> Tuple[List[Figure], List[str]]:
+    import hal.model
+    from hal.model.tiny import make_tiny
+    notes = []
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        transformers = None
+        notes.append("transformers is not installed: the peer comparison is skipped")
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny("deepseek_v3", tmp)
+        ours = hal.model.load(tmp, backend=backend, dtype=torch.bfloat16)
+        peer = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).eval() if transformers else None
+    prompt = torch.randint(2, ours.args.vocab_size, (1, size.model_context), generator=torch.Generator().manual_seed(0))
+    steps = size.decode_steps
+    runs: Dict[str, List[Tuple[List[int], float, float]]] = {"hal": [], "transformers": []}
+    for rep in range(1 + size.reps // 2):  # the first repetition is the warm-up
+        runs["hal"].append(_hal_run(ours, prompt, steps))
+        if peer is not None:
+            runs["transformers"].append(_hf_run(peer, prompt, steps))
+    figures = []
+    ctx = size.model_context
+    if peer is None:
+        for phase, i, per in (("prefill", 1, ctx), ("decode", 2, 1)):
+            rates = [per / r[i] for r in runs["hal"][1:]]
+            figures.append(Figure(f"tiny V3 {phase} tokens/s at {ctx} context", "(no peer measured)",
+                                  statistics.median(rates), min(rates), max(rates), "tokens per second",
+                                  statistics.median(r[i] for r in runs["hal"][1:]) * 1e3, float("nan")))
+        return figures, notes
+    same = all(h[0] == p[0] for h, p in zip(runs["hal"], runs["transformers"]))
+    for phase, i, target in (("prefill", 1, ">= 3"), ("decode", 2, ">= 10")):
+        ours_s = [r[i] for r in runs["hal"][1:]]
+        peer_s = [r[i] for r in runs["transformers"][1:]]
+        per = ctx if phase == "prefill" else 1
+        figures.append(_figure(f"tiny V3 {phase} at {ctx} context", f"transformers {transformers.__version__} "
+                               "DeepseekV3ForCausalLM, same checkpoint and tokens", ours_s, peer_s,
+                               means="speed-up over transformers", target=target, identical_greedy_tokens=same,
+                               tokens_per_s=per / statistics.median(ours_s),
+                               peer_tokens_per_s=per / statistics.median(peer_s)))
+    return figures, notes
+
+
+# --------------------------------------------------------------------------- driver
+
+def run(size_name: str = "default", backend: str = "cpu", model: bool = True) -> Dict[str, Any]:
+    """Every measurement on ``backend``; returns what ``--json`` writes."""
+    size = SIZES[size_name]
+    torch.manual_seed(0)
+    figures: List[Figure] = []
+    scaling: Dict[str, List[Figure]] = {"tokens": [], "experts": [], "context": []}
+    notes: List[str] = []
+    with hal.use_backend(backend):
+        gemm = bench_grouped_gemm(size, size.experts, size.gemm_tokens)
+        figures.append(gemm)
+        figures += bench_mla_decode(size, size.context, gemm.extra["dense_gflops"])
+        figures.append(bench_quantize_fp8(size, size.quant_tokens))
+        figures += bench_dispatch(size)
+        for tokens in size.scaling["tokens"]:
+            scaling["tokens"].append(bench_grouped_gemm(size, size.experts, tokens))
+        for experts in size.scaling["experts"]:
+            scaling["experts"].append(bench_grouped_gemm(size, experts, size.gemm_tokens))
+        for context in size.scaling["context"]:
+            scaling["context"].append(bench_mla_decode(size, context, gemm.extra["dense_gflops"])[0])
+    if model:
+        model_figures, notes = bench_model(size, backend)
+        figures += model_figures
+    return {"backend": backend, "size": size_name, "machine": _machine(), "figures": [asdict(f) for f in figures],
+            "scaling": {axis: [asdict(f) for f in fs] for axis, fs in scaling.items()}, "notes": notes}
+
+
+def _machine() -> Dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def render(data: Dict[str, Any]) -> str:
+    """The report as text: one line per figure, ratio first."""
+    m = data["machine"]
+    lines = [f"hal bench: backend {data['backend']}, size {data['size']}, {m['cores']} cores "
+             f"({m['torch_threads']} torch threads), torch {m['torch']}",
+             f"{'ratio':>8} {'min..max':>15}  {'target':>7}  {'op ms':>9} {'limit ms':>9}  figure (ratio = ...; limit)"]
+
+    def line(f: Dict[str, Any]) -> str:
+        spread = f"{f['ratio_min']:.2f}..{f['ratio_max']:.2f}"
+        return (f"{f['ratio']:8.2f} {spread:>15}  {f['target'] or '':>7}  {f['op_ms']:9.3f} {f['limit_ms']:9.3f}  "
+                f"{f['name']} ({f['ratio_means']}; {f['limit']})"
+                + "".join(f"; {k}={v:.3g}" if isinstance(v, float) else f"; {k}={v}" for k, v in f["extra"].items()))
+
+    lines += [line(f) for f in data["figures"]]
+    for axis, figures in data["scaling"].items():
+        lines.append(f"scaling with {axis}:")
+        lines += [line(f) for f in figures]
+    lines += [f"note: {n}" for n in data["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(size: str, backend: str, json_path: Optional[str], model: bool = True) -> int:
+    data = run(size, backend, model)
+    print(render(data), end="")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=2)
+    return 0

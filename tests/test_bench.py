@@ -1,0 +1,31 @@
+"""``hal bench`` runs end to end on the tiny sizes and writes the figures it prints as JSON. A benchmark,
+not a test of speed: no time is asserted, only that every measurement is there and well-formed."""
+from __future__ import annotations
+
+import json
+import math
+
+from hal.cli import main
+
+OPERATOR_FIGURES = ("grouped_gemm", "mla_decode absorbed,", "mla_decode absorbed vs naive", "quantize_fp8",
+                    "dispatch overhead, quantize_fp8", "dispatch overhead, mla_decode")
+
+
+def test_bench_tiny_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "tiny", "--no-model", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["backend"], data["size"]) == ("cpu", "tiny")
+    assert data["machine"]["cores"] >= 1
+    names = [f["name"] for f in data["figures"]]
+    for prefix in OPERATOR_FIGURES:
+        assert any(n.startswith(prefix) for n in names), (prefix, names)
+    for f in data["figures"] + [f for axis in data["scaling"].values() for f in axis]:
+        assert f["ratio_min"] <= f["ratio"] <= f["ratio_max"], f
+        assert math.isfinite(f["ratio"]) and f["op_ms"] > 0 and f["limit"], f
+    assert sorted(data["scaling"]) == ["context", "experts", "tokens"]
+    assert all(len(figures) == 2 for figures in data["scaling"].values())
+    dispatch = [f for f in data["figures"] if f["name"].startswith("dispatch overhead")]
+    assert all({"validation_us", "routing_us"} <= set(f["extra"]) for f in dispatch)
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in names)  # the report prints what the JSON holds
