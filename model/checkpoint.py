@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, KeysView, Optional, Sequence, Set, Tuple
 
 import torch
 from safetensors import safe_open
@@ -27,7 +28,8 @@ def _open(file: Path):
 
 class Checkpoint:
     """The tensors of a checkpoint directory, read on demand and checked; :meth:`finish` then refuses
-    tensors nobody asked for."""
+    tensors nobody asked for. Callers ask by the model's tensor names; :meth:`read_as` maps them to a
+    checkpoint that names its tensors otherwise. Errors name tensors as the files do."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -52,9 +54,28 @@ class Checkpoint:
                     self._where.update({name: file for name in f.keys()})
         self._handles: Dict[Path, object] = {}
         self._used: Set[str] = set()
+        self._renames: Tuple[Tuple[re.Pattern, str], ...] = ()
+
+    def file_names(self) -> KeysView[str]:
+        """The names of the tensors the files hold."""
+        return self._where.keys()
+
+    def read_as(self, renames: Sequence[Tuple[str, str]]) -> None:
+        """Look every tensor name asked for up as rewritten by ``renames``: ``(regex, replacement)`` pairs of
+        :func:`re.sub`, applied in order."""
+        self._renames = tuple((re.compile(pattern), replacement) for pattern, replacement in renames)
+
+    def _file_name(self, name: str) -> str:
+        for pattern, replacement in self._renames:
+            name = pattern.sub(replacement, name)
+        return name
+
+    def _weight_names(self, prefix: str) -> Tuple[str, str]:
+        """The file names of ``prefix.weight`` and of its block scales."""
+        return self._file_name(f"{prefix}.weight"), self._file_name(f"{prefix}.weight{SCALE_SUFFIX}")
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return self._file_name(name) in self._where
 
     def _raw(self, name: str) -> torch.Tensor:
         file = self._where.get(name)
@@ -78,6 +99,9 @@ class Checkpoint:
 
     def tensor(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The tensor ``name``, checked to have ``shape``, converted to ``dtype`` (a float dtype)."""
+        return self._float(self._file_name(name), shape, dtype)
+
+    def _float(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         t = self._shaped(name, shape)
         if not t.is_floating_point():
             raise CheckpointError(f"tensor '{name}': expected a float tensor, got {t.dtype}")
@@ -86,6 +110,7 @@ class Checkpoint:
     def ids(self, name: str, shape: Sequence[int], upper: int) -> torch.Tensor:
         """The integer tensor ``name`` (e.g. V4's ``tid2eid``), checked to have ``shape`` and values in
         ``[0, upper)``, as int64."""
+        name = self._file_name(name)
         t = self._shaped(name, shape)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise CheckpointError(f"tensor '{name}': expected an integer tensor, got {t.dtype}")
@@ -98,17 +123,16 @@ class Checkpoint:
                dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``prefix.weight`` ``[out, in]``: ``(weight in dtype, None)``, or ``(e4m3 weight, float32 scales)``
         when the checkpoint stores it FP8 block-quantised with ``prefix.weight_scale_inv``."""
-        name = f"{prefix}.weight"
-        scale_name = name + SCALE_SUFFIX
-        if scale_name not in self:
-            w = self.tensor(name, (out_features, in_features))
+        name, scale_name = self._weight_names(prefix)
+        if scale_name not in self._where:
+            w = self._float(name, (out_features, in_features))
             if w.dtype == FP8_DTYPE:
                 raise CheckpointError(f"tensor '{name}' is FP8 but '{scale_name}' is missing")
             return w.to(dtype), None
-        q = self.tensor(name, (out_features, in_features))
+        q = self._float(name, (out_features, in_features))
         if q.dtype != FP8_DTYPE:
             raise CheckpointError(f"tensor '{name}': expected float8_e4m3fn (it has '{scale_name}'), got {q.dtype}")
-        s = self.tensor(scale_name, (math.ceil(out_features / 128), math.ceil(in_features / 128)))
+        s = self._float(scale_name, (math.ceil(out_features / 128), math.ceil(in_features / 128)))
         if s.dtype not in scale_dtypes():
             raise CheckpointError(f"tensor '{scale_name}': expected float32 or UE8M0 scales, got {s.dtype}")
         return q, s.float()
@@ -118,8 +142,7 @@ class Checkpoint:
         e2m1 values a byte, the lower index in the low nibble, ``[out, in / 2]`` int8 (as transformers stores
         it), uint8 or float4_e2m1fn_x2, with ``prefix.weight_scale_inv`` ``[out, in / 32]`` (UE8M0 or float32).
         Returns ``(uint8 packed weight, float32 scales)``."""
-        name = f"{prefix}.weight"
-        scale_name = name + SCALE_SUFFIX
+        name, scale_name = self._weight_names(prefix)
         if in_features % FP4_GROUP:
             raise CheckpointError(f"tensor '{name}': packed FP4 needs in_features divisible by {FP4_GROUP}, "
                                   f"got {in_features}")
@@ -127,7 +150,7 @@ class Checkpoint:
         if q.dtype not in FP4_STORAGE_DTYPES:
             raise CheckpointError(f"tensor '{name}': expected packed FP4 (int8, uint8 or float4_e2m1fn_x2), "
                                   f"got {q.dtype}")
-        if scale_name not in self:
+        if scale_name not in self._where:
             raise CheckpointError(f"tensor '{name}' is packed FP4 but '{scale_name}' is missing")
         s = self._shaped(scale_name, (out_features, in_features // FP4_GROUP), "one scale per 32 along K, shape")
         if s.dtype not in scale_dtypes():

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 import hal
 from hal.formats import FP8_DTYPE, is_fp4
+from hal.model.checkpoint import SCALE_SUFFIX, Checkpoint
 from hal.model.config import V4Args
 from hal.model.deepseek_v3 import FP8_GROUP, Experts as V3Experts, LayerContext, Rope, Weights as V3Weights, \
     _on_host, _stack_scales
@@ -26,15 +27,35 @@ from hal.model.deepseek_v3 import FP8_GROUP, Experts as V3Experts, LayerContext,
 #: what becomes of FP4 expert weights: kept packed for the grouped GEMM, or dequantised on load
 FP4_WEIGHT_MODES = ("keep", "dequantize")
 
+#: The released checkpoints' names (DeepSeek's, e.g. ``layers.3.ffn.experts.7.w1.scale``) as rewrites of the
+#: names this module reads, those transformers' ``save_pretrained`` writes (``model.layers.3.ffn.experts.7.w1.
+#: weight_scale_inv``): no ``model.`` prefix, DeepSeek's top-level names, block scales (FP8 and FP4) under
+#: ``<module>.scale``. The rest (``attn.wq_a``, per-expert ``w1`` / ``w3`` / ``w2``, ...) is the same in both.
+RELEASED_NAMES = (
+    (r"^model\.embed_tokens\.weight$", "embed.weight"),
+    (r"^model\.norm\.weight$", "norm.weight"),
+    (r"^model\.hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+    (r"^model\.layers\.", "layers."),
+    (r"\.weight" + SCALE_SUFFIX + "$", ".scale"),
+)
+
+
+def released_layout(file_names: Iterable[str]) -> bool:
+    """Whether a checkpoint holding ``file_names`` names its tensors as the released ones (``layers.<i>.*``)."""
+    return any(name.startswith("layers.") for name in file_names)
+
 
 class Weights(V3Weights):
     """V3's weight reader, plus FP4 expert weights by ``fp4`` (one of :data:`FP4_WEIGHT_MODES`): kept packed
     with their scales (``"keep"``), or dequantised (:func:`hal.ops.dequantize_fp4`, on the host); None for a
-    checkpoint without FP4 experts."""
+    checkpoint without FP4 experts. A checkpoint in the released naming is read through
+    :data:`RELEASED_NAMES`."""
 
-    def __init__(self, ckpt, args: V4Args, dtype: torch.dtype, fp8: str, fp4: Optional[str]):
+    def __init__(self, ckpt: Checkpoint, args: V4Args, dtype: torch.dtype, fp8: str, fp4: Optional[str]):
         super().__init__(ckpt, args, dtype, fp8)
         self.fp4 = fp4
+        if released_layout(ckpt.file_names()):
+            ckpt.read_as(RELEASED_NAMES)
 
     def fp4_expert(self, prefix: str, out_features: int, in_features: int):
         """``(packed uint8 weight, float32 scales)`` kept, or ``(weight in dtype, None)`` dequantised."""

@@ -71,7 +71,9 @@ def choose_fp4(fp4: str, activations: torch.dtype, dtype: torch.dtype) -> Tuple[
 def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dtype = torch.bfloat16,
          fp8: str = "auto", fp4: str = "auto") -> Transformer:
     """Load a Hugging Face style DeepSeek checkpoint directory (``config.json`` + safetensors, sharded with
-    ``model.safetensors.index.json`` or not).
+    ``model.safetensors.index.json`` or not). DeepSeek V4 tensors may be named as the released checkpoints
+    name them (``layers.<i>.attn.wq_a.weight``, ``embed.weight``, scales ``<module>.scale``) or as transformers'
+    ``save_pretrained`` writes them (``model.layers.<i>...``, ``weight_scale_inv``): told apart by the names.
 
     * ``backend``: the HAL backend every forward runs on (None: the settings in force, see
       docs/selecting-a-backend.md).

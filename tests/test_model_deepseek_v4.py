@@ -213,10 +213,16 @@ def test_fp4_experts_are_dequantized_on_an_atlas_a2_and_kept_on_a_950(fp4_checkp
     assert hal.model.load(fp4_checkpoint, backend="ascend-950-emulated", dtype=torch.bfloat16).fp4 == "keep"
 
 
-def test_fp4_experts_with_fp8_linears_take_fp8_activations(tmp_path):
+@pytest.fixture(scope="module")
+def fp8_fp4_checkpoint(tmp_path_factory):
+    """``make-tiny --fp8 --fp4``: FP8 linears, routed experts packed FP4."""
+    return make_tiny("deepseek_v4", tmp_path_factory.mktemp("fp8-fp4") / "tiny", fp8=True, fp4=True, seed=5)
+
+
+def test_fp4_experts_with_fp8_linears_take_fp8_activations(fp8_fp4_checkpoint):
     """``--fp4 --fp8``: the rest FP8 kept, so the FP4 expert GEMMs take FP8 activations (DeepGEMM's
     fp8 x fp4 GEMMs); the CPU reference serves them."""
-    path = make_tiny("deepseek_v4", tmp_path / "tiny", fp8=True, fp4=True, seed=5)
+    path = fp8_fp4_checkpoint
     assert json.loads((path / "config.json").read_text())["quantization_config"]["expert_dtype"] == "fp4"
     model = hal.model.load(path, backend="cpu", dtype=torch.bfloat16)
     assert (model.fp8, model.fp4) == ("keep", "keep") and "float8_e4m3fn activations" in model.fp4_reason
@@ -257,3 +263,75 @@ def test_a_bf16_checkpoint_declaring_fp4_experts_is_refused_naming_the_tensor(tm
     (out / "config.json").write_text(json.dumps(dict(config, expert_dtype="fp4")))
     with pytest.raises(hal.model.CheckpointError, match=r"experts\.0\.w1\.weight': expected packed FP4 shape"):
         hal.model.load(out)
+
+
+# The released DeepSeek-V4 naming (DeepSeek's own, what the Hugging Face repositories ship), written here
+# independently of hal.model's table as a rewrite of save_pretrained's names: no ``model.`` prefix, DeepSeek's
+# top-level names, FP8 and FP4 block scales under ``<module>.scale``; per-expert w1 / w3 / w2 in both.
+RELEASED_TOP_LEVEL = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+                      "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
+                      "model.hc_head.hc_scale": "hc_head_scale"}
+
+
+def released_name(saved: str) -> str:
+    if saved in RELEASED_TOP_LEVEL:
+        return RELEASED_TOP_LEVEL[saved]
+    if saved.endswith(".weight_scale_inv"):
+        saved = saved[:-len("weight_scale_inv")] + "scale"
+    return saved[len("model."):] if saved.startswith("model.") else saved
+
+
+def released_copy(src, dst):
+    """The sharded checkpoint ``src`` with every tensor renamed to the released naming, in ``dst``."""
+    dst.mkdir(parents=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        tensors = load_file(str(src / shard))
+        save_file({released_name(n): t for n, t in tensors.items()}, str(dst / shard), metadata={"format": "pt"})
+    index["weight_map"] = {released_name(n): shard for n, shard in index["weight_map"].items()}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    return make_tiny("deepseek_v4", tmp_path_factory.mktemp("bf16") / "tiny", seed=7)
+
+
+@pytest.mark.parametrize("checkpoint", ["bf16_checkpoint", "fp8_fp4_checkpoint"], ids=["bf16", "fp8-fp4"])
+def test_the_released_naming_loads_the_same_model(request, tmp_path, checkpoint):
+    """The same logits, to the bit, from a checkpoint in save_pretrained's naming and from its copy in the
+    released one (FP8 scales, FP4 experts and their scales included)."""
+    saved = request.getfixturevalue(checkpoint)
+    released = released_copy(saved, tmp_path / "released")
+    prompt, fed = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11, 12]]), torch.tensor([[1]])
+    ours = hal.model.load(released, backend="cpu", dtype=torch.float32)
+    assert torch.equal(our_logits(ours, prompt, fed),
+                       our_logits(hal.model.load(saved, backend="cpu", dtype=torch.float32), prompt, fed))
+
+
+def test_transformers_reads_the_released_naming_as_we_do(bf16_checkpoint, tmp_path):
+    """transformers converts the released names on load (its conversion mapping): it finds every tensor of our
+    released copy and agrees with us on it, so the copy is in the released layout. (bf16 only: transformers
+    needs accelerate for FP8 checkpoints.)"""
+    released = released_copy(bf16_checkpoint, tmp_path / "released")
+    ref_model, info = DeepseekV4ForCausalLM.from_pretrained(released, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11, 12]])
+    ref, fed = reference_logits(ref_model.eval(), prompt, steps=2)
+    ours = hal.model.load(released, backend="cpu", dtype=torch.float32)
+    assert_close(our_logits(ours, prompt, fed), ref, logits_rtol(ours.args, torch.float32))
+
+
+@pytest.mark.parametrize("broken, tensor, message", [
+    ("layers.2.ffn.experts.3.w1.scale", None,
+     r"'layers\.2\.ffn\.experts\.3\.w1\.weight' is packed FP4 but 'layers\.2\.ffn\.experts\.3\.w1\.scale' is missing"),
+    ("hc_head_fn", None, r"missing tensor 'hc_head_fn'"),
+    ("layers.0.attn.wq_a.scale", torch.ones(2, 1), r"tensor 'layers\.0\.attn\.wq_a\.scale': expected shape \[1, 1\]"),
+], ids=["fp4-scale-missing", "top-level-missing", "fp8-scale-misshapen"])
+def test_a_bad_released_tensor_is_named_as_the_file_names_it(fp8_fp4_checkpoint, tmp_path, broken, tensor, message):
+    released = released_copy(fp8_fp4_checkpoint, tmp_path / "released")
+    _rewrite(released, broken, tensor)
+    with pytest.raises(hal.model.CheckpointError, match=message):
+        hal.model.load(released, backend="cpu")
