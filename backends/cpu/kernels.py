@@ -20,9 +20,10 @@ from typing import Optional, Tuple
 import torch
 
 from hal.contract import FLOAT_DTYPES
-from hal.formats import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, ceil_pow2
+from hal.formats import FP8_DTYPE, FP8_MAX
 from hal.ops.grouped_gemm import grouped_gemm as _grouped_gemm_op
-from hal.ops.mla import attended_keys
+from hal.ops.mla import attended_keys, sink_gate
+from hal.ops.quant import fp8_scales
 from hal.ops.quant import quantize_fp8 as _quantize_fp8_op
 
 _F32 = torch.float32
@@ -75,8 +76,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         probs = torch.exp(logits.sub_(row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None]))
         row_out = torch.mm(probs.view(sq * hq, length), keys[:, :head_dim_v]).view(sq, hq, head_dim_v)
         if sinks is not None:
-            gate = torch.sigmoid(row_lse - sinks)  # exp(lse) / (exp(lse) + exp(sink))
-            row_out.mul_(gate.masked_fill(row_lse == float("-inf"), 0.0)[..., None])
+            row_out.mul_(sink_gate(row_lse, sinks)[..., None])
         out[i], lse[i] = row_out, row_lse
     return out.to(q.dtype), lse
 
@@ -92,10 +92,7 @@ def quantize_fp8(x: torch.Tensor, group_size: int = 128,
     step = max(1, _CHUNK_ELEMENTS // k)
     for r0 in range(0, rows.shape[0], step):
         chunk = rows[r0:r0 + step].to(_F32, copy=True)  # the fp32 working copy, divided in place below
-        amax = chunk.abs().amax(dim=-1).clamp_min_(AMAX_FLOOR)  # NaN stays NaN
-        scale = amax.div_(torch.full_like(amax, FP8_MAX))  # a division by a tensor, as the reference
-        if scale_fmt == "ue8m0":
-            scale = ceil_pow2(scale)
+        scale = fp8_scales(chunk.abs().amax(dim=-1), scale_fmt)
         s[r0:r0 + step] = scale
         q[r0:r0 + step] = chunk.div_(scale[..., None]).clamp_(-FP8_MAX, FP8_MAX)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], k // group_size)

@@ -34,7 +34,7 @@ from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, 
     contract, dtype_name, result, value_checks_enabled
 
 __all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
-           "gather_paged_keys"]
+           "gather_paged_keys", "sink_gate"]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _BOOL = ("true", "false")
@@ -141,6 +141,13 @@ def attended_keys(num_keys: torch.Tensor, sq: int, length: int, causal: bool, wi
     return allowed
 
 
+def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """The factor a per-head sink scales ``out`` by: ``exp(lse) / (exp(lse) + exp(sink))``, and 0 for a row
+    that attends nothing (``lse = -inf``: its ``out`` stays 0, for a ``-inf`` sink too). ``sinks`` broadcasts
+    over ``lse``'s last (head) dim."""
+    return torch.sigmoid(lse - sinks).masked_fill(lse == float("-inf"), 0.0)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, softmax_scale: float,
             sinks: Optional[torch.Tensor], compute_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention. q ``[N, Sq, Hq, D]``, k ``[N, L, Hk, D]``, v ``[N, L, Hk, Dv]``, allowed
@@ -155,8 +162,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
     out = torch.einsum("nhgsl,nlhv->nshgv", p, v.to(compute_dtype)).reshape(n, sq, hq, v.shape[-1])
     lse = lse.permute(0, 3, 1, 2).reshape(n, sq, hq)
     if sinks is not None:
-        gate = torch.sigmoid(lse - sinks.to(compute_dtype))  # exp(lse) / (exp(lse) + exp(sink))
-        out = out * gate.masked_fill(lse == float("-inf"), 0.0)[..., None]  # an empty row stays 0 (sink -inf too)
+        out = out * sink_gate(lse, sinks.to(compute_dtype))[..., None]
     return out, lse
 
 

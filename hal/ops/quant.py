@@ -30,7 +30,7 @@ from hal.ops.grouped_gemm import GEMM_TOLERANCE, INT8_MAX_K, dequantized_operand
 
 __all__ = [
     "quantize_fp8", "quantize_fp8_weight", "dequantize_fp8", "fp8_gemm", "quantize_fp4", "dequantize_fp4",
-    "quantize_int8", "quantize_int8_weight", "int8_gemm", "apply_int8_amax_floor",
+    "quantize_int8", "quantize_int8_weight", "int8_gemm", "apply_int8_amax_floor", "fp8_scales",
     "FP8_QUANT_TOLERANCE", "FP4_QUANT_TOLERANCE", "DEQUANT_TOLERANCE", "INT8_QUANT_TOLERANCE", "INT8_GEMM_TOLERANCE",
     "INT8_MAX_K",
 ]
@@ -108,7 +108,7 @@ def _check_scale_tensor(op: str, name: str, scale: object, shape: Tuple[int, ...
     check(got == tuple(shape), op, name, f"shape {tuple(shape)} ({what})", f"shape {got}")
 
 
-def _fp8_scales(amax: torch.Tensor, scale_fmt: Optional[str]) -> torch.Tensor:
+def fp8_scales(amax: torch.Tensor, scale_fmt: Optional[str]) -> torch.Tensor:
     """float32 amax -> dequantisation scales: max(amax, 1e-4) / 448 (an fp32 division by a *tensor*:
     see the module docstring), rounded up to a power of two for UE8M0."""
     amax = amax.clamp_min(AMAX_FLOOR)  # NaN stays NaN
@@ -189,7 +189,7 @@ def quantize_fp8(x: torch.Tensor, group_size: int = 128,
 def _quantize_fp8_reference(x, group_size=128, scale_fmt=None, *, compute_dtype=torch.float32):
     # compute_dtype is ignored: the format defines the bits (float32 algorithm, see the docstring)
     groups = x.float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
-    s = _fp8_scales(groups.abs().amax(dim=-1), scale_fmt)
+    s = fp8_scales(groups.abs().amax(dim=-1), scale_fmt)
     q = _to_fp8(groups, s.unsqueeze(-1))
     return q.reshape(x.shape), s
 
@@ -236,7 +236,7 @@ def _quantize_fp8_weight_reference(w, block_size=128, scale_fmt=None, *, compute
     mag = wf.abs()
     if nb * b != n or kb * b != k:  # zero padding leaves every block's max |w| unchanged
         mag = torch.nn.functional.pad(mag, (0, kb * b - k, 0, nb * b - n))
-    s = _fp8_scales(mag.reshape(nb, b, kb, b).amax(dim=(1, 3)), scale_fmt)
+    s = fp8_scales(mag.reshape(nb, b, kb, b).amax(dim=(1, 3)), scale_fmt)
     q = _to_fp8(wf, expand_scale(s, (n, k), (b, b)))
     return q, s
 
