@@ -29,8 +29,8 @@ def pytest_report_header(config: pytest.Config):
         return None  # some other test run in an environment where xpu-hal is installed
     from hal.registry import registry
     entry = registry().entry(config.getoption("--hal-backend"))
-    tag = " [EMULATED: CPU stand-in for the vendor's kernels, not hardware]" if entry.spec.emulated else ""
-    return (f"hal conformance: backend {entry.name}{tag} ({entry.distribution}), profile "
+    label = registry().emulated_label(entry.name)
+    return (f"hal conformance: backend {entry.name}{label} ({entry.distribution}), profile "
             f"{config.getoption('--hal-profile')}, seed {config.getoption('--hal-seed')}")
 
 

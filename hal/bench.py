@@ -347,7 +347,8 @@ def _machine() -> Dict[str, Any]:
 def render(data: Dict[str, Any]) -> str:
     """The report as text: one line per figure, ratio first."""
     m = data["machine"]
-    lines = [f"hal bench: backend {data['backend']}, size {data['size']}, {m['cores']} cores "
+    from hal.registry import registry
+    lines = [f"hal bench: backend {data['backend']}{registry().emulated_label(data['backend'])}, size {data['size']}, {m['cores']} cores "
              f"({m['torch_threads']} torch threads), torch {m['torch']}",
              f"{'ratio':>8} {'min..max':>15}  {'target':>7}  {'op ms':>9} {'limit ms':>9}  figure (ratio = ...; limit)"]
 

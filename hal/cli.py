@@ -36,6 +36,9 @@ def _generate(args: argparse.Namespace) -> int:
     import hal.model
     from hal.model.generate import timed_generate
     model = hal.model.load(args.model, backend=args.backend, dtype=_dtype(args.dtype), fp8=args.fp8, fp4=args.fp4)
+    if args.backend:
+        from hal.registry import registry
+        print(f"backend: {args.backend}{registry().emulated_label(args.backend)}", file=sys.stderr)
     if model.fp8 is not None:
         print(f"FP8 checkpoint weights: {model.fp8} ({model.fp8_reason})", file=sys.stderr)
     if getattr(model, "fp4", None) is not None:  # V4 models with FP4 experts

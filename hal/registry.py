@@ -176,6 +176,12 @@ class Registry:
             raise BackendNotFoundError(f"no backend named '{name}' (registered: {known}){hint}")
         return entry
 
+    def emulated_label(self, name: str) -> str:
+        """What every output naming backend ``name`` appends to it: an EMULATED warning for a test
+        double, nothing otherwise."""
+        return " [EMULATED: a CPU stand-in for the vendor's kernels, not hardware]" \
+            if self.entry(name).spec.emulated else ""
+
     def backend(self, name: str) -> Backend:
         """The loaded, available backend ``name``; raises with the reason when it cannot be used."""
         entry = self.entry(name)

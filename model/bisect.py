@@ -90,7 +90,8 @@ def bisect(model, backend: str, prompt: Sequence[Sequence[int]] = ((1, 2, 3, 4, 
 
 
 def render(findings: List[Finding], backend: str, tol: float) -> str:
-    lines = [f"bisect against backend '{backend}' (tolerance {tol:.3g} of max |logit|):"]
+    label = hal.registry.registry().emulated_label(backend)
+    lines = [f"bisect against backend '{backend}'{label} (tolerance {tol:.3g} of max |logit|):"]
     for f in findings:
         where = f" first at layer {f.layer}" if f.layer is not None else ""
         text = {"ok": f"ok (error {f.error:.3g})", "unsupported": f"unsupported here: {f.detail}",

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import hal.model
 from hal.backends.cpu.backend import CpuBackend
 from hal.cli import main
-from hal.model.bisect import bisect
+from hal.model.bisect import bisect, render
 from hal.model.tiny import make_tiny
 from hal.ops.grouped_gemm import grouped_gemm
 from hal.ops.mla import mla_decode
@@ -185,6 +185,8 @@ def test_bisect_on_an_emulated_vendor_twin_names_its_broken_kernel(tiny, twin, v
         return out
 
     monkeypatch.setattr(lib, vendor_op, one_percent_off)
-    findings = {f.op: f for f in bisect(model, twin, prompt=prompt, steps=1)}
+    found = bisect(model, twin, prompt=prompt, steps=1)
+    assert "[EMULATED" in render(found, twin, 1e-3).splitlines()[0]
+    findings = {f.op: f for f in found}
     assert findings["grouped_gemm"].status == "diverges", findings["grouped_gemm"]
     assert all(f.status in ("ok", "unsupported") for op, f in findings.items() if op != "grouped_gemm"), findings
