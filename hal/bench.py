@@ -7,10 +7,11 @@ of the per-repetition ratios, with their spread (min and max). Absolute times ar
 * GEMMs: a dense fp32 ``torch.mm`` of the same FLOPs (ratio = achieved share of its throughput).
 * Memory-bound operators: a memory copy of the same bytes (ratio = achieved share of copy bandwidth).
 * MLA decode: its roofline, the larger of reading the latent cache once (a copy of those bytes) and its
-  FLOPs at the dense fp32 GEMM rate measured in this run; also the DeepSeek "naive" formulation (per-head
-  keys and values decompressed and cached, attended with :func:`hal.ops.mla_prefill`).
-* Dispatch: a HAL operator call against a direct call of the backend's implementation, split into
-  validation and routing.
+  FLOPs at the dense fp32 GEMM rate measured in this run, with the sequence's pages in order (as
+  :mod:`hal.model` allocates them) and scattered (as a serving system's allocator leaves them); also
+  DeepSeek's "naive" decode (per-head keys and values decompressed into the cache, einsum attention).
+* Dispatch: a HAL operator call against a direct call of the implementation it reaches (a no-op, so that
+  only the HAL's own time is measured); the first call of a signature and checked mode beside it.
 * The model: ``hal.model`` on a tiny random DeepSeek V3 checkpoint against transformers'
   ``DeepseekV3ForCausalLM`` on the same checkpoint and tokens (skipped when transformers is missing).
 
@@ -30,7 +31,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import hal
+from hal.backend import Backend
+from hal.contract import Op, all_ops
 from hal.dispatch import route
+from hal.hookspecs import hookimpl
+from hal.registry import BackendSpec, register_plugin, registry
 
 __all__ = ["Figure", "SIZES", "run", "render"]
 
@@ -154,45 +159,58 @@ def bench_grouped_gemm(size: Size, experts: int, tokens: int) -> Figure:
                    dense_gflops=flops / statistics.median(dense_s) / 1e9)
 
 
-def _mla_problem(heads: int, context: int, block_size: int = 64):
+def _mla_problem(heads: int, context: int, block_size: int = 64, scattered: bool = True):
     d = _LATENT + _ROPE
     blocks = (context + block_size - 1) // block_size
     kv_cache = _bf16(blocks, block_size, d)
-    block_table = torch.randperm(blocks, dtype=torch.int32)[None]  # pages scattered over the cache
+    order = torch.randperm(blocks) if scattered else torch.arange(blocks)  # a server's pages, or hal.model's
+    block_table = order.to(torch.int32)[None]
     seq_lens = torch.tensor([context], dtype=torch.int32)
     q = _bf16(1, 1, heads, d)
     return q, kv_cache, block_table, seq_lens
 
 
-def bench_mla_decode(size: Size, context: int, dense_gflops: float) -> List[Figure]:
+def _naive_mla_decode(heads: int, context: int, scale: float) -> Callable[[], Any]:
+    """DeepSeek's ``attn_impl="naive"`` decode step: per-head keys ``[nope | rope]`` and values decompressed
+    into the cache (bf16), scores by einsum, softmax in fp32, rounded back, einsum with the values."""
+    k = _bf16(1, context, heads, _NOPE + _ROPE)
+    v = _bf16(1, context, heads, _HEAD_V)
+    q = _bf16(1, 1, heads, _NOPE + _ROPE)
+
+    def step():
+        scores = torch.einsum("bshd,bthd->bsht", q, k) * scale
+        return torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
+    return step
+
+
+def bench_mla_decode(size: Size, context: int, dense_gflops: float, scattered: bool) -> Figure:
+    """Absorbed decode against its roofline: the larger of reading the latent cache once (a copy of its bytes)
+    and its FLOPs at this run's dense fp32 GEMM rate."""
     heads = size.heads
-    q, kv_cache, block_table, seq_lens = _mla_problem(heads, context)
+    q, kv_cache, block_table, seq_lens = _mla_problem(heads, context, scattered=scattered)
     scale = (_NOPE + _ROPE) ** -0.5
-
-    def absorbed():
-        return hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, softmax_scale=scale, head_dim_v=_LATENT)
-
     cache_bytes = context * (_LATENT + _ROPE) * kv_cache.element_size()
     flops = 2.0 * heads * context * (_LATENT + _ROPE + _LATENT)
-    op_s, copy_s = _paired(absorbed, _copy_of(2 * cache_bytes), size)
+    op_s, copy_s = _paired(lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, softmax_scale=scale,
+                                                      head_dim_v=_LATENT), _copy_of(2 * cache_bytes), size)
     compute_s = flops / (dense_gflops * 1e9)
-    roofline = [max(c, compute_s) for c in copy_s]
-    figures = [_figure(f"mla_decode absorbed, {heads} heads, {context} keys", "roofline: max(copy of the latent "
-                       "cache, FLOPs at the dense fp32 GEMM rate)", op_s, roofline, means="time / roofline time",
-                       limit_over_op=False, target="<= 1.5", cache_mb=cache_bytes / 2**20,
-                       bound="memory" if statistics.median(copy_s) > compute_s else "compute")]
-    # DeepSeek's naive form: per-head keys [nope | rope] and values decompressed once and cached
-    k = _bf16(context, heads, _NOPE + _ROPE)
-    v = _bf16(context, heads, _HEAD_V)
-    qn = _bf16(1, heads, _NOPE + _ROPE)
-    cu_q = torch.tensor([0, 1], dtype=torch.int32)
-    cu_k = torch.tensor([0, context], dtype=torch.int32)
-    naive_s, op2_s = _paired(lambda: hal.ops.mla_prefill(qn, k, v, cu_q, cu_k, softmax_scale=scale), absorbed,
-                             size)
-    figures.append(_figure(f"mla_decode absorbed vs naive, {heads} heads, {context} keys",
-                           "naive (decompressed K/V cache) via mla_prefill", op2_s, naive_s,
-                           means="speed-up over naive", target=">= 10"))
-    return figures
+    pages = "scattered pages" if scattered else "pages in order"
+    return _figure(f"mla_decode absorbed, {heads} heads, {context} keys, {pages}", "roofline: max(copy of the "
+                   "latent cache, FLOPs at the dense fp32 GEMM rate)", op_s, [max(c, compute_s) for c in copy_s],
+                   means="time / roofline time", limit_over_op=False, target="<= 1.5", cache_mb=cache_bytes / 2**20,
+                   bound="memory" if statistics.median(copy_s) > compute_s else "compute")
+
+
+def bench_mla_naive(size: Size, context: int) -> Figure:
+    """Absorbed decode (pages in order) against DeepSeek's naive decode of the same step."""
+    q, kv_cache, block_table, seq_lens = _mla_problem(size.heads, context, scattered=False)
+    scale = (_NOPE + _ROPE) ** -0.5
+    op_s, naive_s = _paired(lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, softmax_scale=scale,
+                                                       head_dim_v=_LATENT), _naive_mla_decode(size.heads, context,
+                                                                                              scale), size)
+    return _figure(f"mla_decode absorbed vs naive, {size.heads} heads, {context} keys",
+                   "DeepSeek's naive decode (decompressed per-head K/V cache, einsum)", op_s, naive_s,
+                   means="speed-up over naive", target=">= 10")
 
 
 def bench_quantize_fp8(size: Size, tokens: int) -> Figure:
@@ -205,7 +223,7 @@ def bench_quantize_fp8(size: Size, tokens: int) -> Figure:
                    gb_per_s=moved / statistics.median(op_s) / 1e9)
 
 
-def _dispatch_cases() -> Dict[str, Tuple[hal.contract.Op, tuple, dict]]:
+def _dispatch_cases() -> Dict[str, Tuple[Op, tuple, dict]]:
     """Small calls of several operators, where the per-call overhead is what a decode step feels."""
     logits = torch.randn(4, 64)
     return {
@@ -217,21 +235,57 @@ def _dispatch_cases() -> Dict[str, Tuple[hal.contract.Op, tuple, dict]]:
     }
 
 
+class _NullBackend(Backend):
+    """Every operator as a no-op, for :func:`bench_dispatch` only: the time a call spends in the HAL before
+    it reaches an implementation is then measured alone, free of a kernel's run-to-run noise (a kernel of
+    tens of microseconds varies by more than the overhead being measured)."""
+
+    vendor = "hal bench (no-op implementations)"
+    portable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        for op in all_ops().values():
+            self.add_implementation(op.name, _no_op(op))
+
+
+def _no_op(op: Op) -> Callable[..., None]:
+    def no_op(*args: Any, **kwargs: Any) -> None:
+        return None
+    no_op.__signature__ = op.signature  # type: ignore[attr-defined]  # what add_implementation checks
+    return no_op
+
+
+_NULL = "bench-null"
+
+
+class _NullPlugin:
+    @hookimpl
+    def hal_backends(self):
+        return [BackendSpec(name=_NULL, factory=f"{__name__}:_NullBackend")]
+
+
 def bench_dispatch(size: Size) -> List[Figure]:
-    """Op call vs a direct call of the routed implementation; the overhead split into validation (the
-    contract's checks) and routing (route lookup, support check)."""
+    """A HAL operator call against a direct call of the implementation it reaches (a no-op, so that only the
+    overhead is timed): the hot path, where the call's signature was validated before. Also reported: the
+    first call of a signature (the contract's checks) and a call in checked mode (every check, values
+    included, on every call)."""
+    if _NULL not in registry().entries:
+        register_plugin(_NullPlugin(), _NULL)
     figures = []
     for name, (op, args, kwargs) in _dispatch_cases().items():
-        impl = route(op).impl
-        call_s, direct_s = _paired(lambda: op(*args, **kwargs), lambda: impl(*args, **kwargs), size)
+        with hal.use_backend(_NULL):
+            impl = route(op).impl
+            call_s, direct_s = _paired(lambda: op(*args, **kwargs), lambda: impl(*args, **kwargs), size)
+        with hal.use_backend(_NULL, checked=True):
+            checked_s, _ = _paired(lambda: op(*args, **kwargs), lambda: None, size)
         validate_s, _ = _paired(lambda: op.validate(*args, **kwargs), lambda: None, size)
         overhead = [(a - b) * 1e6 for a, b in zip(call_s, direct_s)]
-        validation_us = statistics.median(validate_s) * 1e6
-        median_overhead = statistics.median(overhead)
-        figures.append(Figure(f"dispatch overhead, {name}", "direct call of the backend implementation",
-                              median_overhead, min(overhead), max(overhead), "microseconds per call",
+        figures.append(Figure(f"dispatch overhead, {name}", "direct call of the implementation",
+                              statistics.median(overhead), min(overhead), max(overhead), "microseconds per call",
                               statistics.median(call_s) * 1e3, statistics.median(direct_s) * 1e3, "< 2 us",
-                              {"validation_us": validation_us, "routing_us": median_overhead - validation_us}))
+                              {"first_call_validation_us": statistics.median(validate_s) * 1e6,
+                               "checked_mode_us": (statistics.median(checked_s) - statistics.median(direct_s)) * 1e6}))
     return figures
 
 
@@ -323,7 +377,9 @@ def run(size_name: str = "default", backend: str = "cpu", model: bool = True) ->
     with hal.use_backend(backend):
         gemm = bench_grouped_gemm(size, size.experts, size.gemm_tokens)
         figures.append(gemm)
-        figures += bench_mla_decode(size, size.context, gemm.extra["dense_gflops"])
+        figures += [bench_mla_decode(size, size.context, gemm.extra["dense_gflops"], scattered)
+                    for scattered in (False, True)]
+        figures.append(bench_mla_naive(size, size.context))
         figures.append(bench_quantize_fp8(size, size.quant_tokens))
         figures += bench_dispatch(size)
         for tokens in size.scaling["tokens"]:
@@ -331,7 +387,7 @@ def run(size_name: str = "default", backend: str = "cpu", model: bool = True) ->
         for experts in size.scaling["experts"]:
             scaling["experts"].append(bench_grouped_gemm(size, experts, size.gemm_tokens))
         for context in size.scaling["context"]:
-            scaling["context"].append(bench_mla_decode(size, context, gemm.extra["dense_gflops"])[0])
+            scaling["context"].append(bench_mla_decode(size, context, gemm.extra["dense_gflops"], False))
     if model:
         model_figures, notes = bench_model(size, backend)
         figures += model_figures

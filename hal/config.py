@@ -173,7 +173,7 @@ def _static_layers() -> Tuple[Layer, ...]:
 
 def layers() -> Tuple[Layer, ...]:
     """The settings in force here, highest precedence first. Hashable: a cache key for dispatch."""
-    return _context.get() + _static_layers()
+    return _context.get() + (_static if _static is not None else _static_layers())  # called on every op call
 
 
 @contextlib.contextmanager
@@ -185,9 +185,9 @@ def use_backend(backend: Optional[str] = None, *, ops: Optional[Mapping[str, str
     ``backend`` applies to every operator; ``ops`` picks a backend per operator (e.g.
     ``ops={"mla_decode": "cpu"}`` to keep attention on the reference while bisecting).
     """
-    layer = _layer("use_backend()", {k: v for k, v in dict(
+    layer = _interned(_layer("use_backend()", {k: v for k, v in dict(
         backend=backend, ops=dict(ops or {}), fallback=fallback, op_fallback=dict(op_fallback or {}),
-        fallback_backend=fallback_backend, checked=checked).items() if v not in (None, {})})
+        fallback_backend=fallback_backend, checked=checked).items() if v not in (None, {})}))
     token = _context.set((layer,) + _context.get())
     try:
         yield layer
@@ -195,8 +195,20 @@ def use_backend(backend: Optional[str] = None, *, ops: Optional[Mapping[str, str
         _context.reset(token)
 
 
+_INTERNED: Dict[Tuple[Any, ...], Layer] = {}
+
+
+def _interned(layer: Layer) -> Layer:
+    """The one Layer object with these settings: a block entered with the same settings again (e.g. once per
+    model forward) finds the routes and validated signatures of the last time (layers key them by identity)."""
+    key = tuple(vars(layer).values())
+    if len(_INTERNED) >= 1024 and key not in _INTERNED:  # settings made in a loop: a bound on memory
+        _INTERNED.clear()
+    return _INTERNED.setdefault(key, layer)
+
+
 def checked_mode() -> bool:
-    """Whether value checks that need a device-to-host sync run (``HAL_CHECKED=1`` etc.)."""
+    """Whether every call is validated in full, tensor values included (``HAL_CHECKED=1`` etc.)."""
     for layer in layers():
         if layer.checked is not None:
             return layer.checked

@@ -110,17 +110,21 @@ class Op:
         return self._validate(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _dispatch()(self, self._validate(*args, **kwargs), args, kwargs)
+        return (_DISPATCH or _dispatch())(self, args, kwargs)
 
     def __repr__(self) -> str:
         return f"<hal op {self.family}.{self.name}>"
 
 
-@functools.lru_cache(maxsize=None)
+_DISPATCH: Optional[Callable[..., Any]] = None
+
+
 def _dispatch() -> Callable[..., Any]:
     """:func:`hal.dispatch.dispatch`, imported on first use (import cycle: dispatch needs the registry and
-    config) and then held, so that an operator call does not pay for an import statement."""
+    config) and then held in ``_DISPATCH``, so that an operator call does not pay for an import statement."""
+    global _DISPATCH
     from hal.dispatch import dispatch
+    _DISPATCH = dispatch
     return dispatch
 
 
@@ -189,10 +193,10 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.devic
     return device
 
 
-def value_checks_enabled(device: torch.device) -> bool:
-    """Whether checks that read tensor *values* run: always on the CPU (they cost no device-to-host
-    sync there), elsewhere only in checked mode (``HAL_CHECKED=1``, see :mod:`hal.config`)."""
-    if device.type == "cpu":
-        return True
+def value_checks_enabled() -> bool:
+    """Whether checks that read tensor *values* run: only in checked mode (``HAL_CHECKED=1``, see
+    :mod:`hal.config`). They cost a device-to-host sync on an accelerator and microseconds per call on the
+    CPU, and unchecked calls with arguments seen before skip validation altogether (:mod:`hal.dispatch`),
+    so their result must not depend on values."""
     from hal.config import checked_mode
     return checked_mode()

@@ -2,15 +2,22 @@
 support, apply the fallback policy, call the implementation.
 
 The backend chosen for an operator under the settings in force is resolved once and cached (the
-settings' layer tuple is the cache key), so the hot path is a dict lookup, a support check over a
-handful of feature values, and the call.
+settings' layer tuple is the cache key). Outside checked mode, a route also remembers the *signatures*
+of the calls it has validated and served (each tensor's dtype, shape, device and contiguity; the type
+and value of every other argument): a contract's checks depend on nothing else there, so a call whose
+signature was seen before goes straight to the implementation. That is the decode-loop hot path: a
+settings lookup, a signature, a set lookup, and the call. In checked mode every call is validated,
+values included (see :func:`hal.contract.value_checks_enabled`).
 """
 from __future__ import annotations
 
+import operator
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Set, Tuple
+
+import torch
 
 from hal import config
 from hal.backend import Backend, Support
@@ -36,8 +43,9 @@ class Route:
     policy: str           # "error" | "warn"
     fallback: str         # backend name used under "warn"
     source: str           # which settings layer chose the backend ("auto-detected" if none)
-    # (device type, features) of requests this route was found to serve: skips refusal() next time
-    served: Set[Tuple[str, Tuple[Tuple[str, str], ...]]] = field(default_factory=set, compare=False)
+    checked: bool         # checked mode: validate every call, values included
+    # signatures (see signature()) of valid calls this route serves: they skip validation next time
+    known: Set[Hashable] = field(default_factory=set, compare=False)
 
     def refusal(self, request: Request) -> Optional[str]:
         """Why this route cannot serve ``request``, or ``None`` when it can."""
@@ -89,19 +97,53 @@ def _resolve(op: Op, layers: Tuple[config.Layer, ...]) -> Route:
     backend = reg.backend(name)
     policy, _ = first("fallback_for", "error")
     fallback, _ = first("fallback_backend", "cpu")
+    checked, _ = first("checked", False)
     return Route(op.name, backend, backend.implementation(op.name), backend.capabilities().get(op.name),
-                 policy, fallback, source)
+                 policy, fallback, source, checked)
 
 
-def dispatch(op: Op, request: Request, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    r = route(op)
-    served = r.served
-    if (request.device.type, request.features) in served:  # the hot path: a request seen before
+_SCALAR_TYPES = frozenset((int, float, bool, str, type(None), torch.dtype))
+_KNOWN_LIMIT = 4096  # signatures kept per route (prefill shapes vary with the prompt): a bound on memory
+_tensor_meta = operator.attrgetter("dtype", "shape", "device")
+_is_contiguous = torch.Tensor.is_contiguous
+
+
+def signature(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
+    """What a contract's checks can see of a call outside checked mode: each tensor's dtype, shape, device
+    and contiguity, the type and value of each scalar keyword argument, and the keywords used. ``None``
+    (validate every time) when a positional argument is not a tensor or a keyword argument is neither."""
+    try:  # positional arguments are tensors in every contract: read them in C loops, a Python loop costs 2x
+        key = (*map(_tensor_meta, args), *map(_is_contiguous, args))
+    except (AttributeError, TypeError):
+        return None
+    if not kwargs:
+        return key
+    types = tuple(map(type, kwargs.values()))
+    if _SCALAR_TYPES.issuperset(types):  # the common case, in C loops; the types too: 1, 1.0 and True are
+        return (*key, *kwargs.items(), *types)  # equal keys, not equal arguments
+    for name, a in kwargs.items():
+        if isinstance(a, torch.Tensor):
+            key += (name, _tensor_meta(a), a.is_contiguous())
+        elif type(a) in _SCALAR_TYPES:
+            key += (name, type(a), a)
+        else:
+            return None
+    return key
+
+
+def dispatch(op: Op, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """Validate a call of ``op`` (or recognise its signature) and run it where the settings route it."""
+    r = _cache.get((op.name, config.layers())) or route(op)
+    key = None if r.checked else signature(args, kwargs)
+    if key in r.known:  # the hot path: a valid call like one served before (None is never known)
         return r.impl(*args, **kwargs)  # type: ignore[misc]
+    request = op.validate(*args, **kwargs)
     refusal = r.refusal(request)
     if refusal is None:
-        if len(served) < 256:  # feature combinations are few; a bound anyway
-            served.add((request.device.type, request.features))
+        if key is not None:
+            if len(r.known) >= _KNOWN_LIMIT:
+                r.known.clear()
+            r.known.add(key)
         return r.impl(*args, **kwargs)  # type: ignore[misc]
     return _fall_back(op, r, request, refusal, args, kwargs)
 
@@ -112,7 +154,7 @@ def _fall_back(op: Op, r: Route, request: Request, refusal: str, args: Tuple[Any
         raise UnsupportedError(op.name, r.backend.name, refusal)
     fb = registry().backend(r.fallback)
     fb_route = Route(op.name, fb, fb.implementation(op.name), fb.capabilities().get(op.name),
-                     "error", r.fallback, "fallback")
+                     "error", r.fallback, "fallback", r.checked)
     fb_refusal = fb_route.refusal(request)
     if fb_refusal is not None:
         raise UnsupportedError(op.name, r.backend.name, f"{refusal}; fallback '{fb.name}' cannot either: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, ContextManager, List, Optional
+from typing import Callable, ContextManager, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -118,10 +118,13 @@ class Rope:
                 if args.mscale and args.mscale_all_dim else mscale(1.0)
         self.inv_freq = inv_freq
         self.interleave = args.rope_interleave
+        self._cos: Optional[torch.Tensor] = None
+        self._sin: Optional[torch.Tensor] = None
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, S, heads, dim]``, ``positions`` ``[S]``. Interleaved pairs stay interleaved (a fixed
-        permutation of transformers' output layout, applied to queries and keys alike: same dot products)."""
+        """``x`` ``[B, S, heads, dim]``, ``positions`` ``[S]``, computed in fp32 and rounded once. Interleaved
+        pairs stay interleaved (a fixed permutation of transformers' output layout, applied to queries and
+        keys alike: same dot products)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [S, dim/2]
         cos = (freqs.cos() * self.attention_factor)[None, :, None, :]
         sin = (freqs.sin() * self.attention_factor)[None, :, None, :]
@@ -133,6 +136,25 @@ class Rope:
             a, b = xf.chunk(2, dim=-1)
             out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
         return out.to(x.dtype)
+
+    def table(self, start: int, end: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[end - start, dim/2]`` of positions ``start..end-1`` as transformers' DeepseekV3
+        computes them: in fp32, times the attention factor, rounded to the model dtype. Kept for every
+        position seen so far (doubling), so a decode step slices instead of recomputing."""
+        if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype:
+            n = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]))
+            freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+            self._cos = (freqs.cos() * self.attention_factor).to(dtype)
+            self._sin = (freqs.sin() * self.attention_factor).to(dtype)
+        return self._cos[start:end], self._sin[start:end]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of ``x`` ``[B, S, heads, dim]`` with :meth:`table`'s ``cos``, ``sin`` as transformers'
+        DeepseekV3 applies it: in x's dtype (each product and sum rounded), output de-interleaved (the
+        rotated evens, then the odds); queries and keys alike, so the dot products are DeepSeek's."""
+        a, b = (x[..., 0::2], x[..., 1::2]) if self.interleave else x.chunk(2, dim=-1)
+        cos, sin = cos[:, None], sin[:, None]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
 
 
 class LatentCache:
@@ -157,12 +179,28 @@ class LatentCache:
         return (blocks * self.block_size + pos % self.block_size).reshape(-1)
 
 
+class Step:
+    """What every layer of one forward shares, computed once per forward: the new tokens' RoPE cos / sin,
+    their cache slots, and ``cu_seqlens`` (prefill) or ``seq_lens`` (decode)."""
+
+    def __init__(self, cache: LatentCache, batch: int, seqlen: int, rope: Rope, dtype: torch.dtype):
+        self.prefill = cache.length == 0
+        self.cos, self.sin = rope.table(cache.length, cache.length + seqlen, dtype)
+        self.slots = cache.slots(seqlen)
+        self.cu_seqlens = torch.arange(0, batch * seqlen + 1, seqlen, dtype=torch.int32) if self.prefill else None
+        self.seq_lens = None if self.prefill else torch.full((batch,), cache.length + seqlen, dtype=torch.int32)
+        self._rotate = rope.rotate
+
+    def rope(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(x, self.cos, self.sin)
+
+
 class MLA:
     """Multi-head latent attention: prefill in the naive form (:func:`hal.ops.mla_prefill`), later steps
     in the absorbed form over the paged latent cache (:func:`hal.ops.mla_decode`)."""
 
     def __init__(self, w: Weights, p: str, args: ModelArgs):
-        h, d = args.num_attention_heads, args.qk_head_dim
+        h, d, nope = args.num_attention_heads, args.qk_head_dim, args.qk_nope_head_dim
         self.args = args
         if args.q_lora_rank is None:
             self.wq = w.linear(f"{p}.q_proj", h * d, args.hidden_size)
@@ -173,41 +211,43 @@ class MLA:
         self.wkv_a = w.linear(f"{p}.kv_a_proj_with_mqa", args.kv_lora_rank + args.qk_rope_head_dim,
                               args.hidden_size)
         self.kv_norm = w.norm(f"{p}.kv_a_layernorm.weight", args.kv_lora_rank)
-        # absorbed form needs W_UK / W_UV per head: kept dense ([H, nope + v, rank])
-        self.wkv_b = w.dense(f"{p}.kv_b_proj", h * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank)
+        # the absorbed form needs W_UK / W_UV per head: kept dense, and split once here
+        self.wkv_b = w.dense(f"{p}.kv_b_proj", h * (nope + args.v_head_dim), args.kv_lora_rank)
+        per_head = self.wkv_b.view(h, nope + args.v_head_dim, args.kv_lora_rank)
+        self.w_uk = per_head[:, :nope].contiguous()  # [H, nope, rank]
+        self.w_uv_t = per_head[:, nope:].transpose(1, 2).contiguous()  # [H, rank, v]
         self.wo = w.linear(f"{p}.o_proj", args.hidden_size, h * args.v_head_dim)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, cache: LatentCache,
-                 layer: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, step: Step, cache: LatentCache, layer: int) -> torch.Tensor:
         a = self.args
         bsz, seqlen, _ = x.shape
         h, nope, rank = a.num_attention_heads, a.qk_nope_head_dim, a.kv_lora_rank
         q = self.wq(x) if a.q_lora_rank is None else self.wq_b(rms_norm(self.wq_a(x), self.q_norm, a.rms_norm_eps))
         q_nope, q_pe = q.view(bsz, seqlen, h, a.qk_head_dim).split([nope, a.qk_rope_head_dim], dim=-1)
-        q_pe = rope(q_pe, positions)
+        q_pe = step.rope(q_pe)
         kv = self.wkv_a(x)
         latent = rms_norm(kv[..., :rank], self.kv_norm, a.rms_norm_eps)
-        k_pe = rope(kv[..., None, rank:], positions)  # one rope key shared by all heads
+        k_pe = step.rope(kv[..., None, rank:])  # one rope key shared by all heads
         hal.ops.paged_cache_write(cache.kv[layer], torch.cat((latent, k_pe[:, :, 0]), dim=-1).view(bsz * seqlen, -1),
-                                  cache.slots(seqlen))
-        wkv_b = self.wkv_b.view(h, nope + a.v_head_dim, rank)
-        if cache.length == 0:  # prefill: expand the latent into per-head keys and values
+                                  step.slots)
+        tokens = bsz * seqlen
+        if step.prefill:  # expand the latent into per-head keys and values
             kv_full = F.linear(latent, self.wkv_b).view(bsz, seqlen, h, nope + a.v_head_dim)
             k_nope, v = kv_full.split([nope, a.v_head_dim], dim=-1)
             k = torch.cat((k_nope, k_pe.expand(-1, -1, h, -1)), dim=-1)
             qk = torch.cat((q_nope, q_pe), dim=-1)
-            tokens = bsz * seqlen
-            cu = torch.arange(0, tokens + 1, seqlen, dtype=torch.int32)
             out, _ = hal.ops.mla_prefill(qk.reshape(tokens, h, -1), k.reshape(tokens, h, -1),
-                                         v.reshape(tokens, h, -1), cu, softmax_scale=a.softmax_scale, causal=True)
-            out = out.view(bsz, seqlen, h, a.v_head_dim)
+                                         v.reshape(tokens, h, -1), step.cu_seqlens, softmax_scale=a.softmax_scale,
+                                         causal=True)
+            out = out.view(bsz, seqlen, h * a.v_head_dim)
         else:  # absorbed: q_nope through W_UK into the latent space, W_UV applied after attention
-            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, :nope])
-            seq_lens = torch.full((bsz,), cache.length + seqlen, dtype=torch.int32)
-            out, _ = hal.ops.mla_decode(torch.cat((q_lat, q_pe), dim=-1), cache.kv[layer], cache.block_table,
-                                        seq_lens, softmax_scale=a.softmax_scale, head_dim_v=rank, causal=True)
-            out = torch.einsum("bshc,hvc->bshv", out, wkv_b[:, nope:])
-        return self.wo(out.flatten(2))
+            q_lat = torch.bmm(q_nope.reshape(tokens, h, nope).transpose(0, 1), self.w_uk)  # [H, tokens, rank]
+            q_abs = torch.cat((q_lat.transpose(0, 1).view(bsz, seqlen, h, rank), q_pe), dim=-1)
+            out, _ = hal.ops.mla_decode(q_abs, cache.kv[layer], cache.block_table, step.seq_lens,
+                                        softmax_scale=a.softmax_scale, head_dim_v=rank, causal=True)
+            out = torch.bmm(out.view(tokens, h, rank).transpose(0, 1), self.w_uv_t)  # [H, tokens, v]
+            out = out.transpose(0, 1).reshape(bsz, seqlen, h * a.v_head_dim)
+        return self.wo(out)
 
 
 class MLP:
@@ -295,9 +335,8 @@ class Block:
             MLP(w, f"{p}.mlp", args.hidden_size, args.intermediate_size)
         self.eps = args.rms_norm_eps
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, rope: Rope, cache: LatentCache,
-                 layer: int) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), positions, rope, cache, layer)
+    def __call__(self, x: torch.Tensor, step: Step, cache: LatentCache, layer: int) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), step, cache, layer)
         return x + self.ffn(rms_norm(x, self.ffn_norm, self.eps))
 
 
@@ -332,16 +371,18 @@ class Transformer:
         if tokens.dim() != 2 or tokens.shape[0] != cache.block_table.shape[0]:
             raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"int shape [B={cache.block_table.shape[0]}"
                                            ", S] (the cache's batch)", f"shape {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.args.vocab_size):
-            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"ids in [0, {self.args.vocab_size})",
-                                           f"ids in [{int(tokens.min())}, {int(tokens.max())}]")
-        positions = torch.arange(cache.length, cache.length + tokens.shape[1])
+        if tokens.numel():
+            low, high = (int(t) for t in torch.aminmax(tokens))
+            if low < 0 or high >= self.args.vocab_size:
+                raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"ids in [0, {self.args.vocab_size})",
+                                               f"ids in [{low}, {high}]")
+        step = Step(cache, tokens.shape[0], tokens.shape[1], self.rope, self.dtype)
         outer = hal.use_backend(self.backend) if self.backend else contextlib.nullcontext()
         with outer:
             x = F.embedding(tokens, self.embed)
             for i, block in enumerate(self.layers):
                 with layer_context(i) if layer_context else contextlib.nullcontext():
-                    x = block(x, positions, self.rope, cache, i)
+                    x = block(x, step, cache, i)
         cache.length += tokens.shape[1]
         return F.linear(rms_norm(x, self.norm, self.args.rms_norm_eps), self.head)
 

@@ -30,6 +30,13 @@ def isolated_hal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     hal.config.reload()
 
 
+@pytest.fixture
+def checked():
+    """Checked mode for the test: every call validated, tensor values included."""
+    with hal.config.use_backend(checked=True):
+        yield
+
+
 class FakeSite:
     """A folder on sys.path where tests 'install' distributions with entry points."""
 

@@ -26,3 +26,13 @@ def test_backend_conforms(backend, op):
     assert not bad, "\n\n".join(bad)
     if backend == "cpu":  # the reference backend serves every cell
         assert all(r.status == "pass" for r in results)
+
+
+@pytest.mark.parametrize("native", (True, False), ids=("bf16-matrix-instructions", "fp32-only"))
+@pytest.mark.parametrize("op", ("grouped_gemm", "mla_prefill", "mla_decode"))
+def test_cpu_kernels_conform_on_cpus_with_and_without_bf16_matrix_instructions(monkeypatch, op, native):
+    from hal.backends.cpu import kernels
+    monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: native)  # both paths, whatever this CPU has
+    results = [run_cell("cpu", op, features, profile="quick", seed=1) for features in cells(op)]
+    bad = [f"{r.id}: {r.status}: {r.message}\n{r.minimal_example}" for r in results if r.status != "pass"]
+    assert not bad, "\n\n".join(bad)

@@ -96,6 +96,27 @@ def test_prefill_and_decode_match_transformers(tmp_path, settings, dtype):
                  flips_allowed=dtype != torch.float32)
 
 
+@pytest.mark.parametrize("settings", [TUNED, OTHER], ids=["yarn-interleaved", "default-rotate-half"])
+def test_rope_rounds_like_transformers_bit_for_bit(tmp_path, settings):
+    """Queries' and keys' RoPE in bf16 equal transformers' to the bit (its cos / sin rounded to bf16, the
+    rotation computed in bf16, evens then odds), for a prefill's positions and for a decode step's, sliced
+    from the table the prefill grew."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+    from hal.model.config import read_config
+    from hal.model.deepseek_v3 import Rope
+
+    config = DeepseekV3Config(**settings)
+    config.save_pretrained(tmp_path)
+    rope = Rope(read_config(tmp_path))
+    x = torch.randn(1, 2049, 2, config.qk_rope_head_dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    cos, sin = hf.DeepseekV3RotaryEmbedding(config)(x, torch.arange(2049)[None])
+    apply = hf.apply_rotary_pos_emb_interleave if config.rope_interleave else hf.apply_rotary_pos_emb
+    expected, _ = apply(x, x, cos, sin, unsqueeze_dim=2)
+    prefill = rope.rotate(x[:, :2048], *rope.table(0, 2048, torch.bfloat16))
+    decode = rope.rotate(x[:, 2048:], *rope.table(2048, 2049, torch.bfloat16))
+    assert torch.equal(torch.cat((prefill, decode), dim=1), expected)
+
+
 def test_the_tolerance_catches_a_wrong_softmax_scale(tmp_path):
     """The fp32 tolerance is tight enough to see a model bug (here: the YaRN mscale**2 left out)."""
     ref_model = hf_model(TUNED, torch.float32)

@@ -98,6 +98,7 @@ def _bad(**change):
     return args
 
 
+@pytest.mark.usefixtures("checked")  # value checks run in checked mode
 @pytest.mark.parametrize("change, argument, exc", [
     (dict(x=torch.randn(5, 40, 1)), "x", hal.InvalidArgumentError),
     (dict(x=torch.randn(5, 40).to(torch.int32)), "x", hal.InvalidDtypeError),
@@ -120,11 +121,13 @@ def test_bad_input_names_the_argument(change, argument, exc):
         GG(**_bad(**change))
 
 
+@pytest.mark.usefixtures("checked")  # value checks run in checked mode
 def test_masked_counts_above_max_m_are_rejected():
     with pytest.raises(hal.InvalidArgumentError, match="group_sizes.*max_m = 4"):
         GG(torch.randn(2, 4, 8), torch.randn(2, 3, 8), torch.tensor([1, 5]), layout="masked")
 
 
+@pytest.mark.usefixtures("checked")  # value checks run in checked mode
 def test_error_message_says_expected_and_got():
     with pytest.raises(hal.InvalidArgumentError) as info:
         GG(**_bad(group_sizes=torch.tensor([2, 2])))

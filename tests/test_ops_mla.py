@@ -447,7 +447,7 @@ def test_error_n_grows_with_keys_scale_and_low_precision_probabilities():
     q, k = torch.ones(2, 4), torch.ones(3, 4)
     base = hal.ops.mla.attention_error_n(q, k, softmax_scale=0.5, num_keys=3)
     assert base == pytest.approx(5 * 3 + 3 * 13 * (0.5 * 2 * 2) + 32)
-    assert hal.ops.mla.attention_error_n(q.bfloat16(), k.bfloat16(), softmax_scale=0.5, num_keys=3) == base + 2**15
+    assert hal.ops.mla.attention_error_n(q.bfloat16(), k.bfloat16(), softmax_scale=0.5, num_keys=3) == base + 2**16
     assert hal.ops.mla.attention_error_n(q, k, softmax_scale=1.0, num_keys=30) > base
 
 
@@ -506,6 +506,7 @@ def _prefill_args(**change):
 I32 = torch.int32
 
 
+@pytest.mark.usefixtures("checked")  # value checks run in checked mode
 @pytest.mark.parametrize("change, argument, exc", [
     (dict(q=torch.randn(11, 4)), "q", hal.InvalidArgumentError),
     (dict(q=torch.randn(11, 4, 12).to(I32)), "q", hal.InvalidDtypeError),
@@ -573,6 +574,7 @@ def _table_with(b, i, value):
     return table
 
 
+@pytest.mark.usefixtures("checked")  # value checks run in checked mode
 @pytest.mark.parametrize("change, argument, exc", [
     (dict(q=torch.randn(5, 4, 20)), "q", hal.InvalidArgumentError),
     (dict(q=torch.randn(5, 0, 4, 20)), "q", hal.InvalidArgumentError),
@@ -622,6 +624,7 @@ def test_mixed_devices_are_rejected():
         PREFILL(**_prefill_args(v=torch.randn(13, 2, 8, device="meta")))
 
 
+@pytest.mark.usefixtures("checked")  # value checks run in checked mode
 @pytest.mark.parametrize("cache, kv, slots, argument, exc", [
     (torch.zeros(3, 4, 6), torch.zeros(2, 5), torch.tensor([0, 1]), "kv", hal.InvalidArgumentError),
     (torch.zeros(3, 4, 6), torch.zeros(2, 6).half(), torch.tensor([0, 1]), "kv", hal.InvalidDtypeError),
@@ -682,3 +685,18 @@ def test_kernel_rounding_probabilities_to_input_dtype_is_within_tolerance(dtype)
         out = (p.to(dtype).float() @ key[:, :64].float()) / p.sum(dim=1, keepdim=True)
         mag = torch.softmax(logits.double(), dim=1) @ key[:, :64].double().abs()
         assert_within(out.to(dtype), exact_out[b, 0], TOL[str(dtype)[6:]], n=n, magnitude=mag)
+
+
+def test_error_n_admits_probabilities_rounded_to_bf16():
+    # bf16 keeps 8 significant bits: rounding a probability costs up to 2**-8 of it, not 2**-9. A kernel that
+    # rounds exp(logit - max) to bf16 before P @ V (PyTorch's CPU flash attention, FlashMLA) must stay within
+    # the bound on this cancelling example (two near-equal keys, values -1 and 1), which 2**-9 rejected.
+    q, k = torch.ones(1, 1).bfloat16(), torch.tensor([[-2.6875], [-2.671875], [0.0]]).bfloat16()
+    v = torch.tensor([[-1.0], [1.0], [0.00592041015625]]).bfloat16()
+    p = torch.softmax(q.double() @ k.double().t(), -1)
+    exact, magnitude = p @ v.double(), p @ v.double().abs()
+    e = torch.exp(q.double() @ k.double().t())  # the max logit is 0
+    rounded_p = ((e.bfloat16().double() @ v.double()) / e.sum()).bfloat16()
+    n = hal.ops.mla.attention_error_n(q, k, softmax_scale=1.0, num_keys=3)
+    assert compare(rounded_p, exact, TOL["bfloat16"], n=n, magnitude=magnitude).ok
+    assert not compare(rounded_p, exact, TOL["bfloat16"], n=n - 2**15, magnitude=magnitude).ok

@@ -146,6 +146,7 @@ def test_hash_routing_takes_experts_from_the_table_and_weights_from_the_gate(sco
     assert_within(unnormalised, w, ROUTING_TOLERANCE[scoring])
 
 
+@pytest.mark.usefixtures("checked")  # value checks run in checked mode
 def test_hash_routing_rejects_out_of_range_ids():
     table = torch.tensor([[0, 1], [2, 9]])
     with pytest.raises(InvalidArgumentError, match="'token_ids'.*in \\[0, 2\\)"):
@@ -219,6 +220,7 @@ def test_unpermute_combines_in_fp32():
 
 # --------------------------------------------------------------------------- validation
 
+@pytest.mark.usefixtures("checked")  # value checks run in checked mode
 @pytest.mark.parametrize("call, argument", [
     (lambda: topk_routing(torch.randn(4), 2), "logits"),
     (lambda: topk_routing(torch.randn(4, 8).int(), 2), "logits"),

@@ -146,13 +146,56 @@ def test_checked_mode_sources(monkeypatch):
         assert not hal.checked_mode()
 
 
-def test_value_checks_off_the_cpu_run_only_in_checked_mode(monkeypatch):
+def test_value_checks_run_only_in_checked_mode():
     # Meta tensors have no values: reading them fails. Unchecked, validation must not try to read them.
     x, w, sizes = (t.to("meta") for t in _inputs())
     request = GG.validate(x, w, sizes)
     assert request.device.type == "meta"
     with hal.use_backend(checked=True), pytest.raises(Exception, match="meta"):
         GG.validate(x, w, sizes)
+
+
+def test_a_known_signature_skips_validation_and_only_that(monkeypatch):
+    x, w, sizes = _inputs()
+    calls = []
+    real = GG._validate
+    monkeypatch.setattr(GG, "_validate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    GG(x, w, sizes)
+    GG(torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([2, 2]))  # same dtypes, shapes, device
+    assert len(calls) == 1
+    with pytest.raises(hal.InvalidDtypeError, match="'w'"):  # another signature: validated, rejected
+        GG(x, w.double(), sizes)
+    with pytest.raises(hal.InvalidArgumentError, match="'w'.*last dim 9"):
+        GG(torch.randn(4, 9), w, sizes)
+    with pytest.raises(hal.InvalidArgumentError, match="'layout'"):  # a keyword's value is part of it
+        GG(x, w, sizes, layout="ragged")
+    with hal.use_backend(checked=True):  # checked mode validates every call, values included
+        GG(x, w, sizes)
+        with pytest.raises(hal.InvalidArgumentError, match="'group_sizes'"):
+            GG(x, w, torch.tensor([1, 2]))
+    assert len(calls) == 6
+
+
+def test_a_block_entered_again_with_the_same_settings_keeps_its_route():
+    # a model enters use_backend once per forward: its routes and validated signatures must carry over
+    with hal.use_backend("cpu"):
+        first = route(GG)
+        GG(*_inputs())
+    with hal.use_backend("cpu"):
+        assert route(GG) is first and first.known
+    with hal.use_backend("cpu", checked=True):
+        assert route(GG) is not first and route(GG).checked
+
+
+def test_signature_tells_apart_what_validation_can_see():
+    from hal.dispatch import signature
+    t = torch.zeros(2, 3)
+    assert signature((t,), {}) == signature((torch.ones(2, 3),), {})
+    different = [((t.double(),), {}), ((t.t(),), {}), ((t.t().contiguous(),), {}), ((torch.zeros(3, 2).t(),), {}),
+                 ((t,), {"top_k": 1}), ((t,), {"top_k": True}), ((t,), {"top_k": 1.0}), ((t,), {"k": 1})]
+    keys = [signature(a, k) for a, k in different]
+    assert signature((t,), {}) not in keys and len(set(keys)) == len(keys)
+    assert signature((t, 2), {}) is None and signature((t,), {"ids": [1, 2]}) is None  # validated every time
 
 
 def _inputs():

@@ -1,11 +1,11 @@
-"""The CPU reference backend: every contract's reference semantics, computed in float32.
+"""The CPU backend: every contract's reference semantics, computed in float32, with faster kernels where
+the reference is slow.
 
-bf16/fp16 inputs are computed in fp32 (CPUs without native bf16 run bf16 GEMMs ~100x slower than
-fp32), and results are rounded once to the contract's output dtype. The kernels are plain PyTorch,
-so the backend is *portable*: it computes on whatever device the arguments live on, which makes it
-the fallback for accelerator backends too. Most operators run their contract's reference
-implementation; those where it is slow run a faster kernel of the same semantics
-(:mod:`hal.backends.cpu.kernels`).
+bf16/fp16 inputs are computed in fp32 and results rounded once to the contract's output dtype, except
+where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16): there bf16 GEMMs and attention run on
+those instructions, accumulating in fp32 (:mod:`hal.backends.cpu.kernels`; CPUs without them run bf16
+GEMMs far slower than fp32). The kernels are plain PyTorch, so the backend is *portable*: it computes on
+whatever device the arguments live on, which makes it the fallback for accelerator backends too.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from hal.backend import Backend
 from hal.backends.cpu import kernels
 from hal.contract import all_ops
 
-_FAST_KERNELS = {"grouped_gemm": kernels.grouped_gemm, "mla_decode": kernels.mla_decode,
-                 "quantize_fp8": kernels.quantize_fp8}
+_FAST_KERNELS = {"grouped_gemm": kernels.grouped_gemm, "mla_prefill": kernels.mla_prefill,
+                 "mla_decode": kernels.mla_decode, "quantize_fp8": kernels.quantize_fp8}
 
 
 class CpuBackend(Backend):

@@ -1,57 +1,88 @@
 """The CPU backend's fast kernels, where a contract's reference implementation is slow.
 
-Each computes the same thing as its contract's reference with ``compute_dtype=torch.float32`` (bf16/fp16
-inputs computed in fp32, one rounding to the output dtype) and hands every case it does not speed up to
-that reference. What each saves:
+Each computes what its contract specifies, within the contract's tolerance, and hands every case it does
+not speed up to the reference (``compute_dtype=torch.float32``). Where the CPU multiplies bf16 matrices in
+hardware (AMX / AVX512-BF16, :func:`native_bf16_gemm`), bf16 work runs on bf16 matrix instructions that
+accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. What each saves:
 
-* :func:`grouped_gemm`: no fp32 copy of the whole weight tensor; each expert's weight is converted just
-  before its GEMM (it is still in cache when the GEMM reads it), experts without rows are skipped, and
-  the GEMMs write straight into slices of one output.
-* :func:`mla_decode`: the absorbed form per sequence over only its own pages (no ``[B, Lmax]`` padded
-  gather, no mask when every key is attended), logits and ``P @ V`` as two plain matrix products shared
-  by all heads.
+* :func:`grouped_gemm`: per expert, one GEMM into a slice of the output; bf16 operands stay bf16 (oneDNN,
+  fp32 accumulation, one rounding), other float operands are converted per expert (no fp32 copy of the
+  whole weight tensor); experts without rows are skipped.
+* :func:`mla_prefill` / :func:`mla_decode`: PyTorch's CPU flash attention for bf16 where no mask beyond a
+  plain causal one is needed (logits accumulated in fp32, online softmax, probabilities rounded to bf16
+  before ``P @ V``: what ``MLA_TOLERANCE`` admits); decode attends all heads' rows in one pass over the
+  sequence's keys, a view of the cache when its pages are in order. Other cases: fp32, per sequence, two
+  matrix products shared by all heads, masked only when something is.
 * :func:`quantize_fp8`: the same fp32 operations as the reference, applied to row chunks that stay in
   cache, in place, instead of five full-size passes through memory.
+
+Values the kernels read anyway (group sizes, sequence offsets and lengths, block ids) are checked with the
+contract's own value checks, so bad ones raise its errors in unchecked mode too.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 
-from hal.contract import FLOAT_DTYPES
 from hal.formats import FP8_DTYPE, FP8_MAX
+from hal.ops.grouped_gemm import check_group_sizes
 from hal.ops.grouped_gemm import grouped_gemm as _grouped_gemm_op
-from hal.ops.mla import attended_keys, sink_gate
+from hal.ops.mla import attended_keys, check_cu_seqlens, check_sequence_pages, sink_gate
+from hal.ops.mla import mla_prefill as _mla_prefill_op
 from hal.ops.quant import fp8_scales
 from hal.ops.quant import quantize_fp8 as _quantize_fp8_op
 
 _F32 = torch.float32
 _CHUNK_ELEMENTS = 1 << 17  # fp32 working set of one quantisation chunk: 512 KiB, well inside L2
+# PyTorch's CPU flash attention (bf16 GEMMs accumulating in fp32, online softmax in fp32, probabilities
+# rounded to bf16 before P @ V, as MLA_TOLERANCE admits), with its lse. Private, so looked up, not assumed.
+_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *, layout: str = "contiguous",
                  x_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    sizes = group_sizes.tolist()
+    check_group_sizes(sizes, layout, x.shape)  # read anyway: unchecked bad sizes would leave rows unwritten
     if x_scale is not None or w_scale is not None:  # FP8 / FP4 / int8 operands: the reference dequantises
         return _grouped_gemm_op.reference_impl(x, w, group_sizes, layout=layout, x_scale=x_scale,
                                                w_scale=w_scale, out_dtype=out_dtype, compute_dtype=_F32)
-    out_dtype = out_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.bfloat16)
-    xf = x.to(_F32)
-    sizes = group_sizes.tolist()
+    out_dtype = out_dtype or x.dtype
+    if x.dtype == w.dtype == out_dtype == torch.bfloat16 and x.is_cpu and native_bf16_gemm():
+        compute, weight = torch.bfloat16, lambda g: w[g]  # oneDNN: fp32 accumulation, one rounding to bf16
+    else:
+        compute, weight = _F32, lambda g: w[g].to(_F32)  # converted per expert: still in cache for its GEMM
+    xc = x.to(compute)
     if layout == "masked":
-        y = xf.new_zeros(x.shape[0], x.shape[1], w.shape[1])  # the reference's zeros past the valid rows
+        y = xc.new_zeros(x.shape[0], x.shape[1], w.shape[1])  # the reference's zeros past the valid rows
         for g, size in enumerate(sizes):
             if size:
-                torch.mm(xf[g, :size], w[g].to(_F32).t(), out=y[g, :size])
+                torch.mm(xc[g, :size], weight(g).t(), out=y[g, :size])
         return y.to(out_dtype)
-    y = xf.new_empty(x.shape[0], w.shape[1])
+    y = xc.new_empty(x.shape[0], w.shape[1])
     start = 0
     for g, size in enumerate(sizes):
         if size:
-            torch.mm(xf[start:start + size], w[g].to(_F32).t(), out=y[start:start + size])
+            torch.mm(xc[start:start + size], weight(g).t(), out=y[start:start + size])
             start += size
     return y.to(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16) through oneDNN: a bf16 GEMM
+    with fp32 accumulation then runs several times faster than an fp32 one, while elsewhere bf16 GEMMs are
+    emulated, far slower. torch.cpu's probes are private, so their absence reads as "no"."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.backends.mkldnn.is_available() and any(probe() for probe in probes if probe is not None)
+
+
+def _cpu_bf16_attention(q: torch.Tensor) -> bool:
+    """Whether PyTorch's CPU flash attention serves this call: bf16 CPU tensors (the backend is portable: it
+    also runs, in its fp32 paths, on other devices), a CPU with bf16 matrix instructions, a torch that has it."""
+    return _flash_attention is not None and q.dtype == torch.bfloat16 and q.is_cpu and native_bf16_gemm()
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
@@ -59,26 +90,94 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                sinks: Optional[torch.Tensor] = None, window: Optional[int] = None,
                topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     b, sq, hq, d = q.shape
-    block_size = kv_cache.shape[1]
+    masked = causal and sq > 1 or window is not None or topk_indices is not None
+    flash = not masked and _cpu_bf16_attention(q)
     out = q.new_zeros((b, sq, hq, head_dim_v), dtype=_F32)
     lse = q.new_full((b, sq, hq), float("-inf"), dtype=_F32)
     for i, length in enumerate(seq_lens.tolist()):
+        keys = _sequence_keys(kv_cache, block_table[i], length, sq, causal)  # [L, D]
         if length == 0:
             continue
-        used = (length + block_size - 1) // block_size
-        keys = kv_cache[block_table[i, :used].to(torch.int64)].reshape(-1, d)[:length].to(_F32)  # [L, D]
-        logits = torch.mm(q[i].reshape(sq * hq, d).to(_F32), keys.t()).mul_(softmax_scale).view(sq, hq, length)
-        if causal and sq > 1 or window is not None or topk_indices is not None:
-            topk = None if topk_indices is None else topk_indices[i:i + 1]
-            allowed = attended_keys(seq_lens[i:i + 1], sq, length, causal, window, topk)[0]  # [Sq, L]
-            logits.masked_fill_(~allowed[:, None, :], float("-inf"))
-        row_lse = torch.logsumexp(logits, dim=-1)  # [Sq, Hq]; -inf where nothing is attended
-        probs = torch.exp(logits.sub_(row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None]))
-        row_out = torch.mm(probs.view(sq * hq, length), keys[:, :head_dim_v]).view(sq, hq, head_dim_v)
+        if flash:  # every query row attends every key: the rows of all heads share one pass over the keys
+            keys = keys.view(1, 1, length, d)
+            row_out, row_lse = _flash_attention(q[i].reshape(1, 1, sq * hq, d), keys, keys, 0.0, False,
+                                                attn_mask=None, scale=softmax_scale)
+            row_out, row_lse = row_out.view(sq, hq, d)[..., :head_dim_v].float(), row_lse.view(sq, hq)
+        else:
+            row_out, row_lse = _attend_fp32(q[i], keys.to(_F32), seq_lens[i:i + 1], softmax_scale, head_dim_v,
+                                            causal, window, None if topk_indices is None else topk_indices[i:i + 1])
         if sinks is not None:
             row_out.mul_(sink_gate(row_lse, sinks)[..., None])
         out[i], lse[i] = row_out, row_lse
     return out.to(q.dtype), lse
+
+
+def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                cu_seqlens_k: Optional[torch.Tensor] = None, *, softmax_scale: float, causal: bool = True,
+                sinks: Optional[torch.Tensor] = None, window: Optional[int] = None,
+                topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    starts_q = cu_seqlens_q.tolist()
+    check_cu_seqlens("cu_seqlens_q", starts_q, q.shape[0])  # read anyway: bad offsets would slice silently
+    starts_k = starts_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    check_cu_seqlens("cu_seqlens_k", starts_k, k.shape[0])
+    tq, hq, d = q.shape
+    dv = v.shape[2]
+    # PyTorch's flash kernel takes one head dim (the narrower of q/k and v is zero-padded: exact), as many kv
+    # heads as query heads, and a top-left causal mask, which is the contract's bottom-right one when every
+    # sequence has as many keys as queries; windows and top-k lists need masks.
+    flash = _cpu_bf16_attention(q) and k.shape[1] == hq and window is None and topk_indices is None and \
+        (not causal or starts_q == starts_k)
+    if not flash:
+        return _mla_prefill_op.reference_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
+                                              causal=causal, sinks=sinks, window=window,
+                                              topk_indices=topk_indices, compute_dtype=_F32)
+    width = max(d, dv)
+    q, k, v = (t if t.shape[2] == width else torch.nn.functional.pad(t, (0, width - t.shape[2])) for t in (q, k, v))
+    out = q.new_zeros((tq, hq, dv))
+    lse = q.new_full((tq, hq), float("-inf"), dtype=_F32)
+    for q0, q1, k0, k1 in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
+        if q1 == q0 or k1 == k0:  # no query, or no key to attend: out 0, lse -inf
+            continue
+        seq_out, seq_lse = _flash_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                                            v[k0:k1].transpose(0, 1)[None], 0.0, causal, attn_mask=None,
+                                            scale=softmax_scale)
+        seq_out, seq_lse = seq_out[0, :, :, :dv].transpose(0, 1), seq_lse[0].t()  # [lq, Hq, Dv], [lq, Hq]
+        if sinks is not None:
+            seq_out = seq_out * sink_gate(seq_lse, sinks)[..., None]
+        out[q0:q1], lse[q0:q1] = seq_out, seq_lse
+    return out, lse
+
+
+def _sequence_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, sq: int,
+                   causal: bool) -> torch.Tensor:
+    """The first ``length`` keys of a sequence whose pages are ``block_ids``, ``[length, D]``: a view of the
+    cache when its pages are in order (as :class:`hal.model` allocates them), else a gathered copy. The
+    length and the used block ids are checked on the way (read anyway: bad ones would go unseen)."""
+    used_ids = block_ids[:-(-max(length, 0) // kv_cache.shape[1])]
+    ids = used_ids.tolist()
+    check_sequence_pages(length, ids, block_ids.shape[0], kv_cache, sq, causal)
+    if not ids:
+        return kv_cache.new_empty(0, kv_cache.shape[2])
+    in_order = ids == list(range(ids[0], ids[0] + len(ids)))
+    pages = kv_cache[ids[0]:ids[0] + len(ids)] if in_order else kv_cache.index_select(0, used_ids)
+    return pages.view(-1, kv_cache.shape[2])[:length]
+
+
+def _attend_fp32(q: torch.Tensor, keys: torch.Tensor, seq_len: torch.Tensor, softmax_scale: float,
+                 head_dim_v: int, causal: bool, window: Optional[int],
+                 topk_indices: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed attention of one sequence's ``q`` ``[Sq, Hq, D]`` over its fp32 ``keys`` ``[L, D]``, in fp32:
+    the logits and ``P @ V`` as two matrix products shared by all heads, masked only when something is."""
+    sq, hq, d = q.shape
+    length = keys.shape[0]
+    logits = torch.mm(q.reshape(sq * hq, d).to(_F32), keys.t()).mul_(softmax_scale).view(sq, hq, length)
+    if causal and sq > 1 or window is not None or topk_indices is not None:
+        allowed = attended_keys(seq_len, sq, length, causal, window, topk_indices)[0]  # [Sq, L]
+        logits.masked_fill_(~allowed[:, None, :], float("-inf"))
+    row_lse = torch.logsumexp(logits, dim=-1)  # [Sq, Hq]; -inf where nothing is attended
+    probs = torch.exp(logits.sub_(row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None]))
+    return torch.mm(probs.view(sq * hq, length), keys[:, :head_dim_v]).view(sq, hq, head_dim_v), row_lse
+
 
 
 def quantize_fp8(x: torch.Tensor, group_size: int = 128,

@@ -1,7 +1,7 @@
 """Family 1: grouped GEMM for MoE experts (plain, block-scaled low-precision and W8A8 int8 operands)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -9,7 +9,7 @@ from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, 
     dtype_name, result, value_checks_enabled
 from hal.formats import FP4_GROUP, FP8_DTYPE, dequantize_values, fp4_dtypes, is_fp4, scale_dtypes, scale_shape
 
-__all__ = ["grouped_gemm"]
+__all__ = ["grouped_gemm", "check_group_sizes"]
 
 INT8_MAX_K = 2**31 // (128 * 128) - 1  # int32 accumulation of int8 products cannot overflow: K * 128 * 128 < 2**31
 INT8_SCALES = (torch.float32,)
@@ -22,6 +22,9 @@ _FP4_WEIGHT_BLOCK = (1, FP4_GROUP)
 # the output is then rounded to its dtype: rtol is one ulp at the bottom of a binade (bf16 2**-7,
 # fp16 2**-10, fp32 2**-23), twice the half-ulp of a correct rounding, so that a kernel rounding
 # through an intermediate format (double rounding) still passes.
+# Subnormal operands and products (below 2**-126) may be flushed to zero: bf16 matrix units do (Intel
+# AMX and AVX512-BF16 by definition, accelerator cube units commonly). The bound holds for operands and
+# products in the normal range, which is what the conformance suite draws.
 GEMM_TOLERANCE = {
     "float32": Tolerance(rtol=2**-23, atol=0.0, acc_eps=2**-24),
     "bfloat16": Tolerance(rtol=2**-7, atol=0.0, acc_eps=2**-24),
@@ -68,7 +71,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
     * ``out_dtype`` defaults to ``x.dtype`` for float ``x``, ``bfloat16`` for FP8 or int8 ``x``.
 
     Semantics: ``y[m, n] = sum_k X[m, k] * W[g(m), n, k]`` where ``X``, ``W`` are the dequantised
-    operands (value times block, row or channel scale), accumulated in at least fp32 (for block-scaled
+    operands (value times block, row or channel scale; subnormal operands and products may be flushed
+    to zero, as bf16 matrix units do), accumulated in at least fp32 (for block-scaled
     operands, per 128-wide K block then across blocks; for int8 operands an exact int32 sum scaled by
     ``x_scale[m] * w_scale[g, n]`` is within the tolerance) and rounded once to ``out_dtype``.
     Tolerance: :data:`GEMM_TOLERANCE` with ``n = K`` (``n = K + 3`` when an operand is scaled:
@@ -111,19 +115,23 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
         _check_scale(op, "w_scale", w_scale, w.dtype == FP8_DTYPE or w_fp4, expected, "a low-precision w")
     if out_dtype is not None:
         check(out_dtype in FLOAT_DTYPES, op, "out_dtype", "bfloat16, float16 or float32", out_dtype)
-    if value_checks_enabled(device):
-        sizes = group_sizes.tolist()
-        check(min(sizes, default=0) >= 0, op, "group_sizes", "non-negative sizes", sizes)
-        if layout == "contiguous":
-            check(sum(sizes) == x.shape[0], op, "group_sizes", f"sizes adding up to x.shape[0] = {x.shape[0]}",
-                  f"sizes adding up to {sum(sizes)}")
-        else:
-            check(max(sizes, default=0) <= x.shape[1], op, "group_sizes",
-                  f"valid counts <= max_m = {x.shape[1]}", sizes)
+    if value_checks_enabled():
+        check_group_sizes(group_sizes.tolist(), layout, x.shape)
     out = out_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.bfloat16)
     return Request(device, (("layout", layout), ("x_dtype", dtype_name(x.dtype)),
                             ("w_dtype", "fp4_e2m1" if w_fp4 else dtype_name(w.dtype)),
                             ("out_dtype", dtype_name(out))))
+
+
+def check_group_sizes(sizes: List[int], layout: str, x_shape: Sequence[int]) -> None:
+    """The value checks of ``group_sizes`` (read into ``sizes``): for implementations that read them anyway."""
+    op = "grouped_gemm"
+    check(min(sizes, default=0) >= 0, op, "group_sizes", "non-negative sizes", sizes)
+    if layout == "contiguous":
+        check(sum(sizes) == x_shape[0], op, "group_sizes", f"sizes adding up to x.shape[0] = {x_shape[0]}",
+              f"sizes adding up to {sum(sizes)}")
+    else:
+        check(max(sizes, default=0) <= x_shape[1], op, "group_sizes", f"valid counts <= max_m = {x_shape[1]}", sizes)
 
 
 def _check_scale(op: str, name: str, scale: Optional[torch.Tensor], needed: bool, shape: tuple,

@@ -26,7 +26,7 @@ Conventions shared by the operators of this family:
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -34,7 +34,8 @@ from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, 
     contract, dtype_name, result, value_checks_enabled
 
 __all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
-           "gather_paged_keys", "sink_gate"]
+           "gather_paged_keys", "sink_gate", "check_decode_values", "check_sequence_pages",
+           "check_cu_seqlens"]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _BOOL = ("true", "false")
@@ -49,7 +50,7 @@ _ATTENTION_AXES = {"dtype": _DTYPES, "causal": _BOOL, "sinks": _BOOL, "window": 
 #       n = 5 * L + 3 * (D + 9) * S + 32 + c_p
 #   L = the largest number of keys any query row attends (its reduction length), D = the q/k head dim,
 #   S = softmax_scale * max_t |q_t|_2 * max_j |k_j|_2 (Cauchy-Schwarz: a bound of every scaled
-#   sum_d |q_d| |k_jd|, hence of every |logit|), and c_p = 2**15 for bf16 q, 2**13 for fp16, 0 for fp32;
+#   sum_d |q_d| |k_jd|, hence of every |logit|), and c_p = 2**16 for bf16 q, 2**13 for fp16, 0 for fp32;
 # * ``magnitude`` for ``out`` = the same attention with the values replaced by ``|v|`` (same logits,
 #   same masks and sinks): ``sum_j p_j |v_j|``; for ``lse`` = ones.
 #
@@ -63,7 +64,8 @@ _ATTENTION_AXES = {"dtype": _DTYPES, "causal": _BOOL, "sinks": _BOOL, "window": 
 # * lse: error <= E + (2L + 4) * u (sum, log, base change; |lse| <= S + ln L); a sink scales out by
 #   sigmoid(lse - sink), whose relative error is <= that of lse, adding lse's error times magnitude;
 # * c_p * u admits kernels that round the probabilities to q's dtype before the P @ V product (FlashMLA,
-#   FlashAttention do): 2**-9 (bf16) / 2**-11 (fp16) relative per probability, i.e. c_p * u * magnitude.
+#   FlashAttention do): 2**-8 (bf16) / 2**-11 (fp16) relative per probability (the unit roundoff of 8 and
+#   11 significant bits), i.e. c_p * u * magnitude.
 # Summing: 3E + (5L + 14 + c_p) u <= n * u. The output is then rounded once to its dtype (``rtol``; one ulp
 # for double rounding; ``atol`` = the format's smallest subnormal, for results that underflow it, e.g. a
 # sink-dominated row); lse's ``rtol`` = 4u covers rounding ``|lse|``.
@@ -76,7 +78,7 @@ MLA_TOLERANCE = {
     "lse": Tolerance(rtol=2**-22, atol=0.0, acc_eps=2**-24),
 }
 
-_PROBABILITY_ROUNDING = {torch.bfloat16: 2**15, torch.float16: 2**13}
+_PROBABILITY_ROUNDING = {torch.bfloat16: 2**16, torch.float16: 2**13}
 
 
 def attention_error_n(q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float, num_keys: int) -> float:
@@ -230,15 +232,20 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
         check(topk_indices.shape[0] == tq, op, "topk_indices", f"shape [Tq={tq}, topk]",
               f"shape {tuple(topk_indices.shape)}")
     _check_common(op, hq, softmax_scale, causal, sinks, window)
-    if value_checks_enabled(device):
-        for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, tq), ("cu_seqlens_k", cu_seqlens_k, tk)):
-            if cu is None:
-                continue
-            values = cu.tolist()
-            check(values[0] == 0, op, name, "a first entry of 0", values[0])
-            check(all(a <= b for a, b in zip(values, values[1:])), op, name, "non-decreasing offsets", values)
-            check(values[-1] == total, op, name, f"a last entry equal to the token count {total}", values[-1])
+    if value_checks_enabled():
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q.tolist(), tq)
+        if cu_seqlens_k is not None:
+            check_cu_seqlens("cu_seqlens_k", cu_seqlens_k.tolist(), tk)
     return Request(device, _features(q.dtype, causal, sinks, window, topk_indices))
+
+
+def check_cu_seqlens(name: str, offsets: List[int], total: int) -> None:
+    """:func:`mla_prefill`'s value checks of ``cu_seqlens_q`` / ``_k`` (read into ``offsets``): also for
+    implementations that read them anyway."""
+    op = "mla_prefill"
+    check(offsets[0] == 0, op, name, "a first entry of 0", offsets[0])
+    check(all(a <= b for a, b in zip(offsets, offsets[1:])), op, name, "non-decreasing offsets", offsets)
+    check(offsets[-1] == total, op, name, f"a last entry equal to the token count {total}", offsets[-1])
 
 
 @mla_prefill.reference
@@ -315,7 +322,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     device = check_same_device(op, q=q, kv_cache=kv_cache, block_table=block_table, seq_lens=seq_lens,
                                sinks=sinks, topk_indices=topk_indices)
     b, sq, hq, d = q.shape
-    num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]
+    block_size = kv_cache.shape[1]
     check(sq >= 1 and hq >= 1 and d >= 1, op, "q", "shape [B, Sq >= 1, Hq >= 1, D >= 1]", f"shape {tuple(q.shape)}")
     check(kv_cache.shape[2] == d and block_size >= 1, op, "kv_cache",
           f"shape [num_blocks, block_size >= 1, D={d}] (q's head dim)", f"shape {tuple(kv_cache.shape)}")
@@ -328,21 +335,29 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         check(tuple(topk_indices.shape[:2]) == (b, sq), op, "topk_indices", f"shape [B={b}, Sq={sq}, topk]",
               f"shape {tuple(topk_indices.shape)}")
     _check_common(op, hq, softmax_scale, causal, sinks, window)
-    if value_checks_enabled(device) and b:
-        capacity = block_table.shape[1] * block_size
-        lens = seq_lens.to(torch.int64)
-        check(bool((lens >= 0).all()) and bool((lens <= capacity).all()), op, "seq_lens",
-              f"lengths in [0, max_blocks * block_size = {capacity}]", seq_lens.tolist())
-        if causal:
-            check(bool(((lens == 0) | (lens >= sq)).all()), op, "seq_lens",
-                  f"lengths >= Sq = {sq} (the new tokens are in the cache) or 0, when causal", seq_lens.tolist())
-        used = torch.arange(block_table.shape[1], device=device)[None, :] < \
-            (lens[:, None] + block_size - 1) // block_size
-        ids = block_table[used]
-        bad = (ids < 0) | (ids >= num_blocks)
-        check(not bool(bad.any()), op, "block_table", f"used block ids in [0, num_blocks = {num_blocks})",
-              f"ids {sorted(set(ids[bad].tolist()))[:8]}")
+    if value_checks_enabled():
+        check_decode_values(kv_cache, block_table, seq_lens, sq, causal)
     return Request(device, _features(q.dtype, causal, sinks, window, topk_indices))
+
+
+def check_decode_values(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, sq: int,
+                        causal: bool) -> None:
+    """:func:`mla_decode`'s value checks: lengths within the page table, used block ids within the cache."""
+    for length, ids in zip(seq_lens.tolist(), block_table.tolist()):
+        check_sequence_pages(length, ids[:-(-max(length, 0) // kv_cache.shape[1])], len(ids), kv_cache, sq, causal)
+
+
+def check_sequence_pages(length: int, used_ids: List[int], max_blocks: int, kv_cache: torch.Tensor, sq: int,
+                         causal: bool) -> None:
+    """The value checks of one sequence of :func:`mla_decode` (its length and the block ids of its used pages):
+    also for implementations that read these values anyway."""
+    op = "mla_decode"
+    capacity = max_blocks * kv_cache.shape[1]
+    check(0 <= length <= capacity, op, "seq_lens", f"lengths in [0, max_blocks * block_size = {capacity}]", length)
+    check(not causal or length == 0 or length >= sq, op, "seq_lens",
+          f"lengths >= Sq = {sq} (the new tokens are in the cache) or 0, when causal", length)
+    bad = sorted({i for i in used_ids if not 0 <= i < kv_cache.shape[0]})
+    check(not bad, op, "block_table", f"used block ids in [0, num_blocks = {kv_cache.shape[0]})", f"ids {bad[:8]}")
 
 
 def gather_paged_keys(kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -400,7 +415,7 @@ def paged_cache_write(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: to
     check(kv.shape[1] == d, op, "kv", f"shape [T, D={d}] (kv_cache's last dim)", f"shape {tuple(kv.shape)}")
     check(slot_mapping.shape[0] == kv.shape[0], op, "slot_mapping", f"shape [T={kv.shape[0]}] (one slot per row "
           "of kv)", f"shape {tuple(slot_mapping.shape)}")
-    if value_checks_enabled(device) and slot_mapping.numel():
+    if value_checks_enabled() and slot_mapping.numel():
         capacity = kv_cache.shape[0] * kv_cache.shape[1]
         lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
         check(lo >= -1 and hi < capacity, op, "slot_mapping",

@@ -94,8 +94,8 @@ def _check_scale(op: str, scale: object) -> None:
 
 
 def _check_in_range(op: str, name: str, ids: torch.Tensor, upper: int, what: str) -> None:
-    """Index values in ``[0, upper)`` (reads values: CPU or checked mode only)."""
-    if ids.numel() and value_checks_enabled(ids.device):
+    """Index values in ``[0, upper)`` (reads values: checked mode only)."""
+    if ids.numel() and value_checks_enabled():
         lo, hi = int(ids.min()), int(ids.max())
         check(lo >= 0 and hi < upper, op, name, f"{what} in [0, {upper})", f"values in [{lo}, {hi}]")
 
@@ -226,7 +226,7 @@ def hash_routing(token_ids: torch.Tensor, table: torch.Tensor, logits: torch.Ten
     check(isinstance(renormalize, bool), op, "renormalize", "a bool", repr(renormalize))
     device = check_same_device(op, token_ids=token_ids, table=table, logits=logits)
     _check_in_range(op, "token_ids", token_ids, table.shape[0], "token ids (rows of table)")
-    if token_ids.numel() and value_checks_enabled(device):
+    if token_ids.numel() and value_checks_enabled():
         _check_in_range(op, "table", table[token_ids], logits.shape[1], "expert ids (columns of logits)")
     return Request(device, (("scoring", scoring), ("dtype", dtype_name(logits.dtype)),
                             ("renormalize", "true" if renormalize else "false")))
