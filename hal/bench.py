@@ -321,10 +321,10 @@ def _hf_run(model, prompt: torch.Tensor, steps: int) -> Tuple[List[int], float, 
     return tokens, prefill_s, (time.perf_counter() - start) / max(steps - 1, 1)
 
 
-def bench_model(size: Size, backend: str) -> Tuple[List[Figure], List[str]]:
+def bench_model(size: Size, backend: str, notes: List[str]) -> List[Figure]:
+    """The tiny V3 model's prefill and decode against transformers' (notes: why something was skipped)."""
     import hal.model
     from hal.model.tiny import make_tiny
-    notes = []
     try:
         import transformers
         transformers.logging.set_verbosity_error()
@@ -351,7 +351,7 @@ def bench_model(size: Size, backend: str) -> Tuple[List[Figure], List[str]]:
             figures.append(Figure(f"tiny V3 {phase} tokens/s at {ctx} context", "(no peer measured)",
                                   statistics.median(rates), min(rates), max(rates), "tokens per second",
                                   statistics.median(r[i] for r in runs["hal"][1:]) * 1e3, float("nan")))
-        return figures, notes
+        return figures
     same = all(h[0] == p[0] for h, p in zip(runs["hal"], runs["transformers"]))
     for phase, i, target in (("prefill", 1, ">= 3"), ("decode", 2, ">= 10")):
         ours_s = [r[i] for r in runs["hal"][1:]]
@@ -362,37 +362,54 @@ def bench_model(size: Size, backend: str) -> Tuple[List[Figure], List[str]]:
                                means="speed-up over transformers", target=target, identical_greedy_tokens=same,
                                tokens_per_s=per / statistics.median(ours_s),
                                peer_tokens_per_s=per / statistics.median(peer_s)))
-    return figures, notes
+    return figures
 
 
 # --------------------------------------------------------------------------- driver
 
 def run(size_name: str = "default", backend: str = "cpu", model: bool = True) -> Dict[str, Any]:
-    """Every measurement on ``backend``; returns what ``--json`` writes."""
+    """Every measurement on ``backend``; returns what ``--json`` writes. A figure whose operator the backend
+    does not serve (e.g. FP8 on a chip without it) is skipped with a note saying why."""
     size = SIZES[size_name]
     torch.manual_seed(0)
-    figures: List[Figure] = []
-    scaling: Dict[str, List[Figure]] = {"tokens": [], "experts": [], "context": []}
     notes: List[str] = []
+
+    def measured(bench: Callable[..., Any], *args: Any) -> List[Figure]:
+        try:
+            found = bench(*args)
+        except hal.UnsupportedError as exc:
+            notes.append(f"skipped: {exc}")
+            return []
+        return found if isinstance(found, list) else [found]
+
+    figures: List[Figure] = []
     with hal.use_backend(backend):
-        gemm = bench_grouped_gemm(size, size.experts, size.gemm_tokens)
-        figures.append(gemm)
-        figures += [bench_mla_decode(size, size.context, gemm.extra["dense_gflops"], scattered)
-                    for scattered in (False, True)]
-        figures.append(bench_mla_naive(size, size.context))
-        figures.append(bench_quantize_fp8(size, size.quant_tokens))
+        figures += measured(bench_grouped_gemm, size, size.experts, size.gemm_tokens)
+        dense_gflops = _dense_gflops(size)
+        for scattered in (False, True):
+            figures += measured(bench_mla_decode, size, size.context, dense_gflops, scattered)
+        figures += measured(bench_mla_naive, size, size.context)
+        figures += measured(bench_quantize_fp8, size, size.quant_tokens)
         figures += bench_dispatch(size)
-        for tokens in size.scaling["tokens"]:
-            scaling["tokens"].append(bench_grouped_gemm(size, size.experts, tokens))
-        for experts in size.scaling["experts"]:
-            scaling["experts"].append(bench_grouped_gemm(size, experts, size.gemm_tokens))
-        for context in size.scaling["context"]:
-            scaling["context"].append(bench_mla_decode(size, context, gemm.extra["dense_gflops"], False))
+        scaling = {
+            "tokens": [f for tokens in size.scaling["tokens"]
+                       for f in measured(bench_grouped_gemm, size, size.experts, tokens)],
+            "experts": [f for experts in size.scaling["experts"]
+                        for f in measured(bench_grouped_gemm, size, experts, size.gemm_tokens)],
+            "context": [f for context in size.scaling["context"]
+                        for f in measured(bench_mla_decode, size, context, dense_gflops, False)]}
     if model:
-        model_figures, notes = bench_model(size, backend)
-        figures += model_figures
+        figures += measured(bench_model, size, backend, notes)
     return {"backend": backend, "size": size_name, "machine": _machine(), "figures": [asdict(f) for f in figures],
             "scaling": {axis: [asdict(f) for f in fs] for axis, fs in scaling.items()}, "notes": notes}
+
+
+def _dense_gflops(size: Size) -> float:
+    """This run's dense fp32 GEMM rate at the expert GEMM's K and N: MLA decode's roofline compute rate."""
+    flops = 2.0 * size.gemm_tokens * size.hidden * size.expert_width
+    dense = _dense_gemm(flops, size.hidden, size.expert_width)
+    dense_s, _ = _paired(dense, lambda: None, size)
+    return flops / statistics.median(dense_s) / 1e9
 
 
 def _machine() -> Dict[str, Any]:

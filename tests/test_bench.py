@@ -29,3 +29,13 @@ def test_bench_tiny_writes_every_figure(tmp_path, capsys):
     assert all({"first_call_validation_us", "checked_mode_us"} <= set(f["extra"]) for f in dispatch)
     printed = capsys.readouterr().out
     assert all(name in printed for name in names)  # the report prints what the JSON holds
+
+
+def test_bench_skips_what_the_backend_does_not_serve_and_says_why(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--size", "tiny", "--no-model", "--backend", "ascend-emulated", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    names = [f["name"] for f in data["figures"]]
+    assert not any(n.startswith("quantize_fp8") for n in names)  # no FP8 on an Atlas A2
+    assert any("quantize_fp8" in note and "does not" in note for note in data["notes"]), data["notes"]
+    assert any(n.startswith("grouped_gemm") for n in names) and any(n.startswith("mla_decode") for n in names)
