@@ -22,6 +22,7 @@ contract's own value checks, so bad ones raise its errors in unchecked mode too.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -82,34 +83,22 @@ def native_bf16_gemm() -> bool:
 def _cpu_bf16_attention(q: torch.Tensor) -> bool:
     """Whether PyTorch's CPU flash attention serves this call: bf16 CPU tensors (the backend is portable: it
     also runs, in its fp32 paths, on other devices), a CPU with bf16 matrix instructions, a torch that has it."""
-    return _flash_attention is not None and q.dtype == torch.bfloat16 and q.is_cpu and native_bf16_gemm()
+    return q.dtype == torch.bfloat16 and q.is_cpu and native_bf16_gemm() and _flash_attention_works()
 
 
-def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-               softmax_scale: float, head_dim_v: int = 512, causal: bool = True,
-               sinks: Optional[torch.Tensor] = None, window: Optional[int] = None,
-               topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    b, sq, hq, d = q.shape
-    masked = causal and sq > 1 or window is not None or topk_indices is not None
-    flash = not masked and _cpu_bf16_attention(q)
-    out = q.new_zeros((b, sq, hq, head_dim_v), dtype=_F32)
-    lse = q.new_full((b, sq, hq), float("-inf"), dtype=_F32)
-    for i, length in enumerate(seq_lens.tolist()):
-        keys = _sequence_keys(kv_cache, block_table[i], length, sq, causal)  # [L, D]
-        if length == 0:
-            continue
-        if flash:  # every query row attends every key: the rows of all heads share one pass over the keys
-            keys = keys.view(1, 1, length, d)
-            row_out, row_lse = _flash_attention(q[i].reshape(1, 1, sq * hq, d), keys, keys, 0.0, False,
-                                                attn_mask=None, scale=softmax_scale)
-            row_out, row_lse = row_out.view(sq, hq, d)[..., :head_dim_v].float(), row_lse.view(sq, hq)
-        else:
-            row_out, row_lse = _attend_fp32(q[i], keys.to(_F32), seq_lens[i:i + 1], softmax_scale, head_dim_v,
-                                            causal, window, None if topk_indices is None else topk_indices[i:i + 1])
-        if sinks is not None:
-            row_out.mul_(sink_gate(row_lse, sinks)[..., None])
-        out[i], lse[i] = row_out, row_lse
-    return out.to(q.dtype), lse
+@functools.lru_cache(maxsize=None)
+def _flash_attention_works() -> bool:
+    """Whether this torch has the CPU flash attention op with the signature used here, and its lse (a private
+    op: probed once on a tiny problem, not assumed)."""
+    if _flash_attention is None:
+        return False
+    x = torch.ones(1, 1, 2, 8, dtype=torch.bfloat16)
+    try:
+        out, lse = _flash_attention(x, x, x, 0.0, True, attn_mask=None, scale=1.0)
+    except (RuntimeError, TypeError):
+        return False
+    # two keys of logit 8 for the second query (causal): lse = 8 + ln 2, a natural log as the contracts' is
+    return out.shape == x.shape and lse.shape == (1, 1, 2) and abs(float(lse[0, 0, 1]) - 8 - math.log(2)) < 1e-4
 
 
 def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -146,6 +135,33 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
             seq_out = seq_out * sink_gate(seq_lse, sinks)[..., None]
         out[q0:q1], lse[q0:q1] = seq_out, seq_lse
     return out, lse
+
+
+def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
+               softmax_scale: float, head_dim_v: int = 512, causal: bool = True,
+               sinks: Optional[torch.Tensor] = None, window: Optional[int] = None,
+               topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    b, sq, hq, d = q.shape
+    masked = causal and sq > 1 or window is not None or topk_indices is not None
+    flash = not masked and _cpu_bf16_attention(q)
+    out = q.new_zeros((b, sq, hq, head_dim_v), dtype=q.dtype if flash else _F32)
+    lse = q.new_full((b, sq, hq), float("-inf"), dtype=_F32)
+    for i, length in enumerate(seq_lens.tolist()):
+        keys = _sequence_keys(kv_cache, block_table[i], length, sq, causal)  # [L, D]
+        if length == 0:
+            continue
+        if flash:  # every query row attends every key: the rows of all heads share one pass over the keys
+            keys = keys.view(1, 1, length, d)
+            row_out, row_lse = _flash_attention(q[i].reshape(1, 1, sq * hq, d), keys, keys, 0.0, False,
+                                                attn_mask=None, scale=softmax_scale)
+            row_out, row_lse = row_out.view(sq, hq, d)[..., :head_dim_v], row_lse.view(sq, hq)
+        else:
+            row_out, row_lse = _attend_fp32(q[i], keys.to(_F32), seq_lens[i:i + 1], softmax_scale, head_dim_v,
+                                            causal, window, None if topk_indices is None else topk_indices[i:i + 1])
+        if sinks is not None:
+            row_out.mul_(sink_gate(row_lse, sinks)[..., None])
+        out[i], lse[i] = row_out, row_lse
+    return out.to(q.dtype), lse
 
 
 def _sequence_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, sq: int,
