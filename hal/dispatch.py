@@ -110,25 +110,31 @@ _is_contiguous = torch.Tensor.is_contiguous
 
 def signature(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
     """What a contract's checks can see of a call outside checked mode: each tensor's dtype, shape, device
-    and contiguity, the type and value of each scalar keyword argument, and the keywords used. ``None``
-    (validate every time) when a positional argument is not a tensor or a keyword argument is neither."""
-    try:  # positional arguments are tensors in every contract: read them in C loops, a Python loop costs 2x
+    and contiguity, the type and value of every other argument (``None``, numbers, strings, dtypes), and
+    the keywords used; ``None`` (validate every time) when an argument is none of these."""
+    try:  # tensors as positional arguments, scalars as keywords: the common call, read in C loops
         key = (*map(_tensor_meta, args), *map(_is_contiguous, args))
     except (AttributeError, TypeError):
-        return None
+        return _any_signature(args, kwargs)
     if not kwargs:
         return key
     types = tuple(map(type, kwargs.values()))
-    if _SCALAR_TYPES.issuperset(types):  # the common case, in C loops; the types too: 1, 1.0 and True are
-        return (*key, *kwargs.items(), *types)  # equal keys, not equal arguments
-    for name, a in kwargs.items():
+    if _SCALAR_TYPES.issuperset(types):  # the types too: 1, 1.0 and True are equal keys, not equal arguments
+        return (*key, *kwargs.items(), *types)
+    return _any_signature(args, kwargs)
+
+
+def _any_signature(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
+    """:func:`signature` of any call, argument by argument (each tagged with its position or keyword)."""
+    key: list = []
+    for where, a in (*enumerate(args), *kwargs.items()):
         if isinstance(a, torch.Tensor):
-            key += (name, _tensor_meta(a), a.is_contiguous())
+            key += (where, _tensor_meta(a), a.is_contiguous())
         elif type(a) in _SCALAR_TYPES:
-            key += (name, type(a), a)
+            key += (where, type(a), a)
         else:
             return None
-    return key
+    return tuple(key)
 
 
 def dispatch(op: Op, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:

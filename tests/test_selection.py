@@ -195,7 +195,9 @@ def test_signature_tells_apart_what_validation_can_see():
                  ((t,), {"top_k": 1}), ((t,), {"top_k": True}), ((t,), {"top_k": 1.0}), ((t,), {"k": 1})]
     keys = [signature(a, k) for a, k in different]
     assert signature((t,), {}) not in keys and len(set(keys)) == len(keys)
-    assert signature((t, 2), {}) is None and signature((t,), {"ids": [1, 2]}) is None  # validated every time
+    assert signature((t, 2), {}) != signature((t, 3), {}) != signature((t, None), {})  # positional scalars
+    assert signature((t,), {"sinks": t}) != signature((t,), {"sinks": t.double()})  # keyword tensors
+    assert signature((t,), {"ids": [1, 2]}) is None and signature(([1],), {}) is None  # validated every time
 
 
 def _inputs():
