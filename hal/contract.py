@@ -193,10 +193,12 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.devic
     return device
 
 
-def value_checks_enabled() -> bool:
+def value_checks_enabled(device: Optional[torch.device] = None) -> bool:
     """Whether checks that read tensor *values* run: only in checked mode (``HAL_CHECKED=1``, see
-    :mod:`hal.config`). They cost a device-to-host sync on an accelerator and microseconds per call on the
-    CPU, and unchecked calls with arguments seen before skip validation altogether (:mod:`hal.dispatch`),
-    so their result must not depend on values."""
+    :mod:`hal.config`), on every device. They cost a device-to-host sync on an accelerator and microseconds
+    per call on the CPU, and unchecked calls with arguments seen before skip validation altogether
+    (:mod:`hal.dispatch`), so what it returns must not depend on values. ``device`` is ignored (accepted
+    for code written when the CPU always checked values)."""
+    del device
     from hal.config import checked_mode
     return checked_mode()

@@ -44,7 +44,7 @@ class Route:
     fallback: str         # backend name used under "warn"
     source: str           # which settings layer chose the backend ("auto-detected" if none)
     checked: bool         # checked mode: validate every call, values included
-    # signatures (see signature()) of valid calls this route serves: they skip validation next time
+    # signatures (see call_key()) of valid calls this route serves: they skip validation next time
     known: Set[Hashable] = field(default_factory=set, compare=False)
 
     def refusal(self, request: Request) -> Optional[str]:
@@ -108,24 +108,24 @@ _tensor_meta = operator.attrgetter("dtype", "shape", "device")
 _is_contiguous = torch.Tensor.is_contiguous
 
 
-def signature(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
+def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
     """What a contract's checks can see of a call outside checked mode: each tensor's dtype, shape, device
     and contiguity, the type and value of every other argument (``None``, numbers, strings, dtypes), and
     the keywords used; ``None`` (validate every time) when an argument is none of these."""
     try:  # tensors as positional arguments, scalars as keywords: the common call, read in C loops
         key = (*map(_tensor_meta, args), *map(_is_contiguous, args))
     except (AttributeError, TypeError):
-        return _any_signature(args, kwargs)
+        return _any_call_key(args, kwargs)
     if not kwargs:
         return key
     types = tuple(map(type, kwargs.values()))
     if _SCALAR_TYPES.issuperset(types):  # the types too: 1, 1.0 and True are equal keys, not equal arguments
         return (*key, *kwargs.items(), *types)
-    return _any_signature(args, kwargs)
+    return _any_call_key(args, kwargs)
 
 
-def _any_signature(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
-    """:func:`signature` of any call, argument by argument (each tagged with its position or keyword)."""
+def _any_call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
+    """:func:`call_key` of any call, argument by argument (each tagged with its position or keyword)."""
     key: list = []
     for where, a in (*enumerate(args), *kwargs.items()):
         if isinstance(a, torch.Tensor):
@@ -140,7 +140,7 @@ def _any_signature(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Ha
 def dispatch(op: Op, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     """Validate a call of ``op`` (or recognise its signature) and run it where the settings route it."""
     r = _cache.get((op.name, config.layers())) or route(op)
-    key = None if r.checked else signature(args, kwargs)
+    key = None if r.checked else call_key(args, kwargs)
     if key in r.known:  # the hot path: a valid call like one served before (None is never known)
         return r.impl(*args, **kwargs)  # type: ignore[misc]
     request = op.validate(*args, **kwargs)

@@ -700,3 +700,47 @@ def test_error_n_admits_probabilities_rounded_to_bf16():
     n = hal.ops.mla.attention_error_n(q, k, softmax_scale=1.0, num_keys=3)
     assert compare(rounded_p, exact, TOL["bfloat16"], n=n, magnitude=magnitude).ok
     assert not compare(rounded_p, exact, TOL["bfloat16"], n=n - 2**15, magnitude=magnitude).ok
+
+
+@pytest.fixture(params=(True, False), ids=("bf16-matrix-instructions", "fp32-only"))
+def cpu_paths(request, monkeypatch):
+    """Both CPU kernel paths (flash attention on bf16 matrix instructions, and fp32), whatever this CPU has."""
+    from hal.backends.cpu import kernels
+    monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: request.param)
+
+
+@pytest.mark.usefixtures("cpu_paths")
+def test_cpu_attention_takes_strided_inputs():
+    # PyTorch's flash kernel assumes a unit last stride without checking: the CPU kernels must hand it one
+    g = torch.Generator().manual_seed(3)
+    wide = lambda *shape: torch.randn(*shape[:-1], 2 * shape[-1], generator=g).bfloat16()[..., ::2]  # noqa: E731
+    q, k, v = wide(6, 2, 16), wide(6, 2, 16), wide(6, 2, 16)
+    cu = torch.tensor([0, 6], dtype=I32)
+    for causal in (True, False):
+        got = PREFILL(q, k, v, cu, softmax_scale=0.3, causal=causal)
+        want = PREFILL(q.contiguous(), k.contiguous(), v.contiguous(), cu, softmax_scale=0.3, causal=causal)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    cache = wide(3, 4, 20)
+    qd = wide(1, 1, 4, 20)
+    table, lens = torch.tensor([[0, 1, 2]], dtype=I32), torch.tensor([10], dtype=I32)
+    got = DECODE(qd, cache, table, lens, softmax_scale=0.3, head_dim_v=16)
+    want = DECODE(qd.contiguous(), cache.contiguous(), table, lens, softmax_scale=0.3, head_dim_v=16)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.usefixtures("cpu_paths")
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_decode_over_pages_in_order_equals_scattered_and_strided_caches(dtype):
+    # pages in order are read as a view of the cache (also of a cache stored blocks-second), others gathered
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(10, 20, generator=g).to(dtype)
+    q = torch.randn(1, 1, 4, 20, generator=g).to(dtype)
+    lens = torch.tensor([10], dtype=I32)
+    in_order = torch.zeros(3, 4, 20, dtype=dtype)
+    in_order.view(-1, 20)[:10] = keys
+    scattered, table, _ = page([keys], 4, dtype=dtype)
+    blocks_second = in_order.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided storage
+    results = [DECODE(q, cache, t, lens, softmax_scale=0.3, head_dim_v=16)
+               for cache, t in ((in_order, torch.tensor([[0, 1, 2]], dtype=I32)), (scattered, table),
+                                (blocks_second, torch.tensor([[0, 1, 2]], dtype=I32)))]
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))

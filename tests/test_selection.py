@@ -187,18 +187,38 @@ def test_a_block_entered_again_with_the_same_settings_keeps_its_route():
         assert route(GG) is not first and route(GG).checked
 
 
-def test_signature_tells_apart_what_validation_can_see():
-    from hal.dispatch import signature
+def test_call_key_tells_apart_what_validation_can_see():
+    from hal.dispatch import call_key
     t = torch.zeros(2, 3)
-    assert signature((t,), {}) == signature((torch.ones(2, 3),), {})
+    assert call_key((t,), {}) == call_key((torch.ones(2, 3),), {})
     different = [((t.double(),), {}), ((t.t(),), {}), ((t.t().contiguous(),), {}), ((torch.zeros(3, 2).t(),), {}),
                  ((t,), {"top_k": 1}), ((t,), {"top_k": True}), ((t,), {"top_k": 1.0}), ((t,), {"k": 1})]
-    keys = [signature(a, k) for a, k in different]
-    assert signature((t,), {}) not in keys and len(set(keys)) == len(keys)
-    assert signature((t, 2), {}) != signature((t, 3), {}) != signature((t, None), {})  # positional scalars
-    assert signature((t,), {"sinks": t}) != signature((t,), {"sinks": t.double()})  # keyword tensors
-    assert signature((t,), {"ids": [1, 2]}) is None and signature(([1],), {}) is None  # validated every time
+    keys = [call_key(a, k) for a, k in different]
+    assert call_key((t,), {}) not in keys and len(set(keys)) == len(keys)
+    assert call_key((t, 2), {}) != call_key((t, 3), {}) != call_key((t, None), {})  # positional scalars
+    assert call_key((t,), {"sinks": t}) != call_key((t,), {"sinks": t.double()})  # keyword tensors
+    assert call_key((t,), {"ids": [1, 2]}) is None and call_key(([1],), {}) is None  # validated every time
 
 
 def _inputs():
     return torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([1, 3])
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda: GG(torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([1, 2])), "group_sizes"),
+    (lambda: hal.ops.mla_prefill(*[torch.randn(4, 1, 8)] * 3, torch.tensor([0, 3, 2], dtype=torch.int32),
+                                 softmax_scale=1.0), "cu_seqlens_q"),
+    (lambda: hal.ops.mla_decode(torch.randn(1, 1, 1, 8), torch.randn(2, 4, 8), torch.tensor([[0, 5]], dtype=torch.int32),
+                                torch.tensor([6], dtype=torch.int32), softmax_scale=1.0, head_dim_v=8), "block_table"),
+    (lambda: hal.ops.mla_decode(torch.randn(1, 1, 1, 8), torch.randn(2, 4, 8), torch.tensor([[0, 1]], dtype=torch.int32),
+                                torch.tensor([9], dtype=torch.int32), softmax_scale=1.0, head_dim_v=8), "seq_lens"),
+    (lambda: hal.ops.paged_cache_write(torch.zeros(2, 4, 8), torch.ones(1, 8), torch.tensor([-5])), "slot_mapping"),
+    (lambda: hal.ops.paged_cache_write(torch.zeros(2, 4, 8), torch.ones(2, 8), torch.tensor([1, 1])), "slot_mapping"),
+    (lambda: hal.ops.hash_routing(torch.tensor([-1]), torch.tensor([[0, 1]]), torch.randn(1, 4)), "token_ids"),
+    (lambda: hal.ops.moe_permute(torch.randn(2, 4), torch.tensor([[0], [3]]), 3), "ids"),
+])
+def test_the_cpu_backend_rejects_bad_values_it_indexes_with_outside_checked_mode(call, argument):
+    assert not hal.checked_mode()
+    with pytest.raises(hal.InvalidArgumentError) as info:
+        call()
+    assert info.value.argument == argument

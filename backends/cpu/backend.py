@@ -5,7 +5,8 @@ bf16/fp16 inputs are computed in fp32 and results rounded once to the contract's
 where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16): there bf16 GEMMs and attention run on
 those instructions, accumulating in fp32 (:mod:`hal.backends.cpu.kernels`; CPUs without them run bf16
 GEMMs far slower than fp32). The kernels are plain PyTorch, so the backend is *portable*: it computes on
-whatever device the arguments live on, which makes it the fallback for accelerator backends too.
+whatever device the arguments live on, which makes it the fallback for accelerator backends too. Values
+its kernels index with (sizes, offsets, ids, slots) are checked in every mode, not only in checked mode.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from hal.backend import Backend
 from hal.backends.cpu import kernels
 from hal.contract import all_ops
 
-_FAST_KERNELS = {"grouped_gemm": kernels.grouped_gemm, "mla_prefill": kernels.mla_prefill,
-                 "mla_decode": kernels.mla_decode, "quantize_fp8": kernels.quantize_fp8}
+_KERNELS = {"grouped_gemm": kernels.grouped_gemm, "mla_prefill": kernels.mla_prefill,
+            "mla_decode": kernels.mla_decode, "paged_cache_write": kernels.paged_cache_write,
+            "hash_routing": kernels.hash_routing, "moe_permute": kernels.moe_permute,
+            "quantize_fp8": kernels.quantize_fp8}
 
 
 class CpuBackend(Backend):
@@ -31,9 +34,9 @@ class CpuBackend(Backend):
     def __init__(self) -> None:
         super().__init__()
         for op in all_ops().values():
-            fast = _FAST_KERNELS.get(op.name)
+            kernel = _KERNELS.get(op.name)
             self.add_implementation(
-                op.name, fast or functools.partial(op.reference_impl, compute_dtype=torch.float32))
+                op.name, kernel or functools.partial(op.reference_impl, compute_dtype=torch.float32))
 
     def versions(self) -> Dict[str, str]:
         return {"torch": torch.__version__, "cpu": platform.machine() or "unknown",

@@ -1,4 +1,5 @@
-"""The CPU backend's fast kernels, where a contract's reference implementation is slow.
+"""The CPU backend's kernels, where a contract's reference implementation is slow or indexes with values that
+unchecked calls do not validate.
 
 Each computes what its contract specifies, within the contract's tolerance, and hands every case it does
 not speed up to the reference (``compute_dtype=torch.float32``). Where the CPU multiplies bf16 matrices in
@@ -16,8 +17,10 @@ accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. Wh
 * :func:`quantize_fp8`: the same fp32 operations as the reference, applied to row chunks that stay in
   cache, in place, instead of five full-size passes through memory.
 
-Values the kernels read anyway (group sizes, sequence offsets and lengths, block ids) are checked with the
-contract's own value checks, so bad ones raise its errors in unchecked mode too.
+Values a kernel indexes with (group sizes, sequence offsets and lengths, block ids, cache slots, token and
+expert ids) are checked with the contract's own value checks, on the CPU a few microseconds, so bad ones
+raise its errors outside checked mode too (``paged_cache_write``, ``hash_routing`` and ``moe_permute`` run
+their reference after those checks).
 """
 from __future__ import annotations
 
@@ -30,16 +33,24 @@ import torch
 from hal.formats import FP8_DTYPE, FP8_MAX
 from hal.ops.grouped_gemm import check_group_sizes
 from hal.ops.grouped_gemm import grouped_gemm as _grouped_gemm_op
-from hal.ops.mla import attended_keys, check_cu_seqlens, check_sequence_pages, sink_gate
+from hal.ops.mla import attended_keys, check_cu_seqlens, check_sequence_pages, sink_gate, used_blocks
+from hal.ops.mla import check_slot_mapping
 from hal.ops.mla import mla_prefill as _mla_prefill_op
+from hal.ops.mla import paged_cache_write as _paged_cache_write_op
 from hal.ops.quant import fp8_scales
+from hal.ops.routing import MoePermutation, check_hash_routing_values, check_permute_values
+from hal.ops.routing import hash_routing as _hash_routing_op
+from hal.ops.routing import moe_permute as _moe_permute_op
 from hal.ops.quant import quantize_fp8 as _quantize_fp8_op
 
 _F32 = torch.float32
 _CHUNK_ELEMENTS = 1 << 17  # fp32 working set of one quantisation chunk: 512 KiB, well inside L2
 # PyTorch's CPU flash attention (bf16 GEMMs accumulating in fp32, online softmax in fp32, probabilities
 # rounded to bf16 before P @ V, as MLA_TOLERANCE admits), with its lse. Private, so looked up, not assumed.
-_flash_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+try:
+    _flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+except (AttributeError, RuntimeError):  # torch without it
+    _flash_attention = None
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *, layout: str = "contiguous",
@@ -121,7 +132,8 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                                               causal=causal, sinks=sinks, window=window,
                                               topk_indices=topk_indices, compute_dtype=_F32)
     width = max(d, dv)
-    q, k, v = (t if t.shape[2] == width else torch.nn.functional.pad(t, (0, width - t.shape[2])) for t in (q, k, v))
+    q, k, v = (_unit_stride(t if t.shape[2] == width else torch.nn.functional.pad(t, (0, width - t.shape[2])))
+               for t in (q, k, v))
     out = q.new_zeros((tq, hq, dv))
     lse = q.new_full((tq, hq), float("-inf"), dtype=_F32)
     for q0, q1, k0, k1 in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
@@ -151,13 +163,14 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         if length == 0:
             continue
         if flash:  # every query row attends every key: the rows of all heads share one pass over the keys
-            keys = keys.view(1, 1, length, d)
-            row_out, row_lse = _flash_attention(q[i].reshape(1, 1, sq * hq, d), keys, keys, 0.0, False,
-                                                attn_mask=None, scale=softmax_scale)
+            keys = _unit_stride(keys).view(1, 1, length, d)
+            row_out, row_lse = _flash_attention(_unit_stride(q[i].reshape(1, 1, sq * hq, d)), keys, keys, 0.0,
+                                                False, attn_mask=None, scale=softmax_scale)
             row_out, row_lse = row_out.view(sq, hq, d)[..., :head_dim_v], row_lse.view(sq, hq)
         else:
-            row_out, row_lse = _attend_fp32(q[i], keys.to(_F32), seq_lens[i:i + 1], softmax_scale, head_dim_v,
-                                            causal, window, None if topk_indices is None else topk_indices[i:i + 1])
+            allowed = attended_keys(seq_lens[i:i + 1], sq, length, causal, window,
+                                    None if topk_indices is None else topk_indices[i:i + 1])[0] if masked else None
+            row_out, row_lse = _attend_fp32(q[i], keys.to(_F32), softmax_scale, head_dim_v, allowed)
         if sinks is not None:
             row_out.mul_(sink_gate(row_lse, sinks)[..., None])
         out[i], lse[i] = row_out, row_lse
@@ -169,31 +182,52 @@ def _sequence_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int,
     """The first ``length`` keys of a sequence whose pages are ``block_ids``, ``[length, D]``: a view of the
     cache when its pages are in order (as :class:`hal.model` allocates them), else a gathered copy. The
     length and the used block ids are checked on the way (read anyway: bad ones would go unseen)."""
-    used_ids = block_ids[:-(-max(length, 0) // kv_cache.shape[1])]
+    used_ids = block_ids[:used_blocks(length, kv_cache.shape[1])]
     ids = used_ids.tolist()
     check_sequence_pages(length, ids, block_ids.shape[0], kv_cache, sq, causal)
     if not ids:
         return kv_cache.new_empty(0, kv_cache.shape[2])
     in_order = ids == list(range(ids[0], ids[0] + len(ids)))
     pages = kv_cache[ids[0]:ids[0] + len(ids)] if in_order else kv_cache.index_select(0, used_ids)
-    return pages.view(-1, kv_cache.shape[2])[:length]
+    return pages.reshape(-1, kv_cache.shape[2])[:length]  # a view unless the cache itself is strided
 
 
-def _attend_fp32(q: torch.Tensor, keys: torch.Tensor, seq_len: torch.Tensor, softmax_scale: float,
-                 head_dim_v: int, causal: bool, window: Optional[int],
-                 topk_indices: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attend_fp32(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float, head_dim_v: int,
+                 allowed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Absorbed attention of one sequence's ``q`` ``[Sq, Hq, D]`` over its fp32 ``keys`` ``[L, D]``, in fp32:
-    the logits and ``P @ V`` as two matrix products shared by all heads, masked only when something is."""
+    the logits and ``P @ V`` as two matrix products shared by all heads, masked by ``allowed`` ``[Sq, L]``
+    unless it is ``None`` (every key attended)."""
     sq, hq, d = q.shape
     length = keys.shape[0]
     logits = torch.mm(q.reshape(sq * hq, d).to(_F32), keys.t()).mul_(softmax_scale).view(sq, hq, length)
-    if causal and sq > 1 or window is not None or topk_indices is not None:
-        allowed = attended_keys(seq_len, sq, length, causal, window, topk_indices)[0]  # [Sq, L]
+    if allowed is not None:
         logits.masked_fill_(~allowed[:, None, :], float("-inf"))
     row_lse = torch.logsumexp(logits, dim=-1)  # [Sq, Hq]; -inf where nothing is attended
     probs = torch.exp(logits.sub_(row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None]))
     return torch.mm(probs.view(sq * hq, length), keys[:, :head_dim_v]).view(sq, hq, head_dim_v), row_lse
 
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a unit stride along its last dim, which PyTorch's flash kernel assumes without checking."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def paged_cache_write(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    check_slot_mapping(kv_cache, slot_mapping)  # the slots index the cache: a bad one would write elsewhere
+    return _paged_cache_write_op.reference_impl(kv_cache, kv, slot_mapping, compute_dtype=_F32)
+
+
+def hash_routing(token_ids: torch.Tensor, table: torch.Tensor, logits: torch.Tensor, *,
+                 scoring: str = "sqrtsoftplus", renormalize: bool = True,
+                 scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    check_hash_routing_values(token_ids, table, logits.shape[1])  # ids index the table and the logits
+    return _hash_routing_op.reference_impl(token_ids, table, logits, scoring=scoring, renormalize=renormalize,
+                                           scale=scale, compute_dtype=_F32)
+
+
+def moe_permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, MoePermutation]:
+    check_permute_values(ids, num_experts)  # an id past num_experts would add a group, silently
+    return _moe_permute_op.reference_impl(x, ids, num_experts, compute_dtype=_F32)
 
 
 def quantize_fp8(x: torch.Tensor, group_size: int = 128,

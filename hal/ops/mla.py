@@ -35,7 +35,7 @@ from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, 
 
 __all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
            "gather_paged_keys", "sink_gate", "check_decode_values", "check_sequence_pages",
-           "check_cu_seqlens"]
+           "check_cu_seqlens", "check_slot_mapping", "used_blocks"]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _BOOL = ("true", "false")
@@ -69,6 +69,9 @@ _ATTENTION_AXES = {"dtype": _DTYPES, "causal": _BOOL, "sinks": _BOOL, "window": 
 # Summing: 3E + (5L + 14 + c_p) u <= n * u. The output is then rounded once to its dtype (``rtol``; one ulp
 # for double rounding; ``atol`` = the format's smallest subnormal, for results that underflow it, e.g. a
 # sink-dominated row); lse's ``rtol`` = 4u covers rounding ``|lse|``.
+# Probabilities, operands and products below the smallest normal number (2**-126) may be flushed to zero, as
+# bf16 matrix units do (a probability underflows there when its logit is ~87 below the row's maximum); the
+# bound holds in the normal range, which the conformance suite keeps to (|logit| <= 32).
 # The bound is worst-case, so a correct kernel never trips it, while a wrong mask, scale or sink moves
 # ``out`` by about ``p_j * |v_j - out|`` (~magnitude / L), which small test problems expose.
 MLA_TOLERANCE = {
@@ -344,7 +347,12 @@ def check_decode_values(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_l
                         causal: bool) -> None:
     """:func:`mla_decode`'s value checks: lengths within the page table, used block ids within the cache."""
     for length, ids in zip(seq_lens.tolist(), block_table.tolist()):
-        check_sequence_pages(length, ids[:-(-max(length, 0) // kv_cache.shape[1])], len(ids), kv_cache, sq, causal)
+        check_sequence_pages(length, ids[:used_blocks(length, kv_cache.shape[1])], len(ids), kv_cache, sq, causal)
+
+
+def used_blocks(length: int, block_size: int) -> int:
+    """How many pages of ``block_size`` slots a sequence of ``length`` tokens uses (0 for length <= 0)."""
+    return -(-max(length, 0) // block_size)
 
 
 def check_sequence_pages(length: int, used_ids: List[int], max_blocks: int, kv_cache: torch.Tensor, sq: int,
@@ -415,15 +423,24 @@ def paged_cache_write(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: to
     check(kv.shape[1] == d, op, "kv", f"shape [T, D={d}] (kv_cache's last dim)", f"shape {tuple(kv.shape)}")
     check(slot_mapping.shape[0] == kv.shape[0], op, "slot_mapping", f"shape [T={kv.shape[0]}] (one slot per row "
           "of kv)", f"shape {tuple(slot_mapping.shape)}")
-    if value_checks_enabled() and slot_mapping.numel():
-        capacity = kv_cache.shape[0] * kv_cache.shape[1]
-        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-        check(lo >= -1 and hi < capacity, op, "slot_mapping",
-              f"slots in [-1, num_blocks * block_size = {capacity})", f"values in [{lo}, {hi}]")
-        slots = slot_mapping[slot_mapping >= 0]
-        check(torch.unique(slots).numel() == slots.numel(), op, "slot_mapping", "distinct slots (-1 aside)",
-              "a slot written twice")
+    if value_checks_enabled():
+        check_slot_mapping(kv_cache, slot_mapping)
     return Request(device, (("dtype", dtype_name(kv_cache.dtype)),))
+
+
+def check_slot_mapping(kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """:func:`paged_cache_write`'s value checks (slots within the cache, no slot twice): checked mode, and
+    implementations that read the slots anyway."""
+    op = "paged_cache_write"
+    if not slot_mapping.numel():
+        return
+    capacity = kv_cache.shape[0] * kv_cache.shape[1]
+    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+    check(lo >= -1 and hi < capacity, op, "slot_mapping",
+          f"slots in [-1, num_blocks * block_size = {capacity})", f"values in [{lo}, {hi}]")
+    slots = slot_mapping[slot_mapping >= 0]
+    check(torch.unique(slots).numel() == slots.numel(), op, "slot_mapping", "distinct slots (-1 aside)",
+          "a slot written twice")
 
 
 @paged_cache_write.reference
