@@ -40,4 +40,5 @@ class CpuBackend(Backend):
 
     def versions(self) -> Dict[str, str]:
         return {"torch": torch.__version__, "cpu": platform.machine() or "unknown",
-                "threads": str(torch.get_num_threads())}
+                "threads": str(torch.get_num_threads()),
+                "bf16-matmul": "native" if kernels.native_bf16_gemm() else "none (bf16 computed in fp32)"}
