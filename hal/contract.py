@@ -3,9 +3,12 @@
 An operator is declared once, in its family module under ``hal/ops``, as a plain function:
 
 * its signature and docstring are the public API and the spec (shapes, dtypes, layouts, semantics);
-* its body validates the arguments (raising :class:`~hal.errors.InvalidArgumentError`) and returns a
+* its body checks the arguments' types, dtypes, shapes, devices and options (raising
+  :class:`~hal.errors.InvalidArgumentError`), never their tensor values, and returns a
   :class:`Request`: the device the call runs on and the *features* of the call (dtype, layout, ...),
   which backends declare support for as data;
+* ``@op.value_checks`` attaches the checks that read tensor values (sizes adding up, ids in range): they
+  run in checked mode, and wherever an implementation reads those values anyway (``op.check_values``);
 * ``@op.reference`` attaches the exact reference semantics, written in plain PyTorch and
   parameterised by ``compute_dtype`` (float64 = the oracle, which returns unrounded float64 results);
 * ``axes`` lists every feature value the contract defines and ``tolerance`` the numerical tolerance
@@ -94,11 +97,28 @@ class Op:
         self.signature = inspect.signature(spec)
         self._validate = spec
         self._reference: Optional[Callable[..., Any]] = None
+        self._value_checks: Optional[Callable[..., None]] = None
 
     def reference(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Decorator: attach the reference semantics (same parameters, plus ``compute_dtype``)."""
         self._reference = fn
         return fn
+
+    def value_checks(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """Decorator: attach the checks that read tensor *values* (ids in range, sizes adding up; same
+        parameters). They run in checked mode (:meth:`validate`) and wherever an implementation reads those
+        values anyway (:meth:`check_values`)."""
+        self._value_checks = fn
+        return fn
+
+    @property
+    def has_value_checks(self) -> bool:
+        return self._value_checks is not None
+
+    def check_values(self, *args: Any, **kwargs: Any) -> None:
+        """Run the contract's value checks on a call's arguments (a device-to-host sync on an accelerator)."""
+        if self._value_checks is not None:
+            self._value_checks(*args, **kwargs)
 
     @property
     def reference_impl(self) -> Callable[..., Any]:
@@ -106,8 +126,12 @@ class Op:
         return self._reference
 
     def validate(self, *args: Any, **kwargs: Any) -> Request:
-        """Check the arguments against the contract; return the :class:`Request` they make."""
-        return self._validate(*args, **kwargs)
+        """Check the arguments against the contract (their values too in checked mode); return the
+        :class:`Request` they make."""
+        request = self._validate(*args, **kwargs)
+        if self._value_checks is not None and value_checks_enabled():
+            self._value_checks(*args, **kwargs)
+        return request
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return (_DISPATCH or _dispatch())(self, args, kwargs)

@@ -7,7 +7,7 @@ of the calls it has validated and served (each tensor's dtype, shape, device and
 and value of every other argument): a contract's checks depend on nothing else there, so a call whose
 signature was seen before goes straight to the implementation. That is the decode-loop hot path: a
 settings lookup, a signature, a set lookup, and the call. In checked mode every call is validated,
-values included (see :func:`hal.contract.value_checks_enabled`).
+values included (a contract's ``@op.value_checks``, see :class:`hal.contract.Op`).
 """
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The CPU backend's kernels, where a contract's reference implementation is slow or indexes with values that
-unchecked calls do not validate.
+"""The CPU backend's fast kernels, where a contract's reference implementation is slow.
 
 Each computes what its contract specifies, within the contract's tolerance, and hands every case it does
 not speed up to the reference (``compute_dtype=torch.float32``). Where the CPU multiplies bf16 matrices in
@@ -17,10 +16,10 @@ accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. Wh
 * :func:`quantize_fp8`: the same fp32 operations as the reference, applied to row chunks that stay in
   cache, in place, instead of five full-size passes through memory.
 
-Values a kernel indexes with (group sizes, sequence offsets and lengths, block ids, cache slots, token and
-expert ids) are checked with the contract's own value checks, on the CPU a few microseconds, so bad ones
-raise its errors outside checked mode too (``paged_cache_write``, ``hash_routing`` and ``moe_permute`` run
-their reference after those checks).
+These kernels read the values a contract value-checks (group sizes, sequence offsets and lengths, block
+ids) anyway, and check them with the contract's own helpers, so bad ones raise its errors outside checked
+mode too; the backend runs the other operators' value checks before their reference
+(:mod:`hal.backends.cpu.backend`).
 """
 from __future__ import annotations
 
@@ -34,13 +33,8 @@ from hal.formats import FP8_DTYPE, FP8_MAX
 from hal.ops.grouped_gemm import check_group_sizes
 from hal.ops.grouped_gemm import grouped_gemm as _grouped_gemm_op
 from hal.ops.mla import attended_keys, check_cu_seqlens, check_sequence_pages, sink_gate, used_blocks
-from hal.ops.mla import check_slot_mapping
 from hal.ops.mla import mla_prefill as _mla_prefill_op
-from hal.ops.mla import paged_cache_write as _paged_cache_write_op
 from hal.ops.quant import fp8_scales
-from hal.ops.routing import MoePermutation, check_hash_routing_values, check_permute_values
-from hal.ops.routing import hash_routing as _hash_routing_op
-from hal.ops.routing import moe_permute as _moe_permute_op
 from hal.ops.quant import quantize_fp8 as _quantize_fp8_op
 
 _F32 = torch.float32
@@ -210,24 +204,6 @@ def _attend_fp32(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float, head
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` with a unit stride along its last dim, which PyTorch's flash kernel assumes without checking."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def paged_cache_write(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    check_slot_mapping(kv_cache, slot_mapping)  # the slots index the cache: a bad one would write elsewhere
-    return _paged_cache_write_op.reference_impl(kv_cache, kv, slot_mapping, compute_dtype=_F32)
-
-
-def hash_routing(token_ids: torch.Tensor, table: torch.Tensor, logits: torch.Tensor, *,
-                 scoring: str = "sqrtsoftplus", renormalize: bool = True,
-                 scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    check_hash_routing_values(token_ids, table, logits.shape[1])  # ids index the table and the logits
-    return _hash_routing_op.reference_impl(token_ids, table, logits, scoring=scoring, renormalize=renormalize,
-                                           scale=scale, compute_dtype=_F32)
-
-
-def moe_permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, MoePermutation]:
-    check_permute_values(ids, num_experts)  # an id past num_experts would add a group, silently
-    return _moe_permute_op.reference_impl(x, ids, num_experts, compute_dtype=_F32)
 
 
 def quantize_fp8(x: torch.Tensor, group_size: int = 128,

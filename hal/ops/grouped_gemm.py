@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, contract, \
-    dtype_name, result, value_checks_enabled
+    dtype_name, result
 from hal.formats import FP4_GROUP, FP8_DTYPE, dequantize_values, fp4_dtypes, is_fp4, scale_dtypes, scale_shape
 
 __all__ = ["grouped_gemm", "check_group_sizes"]
@@ -115,12 +115,15 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
         _check_scale(op, "w_scale", w_scale, w.dtype == FP8_DTYPE or w_fp4, expected, "a low-precision w")
     if out_dtype is not None:
         check(out_dtype in FLOAT_DTYPES, op, "out_dtype", "bfloat16, float16 or float32", out_dtype)
-    if value_checks_enabled():
-        check_group_sizes(group_sizes.tolist(), layout, x.shape)
     out = out_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.bfloat16)
     return Request(device, (("layout", layout), ("x_dtype", dtype_name(x.dtype)),
                             ("w_dtype", "fp4_e2m1" if w_fp4 else dtype_name(w.dtype)),
                             ("out_dtype", dtype_name(out))))
+
+
+@grouped_gemm.value_checks
+def _grouped_gemm_values(x, w, group_sizes, *, layout="contiguous", **_):
+    check_group_sizes(group_sizes.tolist(), layout, x.shape)
 
 
 def check_group_sizes(sizes: List[int], layout: str, x_shape: Sequence[int]) -> None:

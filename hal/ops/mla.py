@@ -31,11 +31,10 @@ from typing import List, Optional, Tuple
 import torch
 
 from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
-    contract, dtype_name, result, value_checks_enabled
+    contract, dtype_name, result
 
 __all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
-           "gather_paged_keys", "sink_gate", "check_decode_values", "check_sequence_pages",
-           "check_cu_seqlens", "check_slot_mapping", "used_blocks"]
+           "gather_paged_keys", "sink_gate", "check_sequence_pages", "check_cu_seqlens", "used_blocks"]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _BOOL = ("true", "false")
@@ -235,11 +234,14 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
         check(topk_indices.shape[0] == tq, op, "topk_indices", f"shape [Tq={tq}, topk]",
               f"shape {tuple(topk_indices.shape)}")
     _check_common(op, hq, softmax_scale, causal, sinks, window)
-    if value_checks_enabled():
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q.tolist(), tq)
-        if cu_seqlens_k is not None:
-            check_cu_seqlens("cu_seqlens_k", cu_seqlens_k.tolist(), tk)
     return Request(device, _features(q.dtype, causal, sinks, window, topk_indices))
+
+
+@mla_prefill.value_checks
+def _mla_prefill_values(q, k, v, cu_seqlens_q, cu_seqlens_k=None, **_):
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q.tolist(), q.shape[0])
+    if cu_seqlens_k is not None:
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k.tolist(), k.shape[0])
 
 
 def check_cu_seqlens(name: str, offsets: List[int], total: int) -> None:
@@ -338,16 +340,14 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         check(tuple(topk_indices.shape[:2]) == (b, sq), op, "topk_indices", f"shape [B={b}, Sq={sq}, topk]",
               f"shape {tuple(topk_indices.shape)}")
     _check_common(op, hq, softmax_scale, causal, sinks, window)
-    if value_checks_enabled():
-        check_decode_values(kv_cache, block_table, seq_lens, sq, causal)
     return Request(device, _features(q.dtype, causal, sinks, window, topk_indices))
 
 
-def check_decode_values(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, sq: int,
-                        causal: bool) -> None:
-    """:func:`mla_decode`'s value checks: lengths within the page table, used block ids within the cache."""
+@mla_decode.value_checks
+def _mla_decode_values(q, kv_cache, block_table, seq_lens, *, causal=True, **_):
     for length, ids in zip(seq_lens.tolist(), block_table.tolist()):
-        check_sequence_pages(length, ids[:used_blocks(length, kv_cache.shape[1])], len(ids), kv_cache, sq, causal)
+        check_sequence_pages(length, ids[:used_blocks(length, kv_cache.shape[1])], len(ids), kv_cache, q.shape[1],
+                             causal)
 
 
 def used_blocks(length: int, block_size: int) -> int:
@@ -423,14 +423,11 @@ def paged_cache_write(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: to
     check(kv.shape[1] == d, op, "kv", f"shape [T, D={d}] (kv_cache's last dim)", f"shape {tuple(kv.shape)}")
     check(slot_mapping.shape[0] == kv.shape[0], op, "slot_mapping", f"shape [T={kv.shape[0]}] (one slot per row "
           "of kv)", f"shape {tuple(slot_mapping.shape)}")
-    if value_checks_enabled():
-        check_slot_mapping(kv_cache, slot_mapping)
     return Request(device, (("dtype", dtype_name(kv_cache.dtype)),))
 
 
-def check_slot_mapping(kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """:func:`paged_cache_write`'s value checks (slots within the cache, no slot twice): checked mode, and
-    implementations that read the slots anyway."""
+@paged_cache_write.value_checks
+def _paged_cache_write_values(kv_cache, kv, slot_mapping):
     op = "paged_cache_write"
     if not slot_mapping.numel():
         return

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
-    contract, dtype_name, result, value_checks_enabled
+    contract, dtype_name, result
 from hal.ops.grouped_gemm import GEMM_TOLERANCE
 
 __all__ = ["topk_routing", "hash_routing", "moe_permute", "moe_unpermute", "MoePermutation",
-           "invert_permutation", "ROUTING_TOLERANCE", "SCORING", "check_hash_routing_values", "check_permute_values"]
+           "invert_permutation", "ROUTING_TOLERANCE", "SCORING"]
 
 SCORING = ("softmax", "sigmoid", "sqrtsoftplus")
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -98,20 +98,6 @@ def _check_in_range(op: str, name: str, ids: torch.Tensor, upper: int, what: str
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         check(lo >= 0 and hi < upper, op, name, f"{what} in [0, {upper})", f"values in [{lo}, {hi}]")
-
-
-def check_hash_routing_values(token_ids: torch.Tensor, table: torch.Tensor, num_experts: int) -> None:
-    """:func:`hash_routing`'s value checks (token ids within the table, its expert ids within the logits):
-    checked mode, and implementations that read these values anyway."""
-    _check_in_range("hash_routing", "token_ids", token_ids, table.shape[0], "token ids (rows of table)")
-    if token_ids.numel():
-        _check_in_range("hash_routing", "table", table[token_ids], num_experts, "expert ids (columns of logits)")
-
-
-def check_permute_values(ids: torch.Tensor, num_experts: int) -> None:
-    """:func:`moe_permute`'s value check (expert ids in range): checked mode, and implementations that read
-    the ids anyway."""
-    _check_in_range("moe_permute", "ids", ids, num_experts, "expert ids")
 
 
 # --------------------------------------------------------------------------- topk_routing
@@ -239,10 +225,14 @@ def hash_routing(token_ids: torch.Tensor, table: torch.Tensor, logits: torch.Ten
     _check_scale(op, scale)
     check(isinstance(renormalize, bool), op, "renormalize", "a bool", repr(renormalize))
     device = check_same_device(op, token_ids=token_ids, table=table, logits=logits)
-    if value_checks_enabled():
-        check_hash_routing_values(token_ids, table, logits.shape[1])
     return Request(device, (("scoring", scoring), ("dtype", dtype_name(logits.dtype)),
                             ("renormalize", "true" if renormalize else "false")))
+
+
+@hash_routing.value_checks
+def _hash_routing_values(token_ids, table, logits, **_):
+    _check_in_range("hash_routing", "token_ids", token_ids, table.shape[0], "token ids (rows of table)")
+    _check_in_range("hash_routing", "table", table[token_ids], logits.shape[1], "expert ids (columns of logits)")
 
 
 @hash_routing.reference
@@ -295,9 +285,12 @@ def moe_permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> Tuple[t
           f"shape {tuple(ids.shape)}")
     _check_int(op, "num_experts", num_experts, 1, 2**31 - 1)
     device = check_same_device(op, x=x, ids=ids)
-    if value_checks_enabled():
-        check_permute_values(ids, num_experts)
     return Request(device, (("dtype", dtype_name(x.dtype)),))
+
+
+@moe_permute.value_checks
+def _moe_permute_values(x, ids, num_experts):
+    _check_in_range("moe_permute", "ids", ids, num_experts, "expert ids")
 
 
 def invert_permutation(permutation: torch.Tensor) -> torch.Tensor:
