@@ -35,7 +35,7 @@ from hal.backend import Backend
 from hal.contract import Op, all_ops
 from hal.dispatch import route
 from hal.hookspecs import hookimpl
-from hal.registry import BackendSpec, register_plugin, registry
+from hal.registry import BackendSpec, register_plugin, unregister_plugin
 
 __all__ = ["Figure", "SIZES", "run", "render"]
 
@@ -270,23 +270,27 @@ def bench_dispatch(size: Size) -> List[Figure]:
     overhead is timed): the hot path, where the call's signature was validated before. Also reported:
     ``validation_us``, the contract's checks alone (what the first call of a signature pays on top), and a
     call in checked mode (every check, values included, on every call)."""
-    if _NULL not in registry().entries:
-        register_plugin(_NullPlugin(), _NULL)
-    figures = []
-    for name, (op, args, kwargs) in _dispatch_cases().items():
-        with hal.use_backend(_NULL):
-            impl = route(op).impl
-            call_s, direct_s = _paired(lambda: op(*args, **kwargs), lambda: impl(*args, **kwargs), size)
-        with hal.use_backend(_NULL, checked=True):
-            checked_s, _ = _paired(lambda: op(*args, **kwargs), lambda: None, size)
-        validate_s, _ = _paired(lambda: op.validate(*args, **kwargs), lambda: None, size)
-        overhead = [(a - b) * 1e6 for a, b in zip(call_s, direct_s)]
-        figures.append(Figure(f"dispatch overhead, {name}", "direct call of the implementation",
-                              statistics.median(overhead), min(overhead), max(overhead), "microseconds per call",
-                              statistics.median(call_s) * 1e3, statistics.median(direct_s) * 1e3, "< 2 us",
-                              {"validation_us": statistics.median(validate_s) * 1e6,
-                               "checked_mode_us": (statistics.median(checked_s) - statistics.median(direct_s)) * 1e6}))
-    return figures
+    register_plugin(_NullPlugin(), _NULL)
+    try:
+        return [_dispatch_figure(name, op, args, kwargs, size)
+                for name, (op, args, kwargs) in _dispatch_cases().items()]
+    finally:
+        unregister_plugin(_NULL)
+
+
+def _dispatch_figure(name: str, op: Op, args: tuple, kwargs: dict, size: Size) -> Figure:
+    with hal.use_backend(_NULL):
+        impl = route(op).impl
+        call_s, direct_s = _paired(lambda: op(*args, **kwargs), lambda: impl(*args, **kwargs), size)
+    with hal.use_backend(_NULL, checked=True):
+        checked_s, _ = _paired(lambda: op(*args, **kwargs), lambda: None, size)
+    validate_s, _ = _paired(lambda: op.validate(*args, **kwargs), lambda: None, size)
+    overhead = [(a - b) * 1e6 for a, b in zip(call_s, direct_s)]
+    return Figure(f"dispatch overhead, {name}", "direct call of the implementation",
+                  statistics.median(overhead), min(overhead), max(overhead), "microseconds per call",
+                  statistics.median(call_s) * 1e3, statistics.median(direct_s) * 1e3, "< 2 us",
+                  {"validation_us": statistics.median(validate_s) * 1e6,
+                   "checked_mode_us": (statistics.median(checked_s) - statistics.median(direct_s)) * 1e6})
 
 
 # --------------------------------------------------------------------------- the model

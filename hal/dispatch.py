@@ -6,8 +6,10 @@ settings' layer tuple is the cache key). Outside checked mode, a route also reme
 of the calls it has validated and served (each tensor's dtype, shape, device and contiguity; the type
 and value of every other argument): a contract's checks depend on nothing else there, so a call whose
 signature was seen before goes straight to the implementation. That is the decode-loop hot path: a
-settings lookup, a signature, a set lookup, and the call. In checked mode every call is validated,
-values included (a contract's ``@op.value_checks``, see :class:`hal.contract.Op`).
+settings lookup, a signature, a set lookup, and the call. Where torch has its C++ tensor guard (see
+:func:`_tensor_guard_factory`), the last few signatures of a route are also held as guards, which
+recognise a call's tensors ~5x faster than reading their metadata from Python. In checked mode every
+call is validated, values included (a contract's ``@op.value_checks``, see :class:`hal.contract.Op`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import operator
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 import torch
 
@@ -46,6 +48,8 @@ class Route:
     checked: bool         # checked mode: validate every call, values included
     # signatures (see call_key()) of valid calls this route serves: they skip validation next time
     known: Set[Hashable] = field(default_factory=set, compare=False)
+    # the most recent of them whose arguments are all tensors, as (scalar-keyword key, tensor guard) pairs
+    guarded: List[Tuple[Hashable, Any]] = field(default_factory=list, compare=False)
 
     def refusal(self, request: Request) -> Optional[str]:
         """Why this route cannot serve ``request``, or ``None`` when it can."""
@@ -104,6 +108,7 @@ def _resolve(op: Op, layers: Tuple[config.Layer, ...]) -> Route:
 
 _SCALAR_TYPES = frozenset((int, float, bool, str, type(None), torch.dtype))
 _KNOWN_LIMIT = 4096  # signatures kept per route (prefill shapes vary with the prompt): a bound on memory
+_GUARDED_LIMIT = 8   # guarded signatures per route: a decode step alternates a few shapes per operator
 _tensor_meta = operator.attrgetter("dtype", "shape", "device")
 _is_contiguous = torch.Tensor.is_contiguous
 
@@ -118,10 +123,16 @@ def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable
         return _any_call_key(args, kwargs)
     if not kwargs:
         return key
+    options = _options_key(args, kwargs)
+    return _any_call_key(args, kwargs) if options is None else (*key, *options)
+
+
+def _options_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
+    """The positional argument count and the scalar keywords (types, then names and values: 1, 1.0 and True
+    are equal values, not equal arguments, and a tensor is never compared with a number); ``None`` when a
+    keyword is not a scalar."""
     types = tuple(map(type, kwargs.values()))
-    if _SCALAR_TYPES.issuperset(types):  # the types too: 1, 1.0 and True are equal keys, not equal arguments
-        return (*key, *kwargs.items(), *types)
-    return _any_call_key(args, kwargs)
+    return (len(args), *types, *kwargs.items()) if _SCALAR_TYPES.issuperset(types) else None
 
 
 def _any_call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
@@ -137,21 +148,73 @@ def _any_call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Has
     return tuple(key)
 
 
+def _tensor_guard_factory() -> Optional[Callable[[Tuple[torch.Tensor, ...]], Any]]:
+    """A maker of torch's C++ tensor guards (the check ``torch.compile`` runs before a compiled graph, from
+    ``torch._C._dynamo.guards``): a guard made from some tensors accepts exactly the tensors of the same
+    dtype, device, shape, strides and autograd state. The class is private and its constructor has changed
+    between torch versions, so it is probed, and ``None`` (metadata read from Python only) where it is
+    missing or behaves otherwise."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        def guard(tensors: Tuple[torch.Tensor, ...]) -> Any:
+            return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                                dynamic_dims_strides=[list(t.stride()) for t in tensors])
+
+        probe = torch.zeros(2, 3)
+        g = guard((probe,))
+        others = (torch.zeros(3, 2), torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, 2).t(),
+                  torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, requires_grad=True))
+        if g.check(torch.zeros(2, 3)) and not any(g.check(t) for t in others):
+            return guard
+    except Exception:  # any failure of a private API means: not available here
+        pass
+    return None
+
+
+_make_guard = _tensor_guard_factory()
+
+
 def dispatch(op: Op, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     """Validate a call of ``op`` (or recognise its signature) and run it where the settings route it."""
     r = _cache.get((op.name, config.layers())) or route(op)
-    key = None if r.checked else call_key(args, kwargs)
-    if key in r.known:  # the hot path: a valid call like one served before (None is never known)
-        return r.impl(*args, **kwargs)  # type: ignore[misc]
+    if r.checked:
+        return _validated(op, r, None, args, kwargs)
+    if r.guarded:  # the hot path: tensors (checked in C++) and scalar options like a call served before
+        options = (len(args), *map(type, kwargs.values()), *kwargs.items()) if kwargs else len(args)
+        for seen, guard in r.guarded:
+            if seen == options and guard.check(*args):
+                return r.impl(*args, **kwargs)  # type: ignore[misc]
+    key = call_key(args, kwargs)
+    if key not in r.known:  # None (validate every time) is never known
+        return _validated(op, r, key, args, kwargs)
+    _remember_guarded(r, args, kwargs)
+    return r.impl(*args, **kwargs)  # type: ignore[misc]
+
+
+def _validated(op: Op, r: Route, key: Optional[Hashable], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     request = op.validate(*args, **kwargs)
     refusal = r.refusal(request)
-    if refusal is None:
-        if key is not None:
-            if len(r.known) >= _KNOWN_LIMIT:
-                r.known.clear()
-            r.known.add(key)
-        return r.impl(*args, **kwargs)  # type: ignore[misc]
-    return _fall_back(op, r, request, refusal, args, kwargs)
+    if refusal is not None:
+        return _fall_back(op, r, request, refusal, args, kwargs)
+    if key is not None:
+        if len(r.known) >= _KNOWN_LIMIT:
+            r.known.clear()
+            r.guarded.clear()
+        r.known.add(key)
+        _remember_guarded(r, args, kwargs)
+    return r.impl(*args, **kwargs)  # type: ignore[misc]
+
+
+def _remember_guarded(r: Route, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    """Keep a served call's signature as a guard when every positional argument is a tensor and every
+    keyword a scalar (the other calls are recognised by :func:`call_key` alone)."""
+    if _make_guard is None or not all(isinstance(a, torch.Tensor) for a in args):
+        return
+    options = _options_key(args, kwargs) if kwargs else len(args)
+    if options is not None:
+        r.guarded.insert(0, (options, _make_guard(args)))
+        del r.guarded[_GUARDED_LIMIT:]
 
 
 def _fall_back(op: Op, r: Route, request: Request, refusal: str, args: Tuple[Any, ...],

@@ -21,7 +21,7 @@ from hal.backend import Availability, Backend
 from hal.errors import BackendNotFoundError, BackendUnavailableError, PluginError
 
 __all__ = ["BackendSpec", "BackendEntry", "BrokenPlugin", "Registry", "registry", "register_plugin",
-           "ENTRY_POINT_GROUP"]
+           "unregister_plugin", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "hal.backends"
 
@@ -154,6 +154,12 @@ class Registry:
             for spec in specs:
                 self._add(BackendEntry(spec, name, distribution))
 
+    def unregister_plugin(self, name: str) -> None:
+        """Forget a plugin registered in-process and the backends it brought."""
+        self.pm.unregister(name=name)
+        for backend in [b for b, entry in self.entries.items() if entry.plugin == name]:
+            del self.entries[backend]
+
     def _add(self, entry: BackendEntry) -> None:
         other = self.entries.get(entry.name)
         if other is None:
@@ -240,6 +246,13 @@ def register_plugin(plugin: Any, name: str) -> None:
     """Register a plugin in-process (tests, notebooks, vendor bring-up) as an entry point would."""
     from hal import dispatch
     registry().register_plugin(plugin, name)
+    dispatch.clear_cache()
+
+
+def unregister_plugin(name: str) -> None:
+    """Undo :func:`register_plugin`."""
+    from hal import dispatch
+    registry().unregister_plugin(name)
     dispatch.clear_cache()
 
 

@@ -6,6 +6,7 @@ import json
 import math
 
 from hal.cli import main
+from hal.registry import registry
 
 OPERATOR_FIGURES = ("grouped_gemm", "mla_decode absorbed,", "mla_decode absorbed vs naive", "quantize_fp8",
                     "dispatch overhead, quantize_fp8", "dispatch overhead, mla_decode")
@@ -27,6 +28,7 @@ def test_bench_tiny_writes_every_figure(tmp_path, capsys):
     assert all(len(figures) == 2 for figures in data["scaling"].values())
     dispatch = [f for f in data["figures"] if f["name"].startswith("dispatch overhead")]
     assert all({"validation_us", "checked_mode_us"} <= set(f["extra"]) for f in dispatch)
+    assert "bench-null" not in registry().entries  # its no-op backend is gone when the bench is done
     printed = capsys.readouterr().out
     assert all(name in printed for name in names)  # the report prints what the JSON holds
 

@@ -9,10 +9,12 @@ import torch
 
 import hal
 import hal.config
+import hal.dispatch as dispatch_module
 from hal.dispatch import route
 from helpers import plugin_source, portable_backend_source
 
 GG = hal.ops.grouped_gemm
+TR = hal.ops.topk_routing
 
 
 @pytest.fixture
@@ -155,7 +157,25 @@ def test_value_checks_run_only_in_checked_mode():
         GG.validate(x, w, sizes)
 
 
-def test_a_known_signature_skips_validation_and_only_that(monkeypatch):
+@pytest.fixture(params=["tensor guards", "python keys"])
+def signature_path(request, monkeypatch):
+    """Both ways a route recognises a signature: torch's C++ tensor guards where this torch has them, and
+    the call keys read from Python (the only way where it does not)."""
+    if request.param == "python keys":
+        monkeypatch.setattr(dispatch_module, "_make_guard", None)
+    elif dispatch_module._make_guard is None:
+        pytest.skip("this torch has no usable tensor guard")
+    hal.dispatch.clear_cache()
+    return request.param
+
+
+def test_tensor_guards_are_found_on_this_torch():
+    # probed, not assumed (a private class): on the torch CI pins the probe must find it, or the hot path
+    # silently loses its speed
+    assert dispatch_module._make_guard is not None
+
+
+def test_a_known_signature_skips_validation_and_only_that(monkeypatch, signature_path):
     x, w, sizes = _inputs()
     calls = []
     real = GG._validate
@@ -185,6 +205,31 @@ def test_a_block_entered_again_with_the_same_settings_keeps_its_route():
         assert route(GG) is first and first.known
     with hal.use_backend("cpu", checked=True):
         assert route(GG) is not first and route(GG).checked
+
+
+def test_a_guarded_signature_tells_apart_what_validation_can_see(monkeypatch, signature_path):
+    calls = []
+    real = TR._validate
+    monkeypatch.setattr(TR, "_validate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logits = torch.randn(4, 8)
+    TR(logits, top_k=2)
+    TR(torch.randn(4, 8), top_k=2)
+    assert len(calls) == 1
+    variants = [((logits.t().contiguous().t(),), dict(top_k=2)), ((logits.double(),), dict(top_k=2)),
+                ((logits[:, :4],), dict(top_k=2)), ((logits,), dict(top_k=3)), ((logits,), dict(top_k=2.0)),
+                ((logits,), dict(top_k=True)), ((logits,), dict(top_k=torch.tensor([2, 2])))]
+    for args, kwargs in variants:  # each one validated (and most rejected), none served as the first
+        try:
+            TR(*args, **kwargs)
+        except hal.HalError:
+            pass
+    assert len(calls) == 1 + len(variants)
+    with pytest.raises(hal.InvalidArgumentError, match="'top_k'"):
+        TR(logits, top_k=2.0)
+    for i in range(3 * dispatch_module._GUARDED_LIMIT):  # more signatures than guards: still each its own
+        TR(torch.randn(i + 2, 8), top_k=2)
+    with pytest.raises(hal.InvalidArgumentError, match="'top_k'"):
+        TR(torch.randn(2, 8), top_k=9)
 
 
 def test_call_key_tells_apart_what_validation_can_see():
