@@ -744,3 +744,20 @@ def test_decode_over_pages_in_order_equals_scattered_and_strided_caches(dtype):
                for cache, t in ((in_order, torch.tensor([[0, 1, 2]], dtype=I32)), (scattered, table),
                                 (blocks_second, torch.tensor([[0, 1, 2]], dtype=I32)))]
     assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+
+
+@pytest.mark.usefixtures("cpu_paths")
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_one_token_decode_attends_exactly_the_keys_its_window_or_topk_selects(dtype):
+    # the CPU kernel gathers the selected keys and attends them unmasked (a long context then costs what the
+    # window or the top-k list selects): the same as attending those keys given on their own
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(12, 20, generator=g).to(dtype)
+    q = torch.randn(1, 1, 4, 20, generator=g).to(dtype)
+    cache, table, lens = page([keys], 4, dtype=dtype)
+    top = torch.tensor([[[9, -1, 2, 9, 30]]], dtype=I32)  # padding, a duplicate, one out of range
+    for options, chosen in ((dict(window=5), range(7, 12)), (dict(window=40), range(12)),
+                            (dict(topk_indices=top, causal=False), [2, 9])):
+        got = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16, **options)
+        alone = DECODE(q, *page([keys[list(chosen)]], 4, dtype=dtype), softmax_scale=0.3, head_dim_v=16)
+        assert all(torch.equal(a, b) for a, b in zip(got, alone)), options

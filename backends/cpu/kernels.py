@@ -11,8 +11,9 @@ accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. Wh
 * :func:`mla_prefill` / :func:`mla_decode`: PyTorch's CPU flash attention for bf16 where no mask beyond a
   plain causal one is needed (logits accumulated in fp32, online softmax, probabilities rounded to bf16
   before ``P @ V``: what ``MLA_TOLERANCE`` admits); decode attends all heads' rows in one pass over the
-  sequence's keys, a view of the cache when its pages are in order. Other cases: fp32, per sequence, two
-  matrix products shared by all heads, masked only when something is.
+  sequence's keys, a view of the cache when its pages are in order, and only the keys a window or a top-k
+  list selects (a one-token decode step then needs no mask). Other cases: fp32, per sequence, two matrix
+  products shared by all heads, masked only when something is.
 * :func:`quantize_fp8`: the same fp32 operations as the reference, applied to row chunks that stay in
   cache, in place, instead of five full-size passes through memory.
 
@@ -149,26 +150,40 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     b, sq, hq, d = q.shape
     masked = causal and sq > 1 or window is not None or topk_indices is not None
-    flash = not masked and _cpu_bf16_attention(q)
-    out = q.new_zeros((b, sq, hq, head_dim_v), dtype=q.dtype if flash else _F32)
+    fast = _cpu_bf16_attention(q)
+    # bf16 rows straight from the flash kernel when every sequence takes it; fp32 (rounded once) otherwise
+    out = q.new_zeros((b, sq, hq, head_dim_v), dtype=q.dtype if fast and not masked else _F32)
     lse = q.new_full((b, sq, hq), float("-inf"), dtype=_F32)
     for i, length in enumerate(seq_lens.tolist()):
         keys = _sequence_keys(kv_cache, block_table[i], length, sq, causal)  # [L, D]
-        if length == 0:
+        allowed = None  # [Sq, L] where the rows attend different keys
+        if masked and length:
+            allowed = attended_keys(seq_lens[i:i + 1], sq, length, causal, window,
+                                    None if topk_indices is None else topk_indices[i:i + 1])[0]
+            keys, allowed = _attended_only(keys, allowed)
+        if keys.shape[0] == 0:  # nothing attended: out 0, lse -inf (a sink keeps out at 0)
             continue
-        if flash:  # every query row attends every key: the rows of all heads share one pass over the keys
-            keys = _unit_stride(keys).view(1, 1, length, d)
+        if fast and allowed is None:  # every query row attends every key: all heads' rows share one pass
+            keys = _unit_stride(keys).view(1, 1, keys.shape[0], d)
             row_out, row_lse = _flash_attention(_unit_stride(q[i].reshape(1, 1, sq * hq, d)), keys, keys, 0.0,
                                                 False, attn_mask=None, scale=softmax_scale)
             row_out, row_lse = row_out.view(sq, hq, d)[..., :head_dim_v], row_lse.view(sq, hq)
         else:
-            allowed = attended_keys(seq_lens[i:i + 1], sq, length, causal, window,
-                                    None if topk_indices is None else topk_indices[i:i + 1])[0] if masked else None
             row_out, row_lse = _attend_fp32(q[i], keys.to(_F32), softmax_scale, head_dim_v, allowed)
         if sinks is not None:
             row_out.mul_(sink_gate(row_lse, sinks)[..., None])
         out[i], lse[i] = row_out, row_lse
     return out.to(q.dtype), lse
+
+
+def _attended_only(keys: torch.Tensor, allowed: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The keys some query row attends, and ``allowed`` over them (``None`` when every row attends all of
+    them): a window or a top-k list then costs what it selects, not the whole context."""
+    used = allowed.any(dim=0)
+    if not bool(used.all()):
+        columns = used.nonzero().squeeze(1)
+        keys, allowed = keys.index_select(0, columns), allowed[:, columns]
+    return keys, None if bool(allowed.all()) else allowed
 
 
 def _sequence_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, sq: int,
