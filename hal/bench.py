@@ -170,6 +170,22 @@ def _mla_problem(heads: int, context: int, block_size: int = 64, scattered: bool
     return q, kv_cache, block_table, seq_lens
 
 
+def bench_mla_sparse(size: Size, context: int) -> Figure:
+    """A V3.2 / V4 top-k decode step (each query attends ``context // 8`` listed keys of ``context``) against a
+    dense step over all of them: what a sparse step costs, which should follow the keys it selects."""
+    q, kv_cache, block_table, seq_lens = _mla_problem(size.heads, context, scattered=False)
+    chosen = context // 8
+    listed = torch.randperm(context)[:chosen].to(torch.int32).view(1, 1, chosen)
+    scale = (_NOPE + _ROPE) ** -0.5
+    common = dict(softmax_scale=scale, head_dim_v=_LATENT, causal=False)
+    op_s, dense_s = _paired(lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, topk_indices=listed,
+                                                       **common),
+                            lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, **common), size)
+    return _figure(f"mla_decode top-k sparse, {size.heads} heads, {chosen} of {context} keys",
+                   f"dense decode over all {context} keys", op_s, dense_s, means="time / dense decode time",
+                   limit_over_op=False)
+
+
 def _naive_mla_decode(heads: int, context: int, scale: float) -> Callable[[], Any]:
     """DeepSeek's ``attn_impl="naive"`` decode step: per-head keys ``[nope | rope]`` and values decompressed
     into the cache (bf16), scores by einsum, softmax in fp32, rounded back, einsum with the values."""
@@ -393,6 +409,7 @@ def run(size_name: str = "default", backend: str = "cpu", model: bool = True) ->
         for scattered in (False, True):
             figures += measured(bench_mla_decode, size, size.context, dense_gflops, scattered)
         figures += measured(bench_mla_naive, size, size.context)
+        figures += measured(bench_mla_sparse, size, 4 * size.context)
         figures += measured(bench_quantize_fp8, size, size.quant_tokens)
         figures += bench_dispatch(size)
         scaling = {

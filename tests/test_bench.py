@@ -8,7 +8,7 @@ import math
 from hal.cli import main
 from hal.registry import registry
 
-OPERATOR_FIGURES = ("grouped_gemm", "mla_decode absorbed,", "mla_decode absorbed vs naive", "quantize_fp8",
+OPERATOR_FIGURES = ("grouped_gemm", "mla_decode absorbed,", "mla_decode absorbed vs naive", "mla_decode top-k sparse", "quantize_fp8",
                     "dispatch overhead, quantize_fp8", "dispatch overhead, mla_decode")
 
 
