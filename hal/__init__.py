@@ -11,13 +11,13 @@ from hal.config import checked_mode, use_backend
 from hal.errors import (BackendNotFoundError, BackendUnavailableError, ConfigError, DeviceMismatchError,
                         HalError, InvalidArgumentError, InvalidDtypeError, PluginError, UnsupportedError)
 from hal.hookspecs import hookimpl
-from hal.registry import BackendSpec, register_plugin
+from hal.registry import BackendSpec, register_plugin, unregister_plugin
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops", "use_backend", "checked_mode", "hookimpl", "BackendSpec", "Backend", "Availability", "Support",
-    "implements", "register_plugin", "HalError", "InvalidArgumentError", "InvalidDtypeError",
+    "implements", "register_plugin", "unregister_plugin", "HalError", "InvalidArgumentError", "InvalidDtypeError",
     "DeviceMismatchError", "UnsupportedError", "BackendNotFoundError", "BackendUnavailableError",
     "PluginError", "ConfigError", "__version__",
 ]

@@ -175,7 +175,8 @@ def bench_mla_sparse(size: Size, context: int) -> Figure:
     dense step over all of them: what a sparse step costs, which should follow the keys it selects."""
     q, kv_cache, block_table, seq_lens = _mla_problem(size.heads, context, scattered=False)
     chosen = context // 8
-    listed = torch.randperm(context)[:chosen].to(torch.int32).view(1, 1, chosen)
+    listed = torch.randperm(context, generator=torch.Generator().manual_seed(0))[:chosen]
+    listed = listed.to(torch.int32).view(1, 1, chosen)
     scale = (_NOPE + _ROPE) ** -0.5
     common = dict(softmax_scale=scale, head_dim_v=_LATENT, causal=False)
     op_s, dense_s = _paired(lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, topk_indices=listed,
@@ -286,7 +287,8 @@ def bench_dispatch(size: Size) -> List[Figure]:
     overhead is timed): the hot path, where the call's signature was validated before. Also reported:
     ``validation_us``, the contract's checks alone (what the first call of a signature pays on top), and a
     call in checked mode (every check, values included, on every call)."""
-    register_plugin(_NullPlugin(), _NULL)
+    if not register_plugin(_NullPlugin(), _NULL):
+        raise RuntimeError(f"hal bench: a plugin named '{_NULL}' is already registered in this process")
     try:
         return [_dispatch_figure(name, op, args, kwargs, size)
                 for name, (op, args, kwargs) in _dispatch_cases().items()]

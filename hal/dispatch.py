@@ -13,11 +13,12 @@ call is validated, values included (a contract's ``@op.value_checks``, see :clas
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Set, Tuple
 
 import torch
 
@@ -48,8 +49,10 @@ class Route:
     checked: bool         # checked mode: validate every call, values included
     # signatures (see call_key()) of valid calls this route serves: they skip validation next time
     known: Set[Hashable] = field(default_factory=set, compare=False)
-    # the most recent of them whose arguments are all tensors, as (scalar-keyword key, tensor guard) pairs
+    # the most recent of them whose arguments are all tensors, as (options, tensor guard) pairs
     guarded: List[Tuple[Hashable, Any]] = field(default_factory=list, compare=False)
+    # calls recognised by their Python key only (more signatures in use than guards held)
+    unguarded_hits: Iterator[int] = field(default_factory=itertools.count, compare=False)
 
     def refusal(self, request: Request) -> Optional[str]:
         """Why this route cannot serve ``request``, or ``None`` when it can."""
@@ -109,6 +112,7 @@ def _resolve(op: Op, layers: Tuple[config.Layer, ...]) -> Route:
 _SCALAR_TYPES = frozenset((int, float, bool, str, type(None), torch.dtype))
 _KNOWN_LIMIT = 4096  # signatures kept per route (prefill shapes vary with the prompt): a bound on memory
 _GUARDED_LIMIT = 8   # guarded signatures per route: a decode step alternates a few shapes per operator
+_REGUARD_EVERY = 16  # a signature recognised without a guard gets one back on every 16th such call
 _tensor_meta = operator.attrgetter("dtype", "shape", "device")
 _is_contiguous = torch.Tensor.is_contiguous
 
@@ -123,16 +127,18 @@ def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable
         return _any_call_key(args, kwargs)
     if not kwargs:
         return key
-    options = _options_key(args, kwargs)
-    return _any_call_key(args, kwargs) if options is None else (*key, *options)
+    return (*key, *_options(args, kwargs)) if _scalar_keywords(kwargs) else _any_call_key(args, kwargs)
 
 
-def _options_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
-    """The positional argument count and the scalar keywords (types, then names and values: 1, 1.0 and True
-    are equal values, not equal arguments, and a tensor is never compared with a number); ``None`` when a
-    keyword is not a scalar."""
-    types = tuple(map(type, kwargs.values()))
-    return (len(args), *types, *kwargs.items()) if _SCALAR_TYPES.issuperset(types) else None
+def _options(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Hashable:
+    """The positional argument count and the keywords: their types by identity first (1, 1.0 and True are
+    equal values, not equal arguments; an identity cannot be fooled by a class's ``__eq__``, and a tensor is
+    then never compared with a number), then their names and values."""
+    return (len(args), *map(id, map(type, kwargs.values())), *kwargs.items()) if kwargs else len(args)
+
+
+def _scalar_keywords(kwargs: Dict[str, Any]) -> bool:
+    return all(type(v) in _SCALAR_TYPES for v in kwargs.values())
 
 
 def _any_call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
@@ -161,11 +167,13 @@ def _tensor_guard_factory() -> Optional[Callable[[Tuple[torch.Tensor, ...]], Any
             return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
                                 dynamic_dims_strides=[list(t.stride()) for t in tensors])
 
-        probe = torch.zeros(2, 3)
-        g = guard((probe,))
-        others = (torch.zeros(3, 2), torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, 2).t(),
-                  torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, requires_grad=True))
-        if g.check(torch.zeros(2, 3)) and not any(g.check(t) for t in others):
+        def zeros(*shape: int, **options: Any) -> torch.Tensor:  # whatever torch's defaults are set to
+            return torch.zeros(*shape, **{"dtype": torch.float32, "device": "cpu", **options})
+
+        g = guard((zeros(2, 3),))
+        others = (zeros(3, 2), zeros(2, 3, dtype=torch.float64), zeros(3, 2).t(), zeros(2, 3, device="meta"),
+                  zeros(2, 3, requires_grad=True))
+        if g.check(zeros(2, 3)) and not any(g.check(t) for t in others):
             return guard
     except Exception:  # any failure of a private API means: not available here
         pass
@@ -181,14 +189,15 @@ def dispatch(op: Op, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     if r.checked:
         return _validated(op, r, None, args, kwargs)
     if r.guarded:  # the hot path: tensors (checked in C++) and scalar options like a call served before
-        options = (len(args), *map(type, kwargs.values()), *kwargs.items()) if kwargs else len(args)
+        options = _options(args, kwargs)
         for seen, guard in r.guarded:
             if seen == options and guard.check(*args):
                 return r.impl(*args, **kwargs)  # type: ignore[misc]
     key = call_key(args, kwargs)
     if key not in r.known:  # None (validate every time) is never known
         return _validated(op, r, key, args, kwargs)
-    _remember_guarded(r, args, kwargs)
+    if next(r.unguarded_hits) % _REGUARD_EVERY == 0:  # not on every call: more signatures than guards
+        _remember_guarded(r, args, kwargs)              # would rebuild one per call
     return r.impl(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -208,12 +217,13 @@ def _validated(op: Op, r: Route, key: Optional[Hashable], args: Tuple[Any, ...],
 
 def _remember_guarded(r: Route, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
     """Keep a served call's signature as a guard when every positional argument is a tensor and every
-    keyword a scalar (the other calls are recognised by :func:`call_key` alone)."""
-    if _make_guard is None or not all(isinstance(a, torch.Tensor) for a in args):
+    keyword a scalar, and the guard accepts the call it was made from (it refuses a tensor given twice);
+    the other calls are recognised by :func:`call_key` alone."""
+    if _make_guard is None or not all(isinstance(a, torch.Tensor) for a in args) or not _scalar_keywords(kwargs):
         return
-    options = _options_key(args, kwargs) if kwargs else len(args)
-    if options is not None:
-        r.guarded.insert(0, (options, _make_guard(args)))
+    guard = _make_guard(args)
+    if guard.check(*args):
+        r.guarded.insert(0, (_options(args, kwargs), guard))
         del r.guarded[_GUARDED_LIMIT:]
 
 

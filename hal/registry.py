@@ -61,6 +61,7 @@ class BackendEntry:
     plugin: str
     distribution: str
     error: Optional[str] = None  # set when the backend is unusable as registered (e.g. duplicate name)
+    clashing_plugins: List[str] = field(default_factory=list)  # plugins that brought a backend of this name
     _backend: Optional[Backend] = field(default=None, repr=False)
     _availability: Optional[Availability] = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -132,13 +133,14 @@ class Registry:
                 continue
             self.register_plugin(plugin, ep.name, dist)
 
-    def register_plugin(self, plugin: Any, name: str, distribution: str = "(in-process)") -> None:
-        """Register a plugin object and collect its backends (what discovery does per entry point)."""
+    def register_plugin(self, plugin: Any, name: str, distribution: str = "(in-process)") -> bool:
+        """Register a plugin object and collect its backends (what discovery does per entry point); whether
+        pluggy took it (a refusal is recorded in ``broken``)."""
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:
             self.broken.append(BrokenPlugin(name, distribution, f"{type(exc).__name__}: {exc}"))
-            return
+            return False
         for impl in self.pm.hook.hal_backends.get_hookimpls():
             if impl.plugin_name != name:
                 continue
@@ -153,18 +155,25 @@ class Registry:
                 continue
             for spec in specs:
                 self._add(BackendEntry(spec, name, distribution))
+        return True
 
     def unregister_plugin(self, name: str) -> None:
-        """Forget a plugin registered in-process and the backends it brought."""
+        """Forget a plugin registered in-process, the backends it brought, and the name clashes they made."""
         self.pm.unregister(name=name)
         for backend in [b for b, entry in self.entries.items() if entry.plugin == name]:
             del self.entries[backend]
+        for entry in self.entries.values():
+            if name in entry.clashing_plugins:
+                entry.clashing_plugins.remove(name)
+                if not entry.clashing_plugins:
+                    entry.error = None
 
     def _add(self, entry: BackendEntry) -> None:
         other = self.entries.get(entry.name)
         if other is None:
             self.entries[entry.name] = entry
             return
+        other.clashing_plugins.append(entry.plugin)
         other.error = (f"two backends are named '{entry.name}': one from plugin '{other.plugin}' "
                        f"({other.distribution}), one from plugin '{entry.plugin}' ({entry.distribution}); "
                        "uninstall one or limit plugins with HAL_PLUGINS")
@@ -242,15 +251,17 @@ def registry() -> Registry:
     return _registry
 
 
-def register_plugin(plugin: Any, name: str) -> None:
-    """Register a plugin in-process (tests, notebooks, vendor bring-up) as an entry point would."""
+def register_plugin(plugin: Any, name: str) -> bool:
+    """Register a plugin in-process (tests, notebooks, vendor bring-up) as an entry point would; whether it
+    was taken (a refusal, e.g. a name already registered, is listed by ``hal info``)."""
     from hal import dispatch
-    registry().register_plugin(plugin, name)
+    registered = registry().register_plugin(plugin, name)
     dispatch.clear_cache()
+    return registered
 
 
 def unregister_plugin(name: str) -> None:
-    """Undo :func:`register_plugin`."""
+    """Undo a :func:`register_plugin` that returned True."""
     from hal import dispatch
     registry().unregister_plugin(name)
     dispatch.clear_cache()

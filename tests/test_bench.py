@@ -8,8 +8,8 @@ import math
 from hal.cli import main
 from hal.registry import registry
 
-OPERATOR_FIGURES = ("grouped_gemm", "mla_decode absorbed,", "mla_decode absorbed vs naive", "mla_decode top-k sparse", "quantize_fp8",
-                    "dispatch overhead, quantize_fp8", "dispatch overhead, mla_decode")
+OPERATOR_FIGURES = ("grouped_gemm", "mla_decode absorbed,", "mla_decode absorbed vs naive", "mla_decode top-k sparse",
+                    "quantize_fp8", "dispatch overhead, quantize_fp8", "dispatch overhead, mla_decode")
 
 
 def test_bench_tiny_writes_every_figure(tmp_path, capsys):

@@ -181,6 +181,21 @@ def test_in_process_plugin_registration():
     assert registry().backend("inproc").name == "inproc"
 
 
+def test_unregistering_an_in_process_plugin_undoes_it():
+    class Clash:
+        @hal.hookimpl
+        def hal_backends(self):
+            return [hal.BackendSpec(name="cpu", factory="hal.backends.cpu.backend:CpuBackend")]
+
+    assert hal.register_plugin(Clash(), "clash")
+    with pytest.raises(hal.PluginError, match="two backends are named 'cpu'"):
+        registry().backend("cpu")
+    hal.unregister_plugin("clash")  # its backend and the clash it made are gone
+    assert registry().backend("cpu").name == "cpu" and "clash" not in {e.plugin for e in registry().entries.values()}
+    assert not hal.register_plugin(Clash(), "cpu")  # a plugin name already taken: refused, and said so
+    assert registry().backend("cpu").name == "cpu"
+
+
 def _run_hal(*args, env_extra=None, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAL_")}
     env.update(env_extra or {})

@@ -169,9 +169,10 @@ def signature_path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.skipif(not torch.__version__.startswith("2.13."), reason="the guard class is private: checked on "
+                    "the torch CI pins; other versions fall back to Python keys when the probe rejects it")
 def test_tensor_guards_are_found_on_this_torch():
-    # probed, not assumed (a private class): on the torch CI pins the probe must find it, or the hot path
-    # silently loses its speed
+    # probed, not assumed: on the torch CI pins the probe must find it, or the hot path silently loses speed
     assert dispatch_module._make_guard is not None
 
 
@@ -207,10 +208,17 @@ def test_a_block_entered_again_with_the_same_settings_keeps_its_route():
         assert route(GG) is not first and route(GG).checked
 
 
-def test_a_guarded_signature_tells_apart_what_validation_can_see(monkeypatch, signature_path):
+@pytest.fixture
+def routing_validations(monkeypatch):
+    """The list that each validation of a topk_routing call appends to."""
     calls = []
     real = TR._validate
     monkeypatch.setattr(TR, "_validate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_a_guarded_signature_tells_apart_what_validation_can_see(routing_validations, signature_path):
+    calls = routing_validations
     logits = torch.randn(4, 8)
     TR(logits, top_k=2)
     TR(torch.randn(4, 8), top_k=2)
@@ -230,6 +238,59 @@ def test_a_guarded_signature_tells_apart_what_validation_can_see(monkeypatch, si
         TR(torch.randn(i + 2, 8), top_k=2)
     with pytest.raises(hal.InvalidArgumentError, match="'top_k'"):
         TR(torch.randn(2, 8), top_k=9)
+
+
+class _EqualsEverything(type):
+    def __eq__(cls, other):
+        return True
+
+    __hash__ = type.__hash__
+
+
+class _Two(metaclass=_EqualsEverything):
+    def __eq__(self, other):
+        return other == 2
+
+    __hash__ = object.__hash__
+
+
+@pytest.mark.usefixtures("signature_path")
+def test_keyword_order_and_lookalike_values_are_other_signatures():
+    logits = torch.randn(4, 8)
+    TR(logits, top_k=2, scoring="sigmoid")
+    TR(logits, scoring="sigmoid", top_k=2)  # same call in another keyword order: validated again, accepted
+    with pytest.raises(hal.InvalidArgumentError, match="'top_k'"):  # a type and a value claiming to be 2
+        TR(logits, top_k=_Two(), scoring="sigmoid")
+    with pytest.raises(hal.InvalidArgumentError, match="'top_k'"):
+        TR(logits, scoring="sigmoid", top_k=2.0)
+
+
+def test_a_tensor_given_twice_is_served_without_rebuilding_guards(monkeypatch):
+    # a C++ tensor guard refuses a tensor given twice (torch.compile's rule): such a call must not leave a
+    # guard that can never match, nor build one per call
+    if dispatch_module._make_guard is None:
+        pytest.skip("this torch has no usable tensor guard")
+    made = []
+    real = dispatch_module._make_guard
+    monkeypatch.setattr(dispatch_module, "_make_guard", lambda args: made.append(1) or real(args))
+    hal.dispatch.clear_cache()
+    q = torch.randn(4, 2, 16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    for _ in range(4 * dispatch_module._REGUARD_EVERY):
+        hal.ops.mla_prefill(q, q, q, cu, softmax_scale=0.3)
+    assert not route(hal.ops.mla_prefill).guarded and len(made) <= 5
+
+
+def test_a_parameter_or_inference_tensor_is_recognised_on_its_own(routing_validations, signature_path):
+    calls = routing_validations
+    logits = torch.randn(4, 8)
+    TR(logits, top_k=2)
+    TR(torch.nn.Parameter(logits.clone()), top_k=2)  # another autograd state: looked up by its Python key
+    with torch.inference_mode():
+        TR(torch.randn(4, 8), top_k=2)
+    assert len(calls) == 1
+    with pytest.raises(hal.InvalidArgumentError, match="'top_k'"), torch.inference_mode():
+        TR(torch.randn(4, 8), top_k=0)
 
 
 def test_call_key_tells_apart_what_validation_can_see():
