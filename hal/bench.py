@@ -159,14 +159,15 @@ def bench_grouped_gemm(size: Size, experts: int, tokens: int) -> Figure:
                    dense_gflops=flops / statistics.median(dense_s) / 1e9)
 
 
-def _mla_problem(heads: int, context: int, block_size: int = 64, scattered: bool = True):
+def _mla_problem(heads: int, context: int, block_size: int = 64, scattered: bool = True, batch: int = 1):
     d = _LATENT + _ROPE
     blocks = (context + block_size - 1) // block_size
-    kv_cache = _bf16(blocks, block_size, d)
-    order = torch.randperm(blocks) if scattered else torch.arange(blocks)  # a server's pages, or hal.model's
-    block_table = order.to(torch.int32)[None]
-    seq_lens = torch.tensor([context], dtype=torch.int32)
-    q = _bf16(1, 1, heads, d)
+    kv_cache = _bf16(batch * blocks, block_size, d)
+    # a server's pages, or hal.model's (each sequence's pages in order, after the previous sequence's)
+    order = torch.randperm(batch * blocks) if scattered else torch.arange(batch * blocks)
+    block_table = order.to(torch.int32).view(batch, blocks)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32)
+    q = _bf16(batch, 1, heads, d)
     return q, kv_cache, block_table, seq_lens
 
 
@@ -200,18 +201,18 @@ def _naive_mla_decode(heads: int, context: int, scale: float) -> Callable[[], An
     return step
 
 
-def bench_mla_decode(size: Size, context: int, dense_gflops: float, scattered: bool) -> Figure:
-    """Absorbed decode against its roofline: the larger of reading the latent cache once (a copy of its bytes)
-    and its FLOPs at this run's dense fp32 GEMM rate."""
+def bench_mla_decode(size: Size, context: int, dense_gflops: float, scattered: bool, batch: int = 1) -> Figure:
+    """Absorbed decode of ``batch`` sequences against its roofline: the larger of reading their latent caches
+    once (a copy of their bytes) and their FLOPs at this run's dense fp32 GEMM rate."""
     heads = size.heads
-    q, kv_cache, block_table, seq_lens = _mla_problem(heads, context, scattered=scattered)
+    q, kv_cache, block_table, seq_lens = _mla_problem(heads, context, scattered=scattered, batch=batch)
     scale = (_NOPE + _ROPE) ** -0.5
-    cache_bytes = context * (_LATENT + _ROPE) * kv_cache.element_size()
-    flops = 2.0 * heads * context * (_LATENT + _ROPE + _LATENT)
+    cache_bytes = batch * context * (_LATENT + _ROPE) * kv_cache.element_size()
+    flops = 2.0 * batch * heads * context * (_LATENT + _ROPE + _LATENT)
     op_s, copy_s = _paired(lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, softmax_scale=scale,
                                                       head_dim_v=_LATENT), _copy_of(2 * cache_bytes), size)
     compute_s = flops / (dense_gflops * 1e9)
-    pages = "scattered pages" if scattered else "pages in order"
+    pages = ("scattered pages" if scattered else "pages in order") + (f", batch of {batch}" if batch > 1 else "")
     return _figure(f"mla_decode absorbed, {heads} heads, {context} keys, {pages}", "roofline: max(copy of the "
                    "latent cache, FLOPs at the dense fp32 GEMM rate)", op_s, [max(c, compute_s) for c in copy_s],
                    means="time / roofline time", limit_over_op=False, target="<= 1.5", cache_mb=cache_bytes / 2**20,
@@ -408,8 +409,9 @@ def run(size_name: str = "default", backend: str = "cpu", model: bool = True) ->
     with hal.use_backend(backend):
         figures += measured(bench_grouped_gemm, size, size.experts, size.gemm_tokens)
         dense_gflops = _dense_gflops(size)
-        for scattered in (False, True):
-            figures += measured(bench_mla_decode, size, size.context, dense_gflops, scattered)
+        for batch in (1, 4):
+            for scattered in (False, True):
+                figures += measured(bench_mla_decode, size, size.context, dense_gflops, scattered, batch)
         figures += measured(bench_mla_naive, size, size.context)
         figures += measured(bench_mla_sparse, size, 4 * size.context)
         figures += measured(bench_quantize_fp8, size, size.quant_tokens)

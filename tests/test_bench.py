@@ -24,6 +24,7 @@ def test_bench_tiny_writes_every_figure(tmp_path, capsys):
     for f in data["figures"] + [f for axis in data["scaling"].values() for f in axis]:
         assert f["ratio_min"] <= f["ratio"] <= f["ratio_max"], f
         assert math.isfinite(f["ratio"]) and f["op_ms"] > 0 and f["limit"], f
+    assert any(n.startswith("mla_decode absorbed") and n.endswith("batch of 4") for n in names)
     assert sorted(data["scaling"]) == ["context", "experts", "tokens"]
     assert all(len(figures) == 2 for figures in data["scaling"].values())
     dispatch = [f for f in data["figures"] if f["name"].startswith("dispatch overhead")]

@@ -761,3 +761,28 @@ def test_one_token_decode_attends_exactly_the_keys_its_window_or_topk_selects(dt
         got = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16, **options)
         alone = DECODE(q, *page([keys[list(chosen)]], 4, dtype=dtype), softmax_scale=0.3, head_dim_v=16)
         assert all(torch.equal(a, b) for a, b in zip(got, alone)), options
+
+
+@pytest.mark.usefixtures("cpu_paths")
+@pytest.mark.parametrize("pages", ["each sequence after the previous", "the same, cache stored blocks-second",
+                                   "scattered"])
+def test_a_batch_of_equal_lengths_decodes_as_each_sequence_alone(pages):
+    # the CPU kernel attends a batch of equal-length sequences in one flash call (one core per sequence):
+    # each must come out exactly as it does alone, sinks included
+    g = torch.Generator().manual_seed(6)
+    keys = [torch.randn(10, 20, generator=g).bfloat16() for _ in range(3)]
+    q = torch.randn(3, 1, 4, 20, generator=g).bfloat16()
+    sinks = torch.randn(4, generator=g)
+    if pages == "scattered":
+        cache, table, lens = page(keys, 4, dtype=torch.bfloat16)
+    else:  # as hal.model allocates: sequence b owns blocks [3b, 3b + 3)
+        cache = torch.cat([torch.cat([k, torch.zeros(2, 20, dtype=torch.bfloat16)]) for k in keys]).view(9, 4, 20)
+        table, lens = torch.arange(9, dtype=I32).view(3, 3), torch.full((3,), 10, dtype=I32)
+        if pages.endswith("blocks-second"):
+            cache = cache.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided storage
+    for extra in ({}, {"sinks": sinks}):
+        out, lse = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16, **extra)
+        for b in range(3):
+            alone = DECODE(q[b:b + 1], cache, table[b:b + 1], lens[b:b + 1], softmax_scale=0.3, head_dim_v=16,
+                           **extra)
+            assert torch.equal(out[b:b + 1], alone[0]) and torch.equal(lse[b:b + 1], alone[1]), (pages, extra, b)

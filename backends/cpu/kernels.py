@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -151,29 +151,43 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     b, sq, hq, d = q.shape
     masked = causal and sq > 1 or window is not None or topk_indices is not None
     fast = _cpu_bf16_attention(q)
-    # bf16 rows straight from the flash kernel when every sequence takes it; fp32 (rounded once) otherwise
-    out = q.new_zeros((b, sq, hq, head_dim_v), dtype=q.dtype if fast and not masked else _F32)
-    lse = q.new_full((b, sq, hq), float("-inf"), dtype=_F32)
-    for i, length in enumerate(seq_lens.tolist()):
-        keys = _sequence_keys(kv_cache, block_table[i], length, sq, causal)  # [L, D]
-        allowed = None  # [Sq, L] where the rows attend different keys
-        if masked and length:
-            allowed = attended_keys(seq_lens[i:i + 1], sq, length, causal, window,
-                                    None if topk_indices is None else topk_indices[i:i + 1])[0]
-            keys, allowed = _attended_only(keys, allowed)
-        if keys.shape[0] == 0:  # nothing attended: out 0, lse -inf (a sink keeps out at 0)
-            continue
-        if fast and allowed is None:  # every query row attends every key: all heads' rows share one pass
-            keys = _unit_stride(keys).view(1, 1, keys.shape[0], d)
-            row_out, row_lse = _flash_attention(_unit_stride(q[i].reshape(1, 1, sq * hq, d)), keys, keys, 0.0,
-                                                False, attn_mask=None, scale=softmax_scale)
-            row_out, row_lse = row_out.view(sq, hq, d)[..., :head_dim_v], row_lse.view(sq, hq)
-        else:
-            row_out, row_lse = _attend_fp32(q[i], keys.to(_F32), softmax_scale, head_dim_v, allowed)
-        if sinks is not None:
-            row_out.mul_(sink_gate(row_lse, sinks)[..., None])
-        out[i], lse[i] = row_out, row_lse
+    lengths = seq_lens.tolist()
+    pages = [_sequence_pages(kv_cache, block_table[i], n, sq, causal) for i, n in enumerate(lengths)]
+    if fast and not masked and b > 1 and lengths[0] > 0 and lengths.count(lengths[0]) == b:
+        # equal lengths (hal.model's batches): one flash call, which spreads the sequences over the cores
+        keys = _batch_keys(kv_cache, block_table, pages, lengths[0])
+        out, lse = _flash_rows(q.reshape(b, sq * hq, d), keys, softmax_scale)
+        out, lse = out.view(b, sq, hq, d)[..., :head_dim_v].contiguous(), lse.view(b, sq, hq)
+    else:
+        keys = [_sequence_keys(kv_cache, block_table[i], ids, n) for i, (ids, n) in enumerate(zip(pages, lengths))]
+        # bf16 rows straight from the flash kernel when every sequence takes it; fp32 (rounded once) otherwise
+        out = q.new_zeros((b, sq, hq, head_dim_v), dtype=q.dtype if fast and not masked else _F32)
+        lse = q.new_full((b, sq, hq), float("-inf"), dtype=_F32)
+        for i, seq_keys in enumerate(keys):
+            allowed = None  # [Sq, L] where the rows attend different keys
+            if masked and lengths[i]:
+                allowed = attended_keys(seq_lens[i:i + 1], sq, lengths[i], causal, window,
+                                        None if topk_indices is None else topk_indices[i:i + 1])[0]
+                seq_keys, allowed = _attended_only(seq_keys, allowed)
+            if seq_keys.shape[0] == 0:  # nothing attended: out 0, lse -inf (a sink keeps out at 0)
+                continue
+            if fast and allowed is None:  # every query row attends every key: one pass for all heads' rows
+                row_out, row_lse = _flash_rows(q[i].reshape(1, sq * hq, d), seq_keys[None], softmax_scale)
+                out[i], lse[i] = row_out.view(sq, hq, d)[..., :head_dim_v], row_lse.view(sq, hq)
+            else:
+                out[i], lse[i] = _attend_fp32(q[i], seq_keys.to(_F32), softmax_scale, head_dim_v, allowed)
+    if sinks is not None:
+        out.mul_(sink_gate(lse, sinks)[..., None])
     return out.to(q.dtype), lse
+
+
+def _flash_rows(rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's flash attention of query rows ``[B, R, D]`` over keys ``[B, L, D]`` that are also the values
+    (the latent cache): out ``[B, R, D]``, lse ``[B, R]``. One task per sequence: B sequences use B cores."""
+    keys = _unit_stride(keys)[:, None]
+    out, lse = _flash_attention(_unit_stride(rows)[:, None], keys, keys, 0.0, False, attn_mask=None,
+                                scale=softmax_scale)
+    return out[:, 0], lse[:, 0]
 
 
 def _attended_only(keys: torch.Tensor, allowed: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -186,19 +200,43 @@ def _attended_only(keys: torch.Tensor, allowed: torch.Tensor) -> Tuple[torch.Ten
     return keys, None if bool(allowed.all()) else allowed
 
 
-def _sequence_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, sq: int,
-                   causal: bool) -> torch.Tensor:
-    """The first ``length`` keys of a sequence whose pages are ``block_ids``, ``[length, D]``: a view of the
-    cache when its pages are in order (as :class:`hal.model` allocates them), else a gathered copy. The
-    length and the used block ids are checked on the way (read anyway: bad ones would go unseen)."""
-    used_ids = block_ids[:used_blocks(length, kv_cache.shape[1])]
-    ids = used_ids.tolist()
+def _sequence_pages(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, sq: int,
+                    causal: bool) -> List[int]:
+    """The ids of the blocks holding a sequence's first ``length`` keys, checked (read anyway: bad ones would
+    go unseen)."""
+    ids = block_ids[:used_blocks(length, kv_cache.shape[1])].tolist()
     check_sequence_pages(length, ids, block_ids.shape[0], kv_cache, sq, causal)
+    return ids
+
+
+def _in_order(ids: List[int]) -> bool:
+    return ids == list(range(ids[0], ids[0] + len(ids)))
+
+
+def _sequence_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, ids: List[int], length: int) -> torch.Tensor:
+    """A sequence's first ``length`` keys ``[length, D]`` from its used blocks ``ids``: a view of the cache when
+    they are in order (as :class:`hal.model` allocates them), else a gathered copy."""
     if not ids:
         return kv_cache.new_empty(0, kv_cache.shape[2])
-    in_order = ids == list(range(ids[0], ids[0] + len(ids)))
-    pages = kv_cache[ids[0]:ids[0] + len(ids)] if in_order else kv_cache.index_select(0, used_ids)
+    pages = kv_cache[ids[0]:ids[0] + len(ids)] if _in_order(ids) else kv_cache.index_select(0, block_ids[:len(ids)])
     return pages.reshape(-1, kv_cache.shape[2])[:length]  # a view unless the cache itself is strided
+
+
+def _batch_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, pages: List[List[int]],
+                length: int) -> torch.Tensor:
+    """The keys of equal-length sequences (used blocks ``pages``) as one ``[B, length, D]``: a view of the
+    cache when each sequence's blocks are in order and the sequences lie at equal distances (hal.model's
+    caches: each sequence's blocks follow the previous one's), else one gathered copy."""
+    firsts = [ids[0] for ids in pages]
+    step = firsts[1] - firsts[0]
+    blocks, block_size, d = kv_cache.shape
+    stride = kv_cache.stride()
+    if (step >= 0 and all(first == firsts[0] + i * step for i, first in enumerate(firsts)) and
+            all(_in_order(ids) for ids in pages) and stride[0] == block_size * stride[1]):
+        return kv_cache.as_strided((len(pages), length, d), (step * stride[0], stride[1], stride[2]),
+                                   kv_cache.storage_offset() + firsts[0] * stride[0])
+    used = block_table[:, :len(pages[0])].reshape(-1)
+    return kv_cache.index_select(0, used).view(len(pages), -1, d)[:, :length]
 
 
 def _attend_fp32(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float, head_dim_v: int,
