@@ -376,6 +376,10 @@ def bench_model(size: Size, backend: str, notes: List[str]) -> List[Figure]:
                                   statistics.median(r[i] for r in runs["hal"][1:]) * 1e3, float("nan")))
         return figures
     same = all(h[0] == p[0] for h, p in zip(runs["hal"], runs["transformers"]))
+    # where they first part (repetition, step, hal's token, transformers'), for a reader to follow up
+    parted = {} if same else {"first_difference": next(
+        ((rep, step, a, b) for rep, (h, p) in enumerate(zip(runs["hal"], runs["transformers"]))
+         for step, (a, b) in enumerate(zip(h[0], p[0])) if a != b), None)}
     for phase, i, target in (("prefill", 1, ">= 3"), ("decode", 2, ">= 10")):
         ours_s = [r[i] for r in runs["hal"][1:]]
         peer_s = [r[i] for r in runs["transformers"][1:]]
@@ -383,6 +387,7 @@ def bench_model(size: Size, backend: str, notes: List[str]) -> List[Figure]:
         figures.append(_figure(f"tiny V3 {phase} at {ctx} context", f"transformers {transformers.__version__} "
                                "DeepseekV3ForCausalLM, same checkpoint and tokens", ours_s, peer_s,
                                means="speed-up over transformers", target=target, identical_greedy_tokens=same,
+                               **parted,
                                tokens_per_s=per / statistics.median(ours_s),
                                peer_tokens_per_s=per / statistics.median(peer_s)))
     return figures
