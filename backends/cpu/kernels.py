@@ -176,8 +176,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                 out[i], lse[i] = row_out.view(sq, hq, d)[..., :head_dim_v], row_lse.view(sq, hq)
             else:
                 out[i], lse[i] = _attend_fp32(q[i], seq_keys.to(_F32), softmax_scale, head_dim_v, allowed)
-    if sinks is not None:
-        out.mul_(sink_gate(lse, sinks)[..., None])
+    if sinks is not None:  # per sequence: torch's sigmoid rounds by an element's position (vectorised or
+        for i in range(b):  # not), and a sequence must come out as it does alone
+            out[i].mul_(sink_gate(lse[i], sinks)[..., None])
     return out.to(q.dtype), lse
 
 

@@ -16,8 +16,9 @@ prescribes; ``lse`` uses magnitude 1):
   garbage; writing the same tokens in the reverse order gives the same cache.
 
 Drawn inputs: tiny shapes (1..4 heads incl. 3, GQA/MQA, qk head dim != v head dim), ragged batches with
-empty sequences, lengths at and across page boundaries, speculative decode (Sq 1..3), unused block-table
-entries of -1, unused cache slots holding garbage or NaN, windows shorter than the context, per-head sinks,
+empty sequences, lengths at and across page boundaries, decode batches of equal lengths, pages shuffled
+or in order (each sequence's after the previous one's, as a model allocates them), speculative decode
+(Sq 1..3), unused block-table entries of -1, unused cache slots holding garbage or NaN, windows shorter than the context, per-head sinks,
 top-k lists with -1 padding, out-of-range entries, duplicates and all -1 rows, drawn softmax scales.
 """
 from __future__ import annotations
@@ -204,16 +205,20 @@ class MlaDecodeSuite(Suite):
         sq = data.draw(_ints(1, 3), label="Sq (new tokens per sequence)")
         bs = data.draw(_ints(1, 8), label="block_size")
         lens = []
-        for i in range(b):
+        equal = b > 1 and data.draw(BOOLS, label="equal lengths")
+        for i in range(1 if equal else b):
             n = data.draw(_ints(0, 20), label=f"seq_len {i}")
             if data.draw(BOOLS, label="snap to a page boundary"):
                 n = max(0, round(n / bs) * bs + data.draw(_pick((0, -1, 1)), label="+-1"))
             lens.append(max(n, sq) if causal and n else n)  # causal needs seq_len >= Sq (or 0)
+        lens *= b if equal else 1
         used = [-(-n // bs) for n in lens]
         max_blocks = max(used) + data.draw(_ints(0, 1), label="spare table columns")
         num_blocks = sum(used) + data.draw(_ints(0, 2), label="spare blocks")
         g = torch.Generator().manual_seed(data.draw(SEEDS, label="layout seed"))
-        free = torch.randperm(max(num_blocks, 1), generator=g)[:num_blocks].tolist()
+        in_order = data.draw(BOOLS, label="pages in order")
+        free = (torch.arange(num_blocks).flip(0) if in_order else  # popped from the end: 0, 1, 2, ...
+                torch.randperm(max(num_blocks, 1), generator=g)[:num_blocks]).tolist()
         table = torch.full((b, max_blocks), -1, dtype=torch.int32)  # unused entries: -1
         for i, u in enumerate(used):
             table[i, :u] = torch.tensor([free.pop() for _ in range(u)], dtype=torch.int32)
