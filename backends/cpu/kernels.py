@@ -11,9 +11,10 @@ accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. Wh
 * :func:`mla_prefill` / :func:`mla_decode`: PyTorch's CPU flash attention for bf16 where no mask beyond a
   plain causal one is needed (logits accumulated in fp32, online softmax, probabilities rounded to bf16
   before ``P @ V``: what ``MLA_TOLERANCE`` admits); decode attends all heads' rows in one pass over the
-  sequence's keys, a view of the cache when its pages are in order, and only the keys a window or a top-k
-  list selects (a one-token decode step then needs no mask). Other cases: fp32, per sequence, two matrix
-  products shared by all heads, masked only when something is.
+  sequence's keys, a view of the cache when its pages are in order, a batch of equal-length sequences in
+  one call (a core each), and only the keys a window or a top-k list selects (a one-token decode step
+  then needs no mask). Other cases: fp32, per sequence, two matrix products shared by all heads, masked
+  only when something is.
 * :func:`quantize_fp8`: the same fp32 operations as the reference, applied to row chunks that stay in
   cache, in place, instead of five full-size passes through memory.
 
@@ -230,7 +231,7 @@ def _batch_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, pages: List[L
     caches: each sequence's blocks follow the previous one's), else one gathered copy."""
     firsts = [ids[0] for ids in pages]
     step = firsts[1] - firsts[0]
-    blocks, block_size, d = kv_cache.shape
+    _, block_size, d = kv_cache.shape
     stride = kv_cache.stride()
     if (step >= 0 and all(first == firsts[0] + i * step for i, first in enumerate(firsts)) and
             all(_in_order(ids) for ids in pages) and stride[0] == block_size * stride[1]):
