@@ -166,14 +166,15 @@ def test_prefill_topk_selects_exactly_the_listed_keys():
 
 # --------------------------------------------------------------------------- paged layout helpers
 
-def page(keys_per_seq, block_size, dtype=torch.float32, seed=0, spare_blocks=2):
-    """Lay out each sequence's keys ``[L_b, D]`` in a paged cache with a shuffled block table. Unused
+def page(keys_per_seq, block_size, dtype=torch.float32, seed=0, spare_blocks=2, in_order=False):
+    """Lay out each sequence's keys ``[L_b, D]`` in a paged cache with a shuffled block table (``in_order``:
+    each sequence's blocks in order, after the previous sequence's, as hal.model allocates them). Unused
     cache slots hold NaN, unused block-table entries -1."""
     g = torch.Generator().manual_seed(seed)
     d = keys_per_seq[0].shape[1]
     needed = [-(-k.shape[0] // block_size) for k in keys_per_seq]
     total = sum(needed) + spare_blocks
-    order = torch.randperm(total, generator=g).tolist()
+    order = list(range(total - 1, -1, -1)) if in_order else torch.randperm(total, generator=g).tolist()
     cache = torch.full((total, block_size, d), float("nan"), dtype=dtype)
     table = torch.full((len(keys_per_seq), max(needed, default=0) + 1), -1, dtype=torch.int32)
     for b, keys in enumerate(keys_per_seq):
@@ -732,17 +733,12 @@ def test_cpu_attention_takes_strided_inputs():
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 def test_decode_over_pages_in_order_equals_scattered_and_strided_caches(dtype):
     # pages in order are read as a view of the cache (also of a cache stored blocks-second), others gathered
-    g = torch.Generator().manual_seed(4)
-    keys = torch.randn(10, 20, generator=g).to(dtype)
-    q = torch.randn(1, 1, 4, 20, generator=g).to(dtype)
-    lens = torch.tensor([10], dtype=I32)
-    in_order = torch.zeros(3, 4, 20, dtype=dtype)
-    in_order.view(-1, 20)[:10] = keys
-    scattered, table, _ = page([keys], 4, dtype=dtype)
+    q, keys, _, _ = decode_inputs(dtype, lens=(10,), sq=1, seed=4)
+    in_order, in_order_table, lens = page(keys, 4, dtype=dtype, in_order=True)
+    scattered, table, _ = page(keys, 4, dtype=dtype)
     blocks_second = in_order.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided storage
     results = [DECODE(q, cache, t, lens, softmax_scale=0.3, head_dim_v=16)
-               for cache, t in ((in_order, torch.tensor([[0, 1, 2]], dtype=I32)), (scattered, table),
-                                (blocks_second, torch.tensor([[0, 1, 2]], dtype=I32)))]
+               for cache, t in ((in_order, in_order_table), (scattered, table), (blocks_second, in_order_table))]
     assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
 
 
@@ -751,9 +747,7 @@ def test_decode_over_pages_in_order_equals_scattered_and_strided_caches(dtype):
 def test_one_token_decode_attends_exactly_the_keys_its_window_or_topk_selects(dtype):
     # the CPU kernel gathers the selected keys and attends them unmasked (a long context then costs what the
     # window or the top-k list selects): the same as attending those keys given on their own
-    g = torch.Generator().manual_seed(5)
-    keys = torch.randn(12, 20, generator=g).to(dtype)
-    q = torch.randn(1, 1, 4, 20, generator=g).to(dtype)
+    q, (keys,), _, _ = decode_inputs(dtype, lens=(12,), sq=1, seed=5)
     cache, table, lens = page([keys], 4, dtype=dtype)
     top = torch.tensor([[[9, -1, 2, 9, 30]]], dtype=I32)  # padding, a duplicate, one out of range
     for options, chosen in ((dict(window=5), range(7, 12)), (dict(window=40), range(12)),
@@ -769,17 +763,10 @@ def test_one_token_decode_attends_exactly_the_keys_its_window_or_topk_selects(dt
 def test_a_batch_of_equal_lengths_decodes_as_each_sequence_alone(pages):
     # the CPU kernel attends a batch of equal-length sequences in one flash call (one core per sequence):
     # each must come out exactly as it does alone, sinks included
-    g = torch.Generator().manual_seed(6)
-    keys = [torch.randn(10, 20, generator=g).bfloat16() for _ in range(3)]
-    q = torch.randn(3, 1, 4, 20, generator=g).bfloat16()
-    sinks = torch.randn(4, generator=g)
-    if pages == "scattered":
-        cache, table, lens = page(keys, 4, dtype=torch.bfloat16)
-    else:  # as hal.model allocates: sequence b owns blocks [3b, 3b + 3)
-        cache = torch.cat([torch.cat([k, torch.zeros(2, 20, dtype=torch.bfloat16)]) for k in keys]).view(9, 4, 20)
-        table, lens = torch.arange(9, dtype=I32).view(3, 3), torch.full((3,), 10, dtype=I32)
-        if "blocks-second" in pages:
-            cache = cache.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided storage
+    q, keys, _, sinks = decode_inputs(torch.bfloat16, lens=(10, 10, 10), sq=1, seed=6)
+    cache, table, lens = page(keys, 4, dtype=torch.bfloat16, in_order=pages != "scattered")
+    if "blocks-second" in pages:
+        cache = cache.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided storage
     for extra in ({}, {"sinks": sinks}):
         out, lse = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16, **extra)
         for b in range(3):
