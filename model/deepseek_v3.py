@@ -125,9 +125,7 @@ class Rope:
         """``x`` ``[B, S, heads, dim]``, ``positions`` ``[S]``, computed in fp32 and rounded once. Interleaved
         pairs stay interleaved (a fixed permutation of transformers' output layout, applied to queries and
         keys alike: same dot products)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [S, dim/2]
-        cos = (freqs.cos() * self.attention_factor)[None, :, None, :]
-        sin = (freqs.sin() * self.attention_factor)[None, :, None, :]
+        cos, sin = (t[None, :, None, :] for t in self._cos_sin(positions))
         xf = x.float()
         if self.interleave:
             a, b = xf[..., 0::2], xf[..., 1::2]
@@ -143,10 +141,13 @@ class Rope:
         position seen so far (doubling), so a decode step slices instead of recomputing."""
         if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype:
             n = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]))
-            freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
-            self._cos = (freqs.cos() * self.attention_factor).to(dtype)
-            self._sin = (freqs.sin() * self.attention_factor).to(dtype)
+            self._cos, self._sin = (t.to(dtype) for t in self._cos_sin(torch.arange(n)))
         return self._cos[start:end], self._sin[start:end]
+
+    def _cos_sin(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sin ``[S, dim/2]`` of ``positions`` ``[S]``, times the attention factor."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE of ``x`` ``[B, S, heads, dim]`` with :meth:`table`'s ``cos``, ``sin`` as transformers'
