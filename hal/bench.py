@@ -8,8 +8,9 @@ of the per-repetition ratios, with their spread (min and max). Absolute times ar
 * Memory-bound operators: a memory copy of the same bytes (ratio = achieved share of copy bandwidth).
 * MLA decode: its roofline, the larger of reading the latent cache once (a copy of those bytes) and its
   FLOPs at the dense fp32 GEMM rate measured in this run, with the sequence's pages in order (as
-  :mod:`hal.model` allocates them) and scattered (as a serving system's allocator leaves them); also
-  DeepSeek's "naive" decode (per-head keys and values decompressed into the cache, einsum attention).
+  :mod:`hal.model` allocates them) and scattered (as a serving system's allocator leaves them), for one
+  sequence and a batch of 4; also DeepSeek's "naive" decode (per-head keys and values decompressed into
+  the cache, einsum attention), and a top-k sparse step against a dense one over the same context.
 * Dispatch: a HAL operator call against a direct call of the implementation it reaches (a no-op, so that
   only the HAL's own time is measured); the first call of a signature and checked mode beside it.
 * The model: ``hal.model`` on a tiny random DeepSeek V3 checkpoint against transformers'
@@ -69,6 +70,7 @@ SIZES = {
 }
 
 _LATENT, _ROPE, _NOPE, _HEAD_V = 512, 64, 128, 128  # DeepSeek V3's MLA widths (kept: they set the roofline)
+_MLA_SCALE = (_NOPE + _ROPE) ** -0.5
 
 
 @dataclass
@@ -171,24 +173,28 @@ def _mla_problem(heads: int, context: int, block_size: int = 64, scattered: bool
     return q, kv_cache, block_table, seq_lens
 
 
+def _absorbed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                     **options: Any) -> Callable[[], Any]:
+    """One absorbed decode step of an :func:`_mla_problem` through the HAL."""
+    return lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, softmax_scale=_MLA_SCALE,
+                                      head_dim_v=_LATENT, **options)
+
+
 def bench_mla_sparse(size: Size, context: int) -> Figure:
     """A V3.2 / V4 top-k decode step (each query attends ``context // 8`` listed keys of ``context``) against a
     dense step over all of them: what a sparse step costs, which should follow the keys it selects."""
-    q, kv_cache, block_table, seq_lens = _mla_problem(size.heads, context, scattered=False)
+    problem = _mla_problem(size.heads, context, scattered=False)
     chosen = context // 8
     listed = torch.randperm(context, generator=torch.Generator().manual_seed(0))[:chosen]
     listed = listed.to(torch.int32).view(1, 1, chosen)
-    scale = (_NOPE + _ROPE) ** -0.5
-    common = dict(softmax_scale=scale, head_dim_v=_LATENT, causal=False)
-    op_s, dense_s = _paired(lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, topk_indices=listed,
-                                                       **common),
-                            lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, **common), size)
+    op_s, dense_s = _paired(_absorbed_decode(*problem, causal=False, topk_indices=listed),
+                            _absorbed_decode(*problem, causal=False), size)
     return _figure(f"mla_decode top-k sparse, {size.heads} heads, {chosen} of {context} keys",
                    f"dense decode over all {context} keys", op_s, dense_s, means="time / dense decode time",
                    limit_over_op=False)
 
 
-def _naive_mla_decode(heads: int, context: int, scale: float) -> Callable[[], Any]:
+def _naive_mla_decode(heads: int, context: int) -> Callable[[], Any]:
     """DeepSeek's ``attn_impl="naive"`` decode step: per-head keys ``[nope | rope]`` and values decompressed
     into the cache (bf16), scores by einsum, softmax in fp32, rounded back, einsum with the values."""
     k = _bf16(1, context, heads, _NOPE + _ROPE)
@@ -196,7 +202,7 @@ def _naive_mla_decode(heads: int, context: int, scale: float) -> Callable[[], An
     q = _bf16(1, 1, heads, _NOPE + _ROPE)
 
     def step():
-        scores = torch.einsum("bshd,bthd->bsht", q, k) * scale
+        scores = torch.einsum("bshd,bthd->bsht", q, k) * _MLA_SCALE
         return torch.einsum("bsht,bthd->bshd", scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
     return step
 
@@ -205,12 +211,10 @@ def bench_mla_decode(size: Size, context: int, dense_gflops: float, scattered: b
     """Absorbed decode of ``batch`` sequences against its roofline: the larger of reading their latent caches
     once (a copy of their bytes) and their FLOPs at this run's dense fp32 GEMM rate."""
     heads = size.heads
-    q, kv_cache, block_table, seq_lens = _mla_problem(heads, context, scattered=scattered, batch=batch)
-    scale = (_NOPE + _ROPE) ** -0.5
-    cache_bytes = batch * context * (_LATENT + _ROPE) * kv_cache.element_size()
+    problem = _mla_problem(heads, context, scattered=scattered, batch=batch)
+    cache_bytes = batch * context * (_LATENT + _ROPE) * problem[1].element_size()
     flops = 2.0 * batch * heads * context * (_LATENT + _ROPE + _LATENT)
-    op_s, copy_s = _paired(lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, softmax_scale=scale,
-                                                      head_dim_v=_LATENT), _copy_of(2 * cache_bytes), size)
+    op_s, copy_s = _paired(_absorbed_decode(*problem), _copy_of(2 * cache_bytes), size)
     compute_s = flops / (dense_gflops * 1e9)
     pages = ("scattered pages" if scattered else "pages in order") + (f", batch of {batch}" if batch > 1 else "")
     return _figure(f"mla_decode absorbed, {heads} heads, {context} keys, {pages}", "roofline: max(copy of the "
@@ -221,11 +225,8 @@ def bench_mla_decode(size: Size, context: int, dense_gflops: float, scattered: b
 
 def bench_mla_naive(size: Size, context: int) -> Figure:
     """Absorbed decode (pages in order) against DeepSeek's naive decode of the same step."""
-    q, kv_cache, block_table, seq_lens = _mla_problem(size.heads, context, scattered=False)
-    scale = (_NOPE + _ROPE) ** -0.5
-    op_s, naive_s = _paired(lambda: hal.ops.mla_decode(q, kv_cache, block_table, seq_lens, softmax_scale=scale,
-                                                       head_dim_v=_LATENT), _naive_mla_decode(size.heads, context,
-                                                                                              scale), size)
+    op_s, naive_s = _paired(_absorbed_decode(*_mla_problem(size.heads, context, scattered=False)),
+                            _naive_mla_decode(size.heads, context), size)
     return _figure(f"mla_decode absorbed vs naive, {size.heads} heads, {context} keys",
                    "DeepSeek's naive decode (decompressed per-head K/V cache, einsum)", op_s, naive_s,
                    means="speed-up over naive", target=">= 10")
@@ -451,8 +452,8 @@ def render(data: Dict[str, Any]) -> str:
     """The report as text: one line per figure, ratio first."""
     m = data["machine"]
     from hal.registry import registry
-    lines = [f"hal bench: backend {data['backend']}{registry().emulated_label(data['backend'])}, size {data['size']}, {m['cores']} cores "
-             f"({m['torch_threads']} torch threads), torch {m['torch']}",
+    lines = [f"hal bench: backend {data['backend']}{registry().emulated_label(data['backend'])}, size {data['size']}, "
+             f"{m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}",
              f"{'ratio':>8} {'min..max':>15}  {'target':>7}  {'op ms':>9} {'limit ms':>9}  figure (ratio = ...; limit)"]
 
     def line(f: Dict[str, Any]) -> str:
