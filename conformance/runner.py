@@ -101,8 +101,8 @@ def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
         meta_path.write_text(json.dumps(meta, indent=2))
         results_path.write_text("")
 
-    out.write(f"hal conformance: backend {opts.backend}{registry().emulated_label(opts.backend)}, profile {opts.profile} "
-              f"({PROFILES[opts.profile]} examples a cell), seed {opts.seed}\n")
+    out.write(f"hal conformance: backend {opts.backend}{registry().emulated_label(opts.backend)}, "
+              f"profile {opts.profile} ({PROFILES[opts.profile]} examples a cell), seed {opts.seed}\n")
     if done:
         out.write(f"resuming: {len(done)} cells already done in {opts.report_dir}\n")
 

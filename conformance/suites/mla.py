@@ -18,8 +18,9 @@ prescribes; ``lse`` uses magnitude 1):
 Drawn inputs: tiny shapes (1..4 heads incl. 3, GQA/MQA, qk head dim != v head dim), ragged batches with
 empty sequences, lengths at and across page boundaries, decode batches of equal lengths, pages shuffled
 or in order (each sequence's after the previous one's, as a model allocates them), speculative decode
-(Sq 1..3), unused block-table entries of -1, unused cache slots holding garbage or NaN, windows shorter than the context, per-head sinks,
-top-k lists with -1 padding, out-of-range entries, duplicates and all -1 rows, drawn softmax scales.
+(Sq 1..3), unused block-table entries of -1, unused cache slots holding garbage or NaN, windows shorter
+than the context, per-head sinks, top-k lists with -1 padding, out-of-range entries, duplicates and all -1
+rows, drawn softmax scales.
 """
 from __future__ import annotations
 
