@@ -142,13 +142,19 @@ def _scalar_keywords(kwargs: Dict[str, Any]) -> bool:
 
 
 def _any_call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
-    """:func:`call_key` of any call, argument by argument (each tagged with its position or keyword)."""
+    """:func:`call_key` of any call, argument by argument (each tagged with its position or keyword): a tuple
+    of tensors (e.g. a ``MoePermutation``) by its class's identity and its tensors', a plain tuple of scalars
+    by their types and values."""
     key: list = []
     for where, a in (*enumerate(args), *kwargs.items()):
         if isinstance(a, torch.Tensor):
             key += (where, _tensor_meta(a), a.is_contiguous())
         elif type(a) in _SCALAR_TYPES:
             key += (where, type(a), a)
+        elif isinstance(a, tuple) and a and all(isinstance(t, torch.Tensor) for t in a):
+            key += (where, id(type(a)), *map(_tensor_meta, a), *map(_is_contiguous, a))
+        elif type(a) is tuple and all(type(t) in _SCALAR_TYPES for t in a):  # e.g. block_shape=(128, 128)
+            key += (where, tuple, *map(type, a), a)
         else:
             return None
     return tuple(key)

@@ -306,6 +306,36 @@ def test_call_key_tells_apart_what_validation_can_see():
     assert call_key((t,), {"ids": [1, 2]}) is None and call_key(([1],), {}) is None  # validated every time
 
 
+def test_call_key_of_tuples_tells_apart_their_class_and_items():
+    from hal.dispatch import call_key
+    from hal.ops.routing import MoePermutation
+    t, i = torch.zeros(2, 3), torch.zeros(4, dtype=torch.int32)
+    perm = MoePermutation(i, i, i.view(2, 2))
+    assert call_key((t, perm), {}) == call_key((t, MoePermutation(i.clone(), i.clone(), i.clone().view(2, 2))), {})
+    others = [(t, tuple(perm)), (t, perm._replace(slot_rows=i.view(4, 1))), (t, perm._replace(group_sizes=i.long())),
+              (t, perm._replace(slot_rows=torch.zeros(2, 4, dtype=torch.int32)[:, ::2]))]
+    assert call_key((t, perm), {}) not in [call_key(a, {}) for a in others]
+    shapes = [(128,), (128, 128), (128.0,), (True,), (128, None)]
+    keys = [call_key((t,), {"block_shape": b}) for b in shapes]
+    assert len(set(keys)) == len(keys) and keys[0] == call_key((t,), {"block_shape": (128,)})
+    assert call_key((t,), {"block_shape": (128, [1])}) is None  # an item neither a tensor nor a scalar
+
+
+def test_moe_unpermute_is_validated_once_per_signature(monkeypatch, signature_path):
+    calls = []
+    op = hal.ops.moe_unpermute
+    real = op._validate
+    monkeypatch.setattr(op, "_validate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    x_sorted, perm = hal.ops.moe_permute(torch.randn(2, 8), ids, 4)
+    weights = torch.rand(2, 2)
+    for _ in range(3):
+        hal.ops.moe_unpermute(x_sorted, weights, perm)
+    assert len(calls) == 1
+    with pytest.raises(hal.InvalidArgumentError, match="'weights'"):  # other shapes: validated again
+        hal.ops.moe_unpermute(x_sorted, torch.rand(2, 3), perm)
+
+
 def _inputs():
     return torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([1, 3])
 

@@ -154,7 +154,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     fast = _cpu_bf16_attention(q)
     lengths = seq_lens.tolist()
     pages = [_sequence_pages(kv_cache, block_table[i], n, sq, causal) for i, n in enumerate(lengths)]
-    if fast and not masked and b > 1 and lengths[0] > 0 and lengths.count(lengths[0]) == b:
+    if fast and not masked and lengths[0] > 0 and lengths.count(lengths[0]) == b:
         # equal lengths (hal.model's batches): one flash call, which spreads the sequences over the cores
         keys = _batch_keys(kv_cache, block_table, pages, lengths[0])
         out, lse = _flash_rows(q.reshape(b, sq * hq, d), keys, softmax_scale)
@@ -230,7 +230,7 @@ def _batch_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, pages: List[L
     cache when each sequence's blocks are in order and the sequences lie at equal distances (hal.model's
     caches: each sequence's blocks follow the previous one's), else one gathered copy."""
     firsts = [ids[0] for ids in pages]
-    step = firsts[1] - firsts[0]
+    step = firsts[1] - firsts[0] if len(firsts) > 1 else 0
     _, block_size, d = kv_cache.shape
     stride = kv_cache.stride()
     if (step >= 0 and all(first == firsts[0] + i * step for i, first in enumerate(firsts)) and

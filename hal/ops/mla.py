@@ -32,6 +32,7 @@ import torch
 
 from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
     contract, dtype_name, result
+from hal.errors import InvalidArgumentError
 
 __all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
            "gather_paged_keys", "sink_gate", "check_sequence_pages", "check_cu_seqlens", "used_blocks"]
@@ -364,8 +365,11 @@ def check_sequence_pages(length: int, used_ids: List[int], max_blocks: int, kv_c
     check(0 <= length <= capacity, op, "seq_lens", f"lengths in [0, max_blocks * block_size = {capacity}]", length)
     check(not causal or length == 0 or length >= sq, op, "seq_lens",
           f"lengths >= Sq = {sq} (the new tokens are in the cache) or 0, when causal", length)
-    bad = sorted({i for i in used_ids if not 0 <= i < kv_cache.shape[0]})
-    check(not bad, op, "block_table", f"used block ids in [0, num_blocks = {kv_cache.shape[0]})", f"ids {bad[:8]}")
+    num_blocks = kv_cache.shape[0]
+    if used_ids and not (0 <= min(used_ids) and max(used_ids) < num_blocks):  # the ids listed only on failure
+        bad = sorted({i for i in used_ids if not 0 <= i < num_blocks})
+        raise InvalidArgumentError(op, "block_table", f"used block ids in [0, num_blocks = {num_blocks})",
+                                   f"ids {bad[:8]}")
 
 
 def gather_paged_keys(kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -432,12 +436,13 @@ def _paged_cache_write_values(kv_cache, kv, slot_mapping):
     if not slot_mapping.numel():
         return
     capacity = kv_cache.shape[0] * kv_cache.shape[1]
-    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+    lo, hi = (int(v) for v in torch.aminmax(slot_mapping))
     check(lo >= -1 and hi < capacity, op, "slot_mapping",
           f"slots in [-1, num_blocks * block_size = {capacity})", f"values in [{lo}, {hi}]")
-    slots = slot_mapping[slot_mapping >= 0]
-    check(torch.unique(slots).numel() == slots.numel(), op, "slot_mapping", "distinct slots (-1 aside)",
-          "a slot written twice")
+    if slot_mapping.numel() > 1:  # one slot (a decode step) is distinct by itself
+        slots = slot_mapping[slot_mapping >= 0]
+        check(torch.unique(slots).numel() == slots.numel(), op, "slot_mapping", "distinct slots (-1 aside)",
+              "a slot written twice")
 
 
 @paged_cache_write.reference
