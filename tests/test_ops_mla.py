@@ -730,6 +730,31 @@ def test_cpu_attention_takes_strided_inputs():
 
 
 @pytest.mark.usefixtures("cpu_paths")
+@pytest.mark.parametrize("hk", (1, 2, 4))
+@pytest.mark.parametrize("folded_rows", (1, 12, 4096))
+def test_masked_prefill_in_chunks_of_queries_is_within_tolerance(monkeypatch, hk, folded_rows):
+    # windows, top-k lists, bottom-right causal masks and fewer kv heads than query heads: the CPU kernel
+    # attends chunks of queries (query heads of a kv head folded into rows), each over the keys some query of
+    # the chunk attends, the others masked; a query attending nothing gets out 0 and lse -inf
+    from hal.backends.cpu import kernels
+    monkeypatch.setattr(kernels, "_FOLDED_ROWS", folded_rows)
+    q, k, v, cu_q, cu_k, idx, sinks = prefill_inputs(torch.bfloat16, lens_q=(20, 5), lens_k=(26, 5), hq=4, hk=hk,
+                                                     dqk=24, dv=16, topk=6, seed=13)
+    idx[3] = -1  # attends nothing
+    for kw in (dict(causal=True), dict(window=5, sinks=sinks), dict(causal=False, topk_indices=idx, sinks=sinks),
+               dict(window=3, topk_indices=idx)):
+        kw = dict(softmax_scale=24 ** -0.5, **kw)
+        out, lse = PREFILL(q, k, v, cu_q, cu_k, **kw)
+        exact_out, exact_lse = PREFILL.reference_impl(q, k, v, cu_q, cu_k, compute_dtype=F64, **kw)
+        n = hal.ops.mla.attention_error_n(q, k, softmax_scale=kw["softmax_scale"], num_keys=26)
+        assert_within(out, exact_out, TOL["bfloat16"], n=n, magnitude=magnitude_prefill(q, k, v, cu_q, cu_k, **kw),
+                      what="out")
+        assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
+        if "topk_indices" in kw:
+            assert torch.equal(out[3], torch.zeros_like(out[3])) and bool((lse[3] == float("-inf")).all())
+
+
+@pytest.mark.usefixtures("cpu_paths")
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 def test_decode_over_pages_in_order_equals_scattered_and_strided_caches(dtype):
     # pages in order are read as a view of the cache (also of a cache stored blocks-second), others gathered

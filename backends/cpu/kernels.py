@@ -8,13 +8,15 @@ accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. Wh
 * :func:`grouped_gemm`: per expert, one GEMM into a slice of the output; bf16 operands stay bf16 (oneDNN,
   fp32 accumulation, one rounding), other float operands are converted per expert (no fp32 copy of the
   whole weight tensor); experts without rows are skipped.
-* :func:`mla_prefill` / :func:`mla_decode`: PyTorch's CPU flash attention for bf16 where no mask beyond a
-  plain causal one is needed (logits accumulated in fp32, online softmax, probabilities rounded to bf16
-  before ``P @ V``: what ``MLA_TOLERANCE`` admits); decode attends all heads' rows in one pass over the
-  sequence's keys, a view of the cache when its pages are in order, a batch of equal-length sequences in
-  one call (a core each), and only the keys a window or a top-k list selects (a one-token decode step
-  then needs no mask). Other cases: fp32, per sequence, two matrix products shared by all heads, masked
-  only when something is.
+* :func:`mla_prefill` / :func:`mla_decode`: PyTorch's CPU flash attention for bf16 (logits accumulated in
+  fp32, online softmax, probabilities rounded to bf16 before ``P @ V``: what ``MLA_TOLERANCE`` admits).
+  Prefill is one call per sequence where no mask beyond a plain causal one is needed; with windows, top-k
+  lists (V3.2 / V4), a bottom-right causal mask or fewer kv heads than query heads, it takes chunks of
+  queries, each over only the keys some query of the chunk attends, with the rest masked. Decode attends
+  all heads' rows in one pass over the sequence's keys, a view of the cache when its pages are in order, a
+  batch of equal-length sequences in one call (a core each), and only the keys a window or a top-k list
+  selects (a one-token decode step then needs no mask). Other cases: fp32, per sequence, two matrix
+  products shared by all heads, masked only when something is.
 * :func:`quantize_fp8`: the same fp32 operations as the reference, applied to row chunks that stay in
   cache, in place, instead of five full-size passes through memory.
 
@@ -116,32 +118,81 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
     check_cu_seqlens("cu_seqlens_q", starts_q, q.shape[0])  # read anyway: bad offsets would slice silently
     starts_k = starts_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
     check_cu_seqlens("cu_seqlens_k", starts_k, k.shape[0])
-    tq, hq, d = q.shape
-    dv = v.shape[2]
-    # PyTorch's flash kernel takes one head dim (the narrower of q/k and v is zero-padded: exact), as many kv
-    # heads as query heads, and a top-left causal mask, which is the contract's bottom-right one when every
-    # sequence has as many keys as queries; windows and top-k lists need masks.
-    flash = _cpu_bf16_attention(q) and k.shape[1] == hq and window is None and topk_indices is None and \
-        (not causal or starts_q == starts_k)
-    if not flash:
+    if not _cpu_bf16_attention(q):
         return _mla_prefill_op.reference_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
                                               causal=causal, sinks=sinks, window=window,
                                               topk_indices=topk_indices, compute_dtype=_F32)
+    tq, hq, d = q.shape
+    dv = v.shape[2]
+    # PyTorch's flash kernel takes one head dim (the narrower of q/k and v is zero-padded: exact), and a
+    # top-left causal mask, which is the contract's bottom-right one when every sequence has as many keys as
+    # queries; with as many kv heads as query heads and no other mask, a sequence is one flash call.
+    plain = k.shape[1] == hq and window is None and topk_indices is None and (not causal or starts_q == starts_k)
     width = max(d, dv)
-    q, k, v = (_unit_stride(t if t.shape[2] == width else torch.nn.functional.pad(t, (0, width - t.shape[2])))
-               for t in (q, k, v))
+    shared = v is k  # MLA's latent keys are also its values: widened and gathered once
+    q, k = _widened(q, width), _widened(k, width)
+    v = k if shared else _widened(v, width)
     out = q.new_zeros((tq, hq, dv))
     lse = q.new_full((tq, hq), float("-inf"), dtype=_F32)
     for q0, q1, k0, k1 in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
         if q1 == q0 or k1 == k0:  # no query, or no key to attend: out 0, lse -inf
             continue
-        seq_out, seq_lse = _flash_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
-                                            v[k0:k1].transpose(0, 1)[None], 0.0, causal, attn_mask=None,
-                                            scale=softmax_scale)
-        seq_out, seq_lse = seq_out[0, :, :, :dv].transpose(0, 1), seq_lse[0].t()  # [lq, Hq, Dv], [lq, Hq]
+        if plain:
+            seq_out, seq_lse = _flash_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                                                v[k0:k1].transpose(0, 1)[None], 0.0, causal, attn_mask=None,
+                                                scale=softmax_scale)
+            seq_out, seq_lse = seq_out[0, :, :, :dv].transpose(0, 1), seq_lse[0].t()  # [lq, Hq, Dv], [lq, Hq]
+        else:
+            seq_out, seq_lse = _masked_prefill(q[q0:q1], k[k0:k1], v[k0:k1], dv, softmax_scale, causal, window,
+                                               None if topk_indices is None else topk_indices[q0:q1])
         if sinks is not None:
             seq_out = seq_out * sink_gate(seq_lse, sinks)[..., None]
         out[q0:q1], lse[q0:q1] = seq_out, seq_lse
+    return out, lse
+
+
+_FOLDED_ROWS = 512  # query rows (queries x heads of a kv head) per masked flash call: bounds its mask
+
+
+def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dv: int, softmax_scale: float,
+                    causal: bool, window: Optional[int],
+                    topk: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's attention where rows attend different keys (a window, a top-k list, a causal mask the
+    flash kernel cannot express, or fewer kv heads than query heads): queries in chunks, each over only the
+    keys some query of the chunk attends, with the rest masked. The query heads of a kv head are folded into
+    rows, so the keys are read once per kv head. q ``[lq, Hq, W]``, k / v ``[lk, Hk, W]`` (``W`` padded) ->
+    out ``[lq, Hq, dv]``, lse ``[lq, Hq]``."""
+    lq, hq, width = q.shape
+    lk, hk = k.shape[:2]
+    group = hq // hk
+    out = q.new_zeros((lq, hq, dv))
+    lse = q.new_full((lq, hq), float("-inf"), dtype=_F32)
+    num_keys = torch.tensor([lk], device=q.device)
+    step = max(1, _FOLDED_ROWS // group)
+    for c0 in range(0, lq, step):
+        c1 = min(lq, c0 + step)
+        allowed = attended_keys(num_keys, c1 - c0, lk, causal, window, None if topk is None else topk[None, c0:c1],
+                                first=c0, total=lq)[0]
+        columns, allowed = _attended_columns(allowed)
+        keys, values = k, v
+        if columns is not None:
+            keys = k.index_select(0, columns)
+            values = keys if v is k else v.index_select(0, columns)
+        if keys.shape[0] == 0:  # no query of the chunk attends anything
+            continue
+        mask = None
+        if allowed is not None:  # rows folded query-major: row i * group + j is query i's head j of the group
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+            mask = mask.repeat_interleave(group, dim=0)[None, None]
+        rows = q[c0:c1].view(c1 - c0, hk, group, width).transpose(0, 1).reshape(1, hk, (c1 - c0) * group, width)
+        o, s = _flash_attention(rows, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], 0.0, False,
+                                attn_mask=mask, scale=softmax_scale)
+        o = o[0, :, :, :dv].reshape(hk, c1 - c0, group, dv).transpose(0, 1).reshape(c1 - c0, hq, dv)
+        s = s[0].view(hk, c1 - c0, group).transpose(0, 1).reshape(c1 - c0, hq)
+        if allowed is not None:
+            empty = ~allowed.any(dim=1)  # queries that attend nothing: out 0, lse -inf
+            o[empty], s[empty] = 0, float("-inf")
+        out[c0:c1], lse[c0:c1] = o, s
     return out, lse
 
 
@@ -169,7 +220,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
             if masked and lengths[i]:
                 allowed = attended_keys(seq_lens[i:i + 1], sq, lengths[i], causal, window,
                                         None if topk_indices is None else topk_indices[i:i + 1])[0]
-                seq_keys, allowed = _attended_only(seq_keys, allowed)
+                columns, allowed = _attended_columns(allowed)
+                seq_keys = seq_keys if columns is None else seq_keys.index_select(0, columns)
             if seq_keys.shape[0] == 0:  # nothing attended: out 0, lse -inf (a sink keeps out at 0)
                 continue
             if fast and allowed is None:  # every query row attends every key: one pass for all heads' rows
@@ -192,14 +244,16 @@ def _flash_rows(rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float) ->
     return out[:, 0], lse[:, 0]
 
 
-def _attended_only(keys: torch.Tensor, allowed: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The keys some query row attends, and ``allowed`` over them (``None`` when every row attends all of
-    them): a window or a top-k list then costs what it selects, not the whole context."""
+def _attended_columns(allowed: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The key positions some query row of ``allowed`` ``[rows, keys]`` attends (``None``: all of them) and
+    ``allowed`` over those (``None`` when every row attends all of them): a window or a top-k list then costs
+    what it selects, not the whole context, and a one-token decode step needs no mask."""
     used = allowed.any(dim=0)
+    columns = None
     if not bool(used.all()):
         columns = used.nonzero().squeeze(1)
-        keys, allowed = keys.index_select(0, columns), allowed[:, columns]
-    return keys, None if bool(allowed.all()) else allowed
+        allowed = allowed[:, columns]
+    return columns, None if bool(allowed.all()) else allowed
 
 
 def _sequence_pages(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, sq: int,
@@ -254,6 +308,11 @@ def _attend_fp32(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float, head
     row_lse = torch.logsumexp(logits, dim=-1)  # [Sq, Hq]; -inf where nothing is attended
     probs = torch.exp(logits.sub_(row_lse.masked_fill(row_lse == float("-inf"), 0.0)[..., None]))
     return torch.mm(probs.view(sq * hq, length), keys[:, :head_dim_v]).view(sq, hq, head_dim_v), row_lse
+
+
+def _widened(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` ``[..., D]`` zero-padded to ``width`` dims, with a unit last stride."""
+    return _unit_stride(t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1])))
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:

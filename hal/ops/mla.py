@@ -124,14 +124,17 @@ def _features(dtype: torch.dtype, causal: bool, sinks: Optional[torch.Tensor], w
 
 
 def attended_keys(num_keys: torch.Tensor, sq: int, length: int, causal: bool, window: Optional[int],
-             topk_indices: Optional[torch.Tensor]) -> torch.Tensor:
+                  topk_indices: Optional[torch.Tensor], *, first: int = 0,
+                  total: Optional[int] = None) -> torch.Tensor:
     """Boolean ``[N, sq, length]``: which key position each query attends. Row ``n`` has ``num_keys[n]``
-    keys (positions past it are padding), its queries are its last ``sq`` positions."""
+    keys (positions past it are padding), its queries are its last ``sq`` positions; or, given ``total``,
+    queries ``first .. first + sq - 1`` of its last ``total`` positions (a chunk of them)."""
     device = num_keys.device
     lk = num_keys.to(torch.int64)
     pos = torch.arange(length, device=device)
     allowed = (pos[None, None, :] < lk[:, None, None]).expand(lk.shape[0], sq, length)
-    last = lk[:, None] - sq + torch.arange(sq, device=device)[None, :]  # newest key each query may see
+    rows = torch.arange(first, first + sq, device=device)
+    last = lk[:, None] - (sq if total is None else total) + rows[None, :]  # newest key each query may see
     if causal:
         allowed = allowed & (pos[None, None, :] <= last[..., None])
     if window is not None:
