@@ -274,7 +274,9 @@ def _sequence_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, ids: List[in
     they are in order (as :class:`hal.model` allocates them), else a gathered copy."""
     if not ids:
         return kv_cache.new_empty(0, kv_cache.shape[2])
-    pages = kv_cache[ids[0]:ids[0] + len(ids)] if _in_order(ids) else kv_cache.index_select(0, block_ids[:len(ids)])
+    if not _in_order(ids):
+        return _gathered_keys(kv_cache, block_ids[None, :len(ids)], length)[0]
+    pages = kv_cache[ids[0]:ids[0] + len(ids)]
     return pages.reshape(-1, kv_cache.shape[2])[:length]  # a view unless the cache itself is strided
 
 
@@ -291,8 +293,20 @@ def _batch_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, pages: List[L
             all(_in_order(ids) for ids in pages) and stride[0] == block_size * stride[1]):
         return kv_cache.as_strided((len(pages), length, d), (step * stride[0], stride[1], stride[2]),
                                    kv_cache.storage_offset() + firsts[0] * stride[0])
-    used = block_table[:, :len(pages[0])].reshape(-1)
-    return kv_cache.index_select(0, used).view(len(pages), -1, d)[:, :length]
+    return _gathered_keys(kv_cache, block_table[:, :len(pages[0])], length)
+
+
+def _gathered_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` keys ``[B, length, D]`` of sequences whose used blocks are the rows of ``block_ids``
+    ``[B, n]``, copied: slot by slot where the cache's slots are the rows of one matrix (the copy is then
+    split over the cores), else block by block."""
+    _, block_size, d = kv_cache.shape
+    b = block_ids.shape[0]
+    if kv_cache.stride(0) == block_size * kv_cache.stride(1):
+        offsets = torch.arange(block_size, device=kv_cache.device)
+        slots = (block_ids.long()[..., None] * block_size + offsets).flatten(1)[:, :length]
+        return kv_cache.flatten(0, 1).index_select(0, slots.reshape(-1)).view(b, length, d)
+    return kv_cache.index_select(0, block_ids.reshape(-1)).view(b, -1, d)[:, :length]
 
 
 def _attend_fp32(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float, head_dim_v: int,
