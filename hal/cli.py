@@ -143,12 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time each operator on DeepSeek-shaped problems and print it as a ratio to its "
                                    "limit on this machine (dense fp32 GEMM of equal FLOPs, memory copy of equal "
                                    "bytes, a direct call), median and spread over repetitions; and the tiny V3 "
-                                   "model against transformers when it is installed. See docs/performance.md.")
+                                   "and V4 models against transformers when it is installed. See "
+                                   "docs/performance.md.")
     p.add_argument("--backend", default="cpu", help="backend to measure (default: cpu)")
     p.add_argument("--size", default="default", choices=["default", "tiny"],
                    help="problem sizes: default (minutes on 2 cores) or tiny (seconds, for CI)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    p.add_argument("--no-model", action="store_true", help="operators only, skip the end-to-end model")
+    p.add_argument("--no-model", action="store_true", help="operators only, skip the end-to-end models")
     p.set_defaults(func=_bench)
     return parser
 

@@ -114,13 +114,15 @@ _KNOWN_LIMIT = 4096  # signatures kept per route (prefill shapes vary with the p
 _GUARDED_LIMIT = 8   # guarded signatures per route: a decode step alternates a few shapes per operator
 _REGUARD_EVERY = 16  # a signature recognised without a guard gets one back on every 16th such call
 _tensor_meta = operator.attrgetter("dtype", "shape", "device")
+_keyed_classes: Dict[int, type] = {}  # the classes of the tuples call keys name by identity
 _is_contiguous = torch.Tensor.is_contiguous
 
 
 def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
     """What a contract's checks can see of a call outside checked mode: each tensor's dtype, shape, device
-    and contiguity, the type and value of every other argument (``None``, numbers, strings, dtypes), and
-    the keywords used; ``None`` (validate every time) when an argument is none of these."""
+    and contiguity, the type and value of every other argument (``None``, numbers, strings, dtypes), tuples
+    of either item by item (a tuple of tensors with its class), and the keywords used; ``None`` (validate
+    every time) when an argument is none of these."""
     try:  # tensors as positional arguments, scalars as keywords: the common call, read in C loops
         key = (*map(_tensor_meta, args), *map(_is_contiguous, args))
     except (AttributeError, TypeError):
@@ -152,6 +154,7 @@ def _any_call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Has
         elif type(a) in _SCALAR_TYPES:
             key += (where, type(a), a)
         elif isinstance(a, tuple) and a and all(isinstance(t, torch.Tensor) for t in a):
+            _keyed_classes.setdefault(id(type(a)), type(a))  # kept alive: its id is never another class's
             key += (where, id(type(a)), *map(_tensor_meta, a), *map(_is_contiguous, a))
         elif type(a) is tuple and all(type(t) in _SCALAR_TYPES for t in a):  # e.g. block_shape=(128, 128)
             key += (where, tuple, *map(type, a), a)

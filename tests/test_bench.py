@@ -49,7 +49,8 @@ def test_bench_skips_what_the_backend_does_not_serve_and_says_why(tmp_path):
 def test_bench_model_compares_tiny_v3_and_v4_with_transformers():
     pytest.importorskip("transformers")
     from hal.bench import SIZES, bench_model
-    for arch, name, targets in (("deepseek_v3", "tiny V3", [">= 3", ">= 10"]), ("deepseek_v4", "tiny V4", [None, None])):
+    for arch, name, targets in (("deepseek_v3", "tiny V3", [">= 3", ">= 10"]),
+                                ("deepseek_v4", "tiny V4", [None, None])):
         notes = []
         figures = bench_model(SIZES["tiny"], "cpu", notes, arch)
         assert [f.name for f in figures] == [f"{name} prefill at 32 context", f"{name} decode at 32 context"]
@@ -62,3 +63,17 @@ def test_bench_model_compares_tiny_v3_and_v4_with_transformers():
             assert f.extra["identical_greedy_tokens"] or len(f.extra["first_difference"]) == 4
             assert f.extra["tokens_per_s"] > 0 and f.extra["peer_tokens_per_s"] > 0
         assert not notes
+
+
+def test_bench_model_without_the_architecture_in_transformers_says_so(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from hal.bench import SIZES, bench_model
+
+    def unknown(*args, **kwargs):
+        raise ValueError("model type `deepseek_v4` is not recognised")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unknown)
+    notes = []
+    figures = bench_model(SIZES["tiny"], "cpu", notes, "deepseek_v4")
+    assert [f.name for f in figures] == [f"tiny V4 {phase} tokens/s at 32 context" for phase in ("prefill", "decode")]
+    assert all(f.ratio > 0 and f.limit == "(no peer measured)" for f in figures)
+    assert len(notes) == 1 and "cannot load the tiny V4 checkpoint" in notes[0] and "not recognised" in notes[0]

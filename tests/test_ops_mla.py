@@ -752,6 +752,8 @@ def test_masked_prefill_in_chunks_of_queries_is_within_tolerance(monkeypatch, hk
         assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
         if "topk_indices" in kw:
             assert torch.equal(out[3], torch.zeros_like(out[3])) and bool((lse[3] == float("-inf")).all())
+        shared = PREFILL(q, k, k, cu_q, cu_k, **kw)  # MLA's keys are its values: the same as an equal copy
+        assert all(torch.equal(a, b) for a, b in zip(shared, PREFILL(q, k, k.clone(), cu_q, cu_k, **kw)))
 
 
 @pytest.mark.usefixtures("cpu_paths")

@@ -336,6 +336,32 @@ def test_moe_unpermute_is_validated_once_per_signature(monkeypatch, signature_pa
         hal.ops.moe_unpermute(x_sorted, torch.rand(2, 3), perm)
 
 
+def test_a_class_keyed_by_identity_never_lends_its_id_to_another(signature_path):
+    # a call key names a tuple's class by its id: once a call is known, a class created later in the place
+    # of a collected one must not pass for it (its calls must be validated, and refused)
+    import collections
+    import gc
+
+    from hal.ops.routing import MoePermutation
+    ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+    x_sorted, perm = hal.ops.moe_permute(torch.randn(2, 8), ids, 4)
+
+    def subclass():
+        class Sub(MoePermutation):
+            __slots__ = ()
+        return Sub
+    sub = subclass()
+    hal.ops.moe_unpermute(x_sorted, torch.rand(2, 2), sub(*perm))
+    old = id(sub)
+    del sub
+    gc.collect()
+    for _ in range(100):
+        other = collections.namedtuple("Other", "group_sizes sorted_slots slot_rows")
+        assert id(other) != old
+        with pytest.raises(hal.InvalidArgumentError, match="'permutation'"):
+            hal.ops.moe_unpermute(x_sorted, torch.rand(2, 2), other(*perm))
+
+
 def _inputs():
     return torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([1, 3])
 

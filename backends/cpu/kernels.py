@@ -143,7 +143,8 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                                                 scale=softmax_scale)
             seq_out, seq_lse = seq_out[0, :, :, :dv].transpose(0, 1), seq_lse[0].t()  # [lq, Hq, Dv], [lq, Hq]
         else:
-            seq_out, seq_lse = _masked_prefill(q[q0:q1], k[k0:k1], v[k0:k1], dv, softmax_scale, causal, window,
+            seq_out, seq_lse = _masked_prefill(q[q0:q1], k[k0:k1], None if shared else v[k0:k1], dv,
+                                               softmax_scale, causal, window,
                                                None if topk_indices is None else topk_indices[q0:q1])
         if sinks is not None:
             seq_out = seq_out * sink_gate(seq_lse, sinks)[..., None]
@@ -151,17 +152,19 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
     return out, lse
 
 
-_FOLDED_ROWS = 512  # query rows (queries x heads of a kv head) per masked flash call: bounds its mask
+# query rows (queries x the query heads of a kv head) per masked flash call; its mask is these rows x the
+# keys some of them attend
+_FOLDED_ROWS = 512
 
 
-def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dv: int, softmax_scale: float,
+def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], dv: int, softmax_scale: float,
                     causal: bool, window: Optional[int],
                     topk: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """One sequence's attention where rows attend different keys (a window, a top-k list, a causal mask the
     flash kernel cannot express, or fewer kv heads than query heads): queries in chunks, each over only the
     keys some query of the chunk attends, with the rest masked. The query heads of a kv head are folded into
-    rows, so the keys are read once per kv head. q ``[lq, Hq, W]``, k / v ``[lk, Hk, W]`` (``W`` padded) ->
-    out ``[lq, Hq, dv]``, lse ``[lq, Hq]``."""
+    rows, so the keys are read once per kv head. q ``[lq, Hq, W]``, k / v ``[lk, Hk, W]`` (``W`` padded; v
+    ``None`` when the keys are the values) -> out ``[lq, Hq, dv]``, lse ``[lq, Hq]``."""
     lq, hq, width = q.shape
     lk, hk = k.shape[:2]
     group = hq // hk
@@ -173,13 +176,10 @@ def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dv: int, 
         c1 = min(lq, c0 + step)
         allowed = attended_keys(num_keys, c1 - c0, lk, causal, window, None if topk is None else topk[None, c0:c1],
                                 first=c0, total=lq)[0]
-        columns, allowed = _attended_columns(allowed)
-        keys, values = k, v
-        if columns is not None:
-            keys = k.index_select(0, columns)
-            values = keys if v is k else v.index_select(0, columns)
+        allowed, keys, values = _attended_only(allowed, k, v)
         if keys.shape[0] == 0:  # no query of the chunk attends anything
             continue
+        values = keys if values is None else values
         mask = None
         if allowed is not None:  # rows folded query-major: row i * group + j is query i's head j of the group
             mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
@@ -206,7 +206,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     lengths = seq_lens.tolist()
     pages = [_sequence_pages(kv_cache, block_table[i], n, sq, causal) for i, n in enumerate(lengths)]
     if fast and not masked and lengths[0] > 0 and lengths.count(lengths[0]) == b:
-        # equal lengths (hal.model's batches): one flash call, which spreads the sequences over the cores
+        # one sequence, or equal lengths (hal.model's batches): one flash call, a core per sequence
         keys = _batch_keys(kv_cache, block_table, pages, lengths[0])
         out, lse = _flash_rows(q.reshape(b, sq * hq, d), keys, softmax_scale)
         out, lse = out.view(b, sq, hq, d)[..., :head_dim_v].contiguous(), lse.view(b, sq, hq)
@@ -220,8 +220,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
             if masked and lengths[i]:
                 allowed = attended_keys(seq_lens[i:i + 1], sq, lengths[i], causal, window,
                                         None if topk_indices is None else topk_indices[i:i + 1])[0]
-                columns, allowed = _attended_columns(allowed)
-                seq_keys = seq_keys if columns is None else seq_keys.index_select(0, columns)
+                allowed, seq_keys, _ = _attended_only(allowed, seq_keys)
             if seq_keys.shape[0] == 0:  # nothing attended: out 0, lse -inf (a sink keeps out at 0)
                 continue
             if fast and allowed is None:  # every query row attends every key: one pass for all heads' rows
@@ -244,16 +243,18 @@ def _flash_rows(rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float) ->
     return out[:, 0], lse[:, 0]
 
 
-def _attended_columns(allowed: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The key positions some query row of ``allowed`` ``[rows, keys]`` attends (``None``: all of them) and
-    ``allowed`` over those (``None`` when every row attends all of them): a window or a top-k list then costs
-    what it selects, not the whole context, and a one-token decode step needs no mask."""
+def _attended_only(allowed: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor] = None
+                   ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """``allowed`` ``[rows, L]``, ``keys`` ``[L, ...]`` and ``values`` (``None``: the keys are the values) cut to
+    the positions some row attends, and ``allowed`` ``None`` when every row then attends all of them: a
+    window or a top-k list costs what it selects, not the whole context, and a one-token step needs no
+    mask."""
     used = allowed.any(dim=0)
-    columns = None
     if not bool(used.all()):
         columns = used.nonzero().squeeze(1)
-        allowed = allowed[:, columns]
-    return columns, None if bool(allowed.all()) else allowed
+        allowed, keys = allowed[:, columns], keys.index_select(0, columns)
+        values = None if values is None else values.index_select(0, columns)
+    return (None if bool(allowed.all()) else allowed), keys, values
 
 
 def _sequence_pages(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, sq: int,

@@ -127,14 +127,14 @@ def attended_keys(num_keys: torch.Tensor, sq: int, length: int, causal: bool, wi
                   topk_indices: Optional[torch.Tensor], *, first: int = 0,
                   total: Optional[int] = None) -> torch.Tensor:
     """Boolean ``[N, sq, length]``: which key position each query attends. Row ``n`` has ``num_keys[n]``
-    keys (positions past it are padding), its queries are its last ``sq`` positions; or, given ``total``,
-    queries ``first .. first + sq - 1`` of its last ``total`` positions (a chunk of them)."""
+    keys (positions past it are padding), and ``total`` queries (default ``first + sq``), its last
+    ``total`` positions, of which these are queries ``first .. first + sq - 1`` (all of them by default)."""
     device = num_keys.device
     lk = num_keys.to(torch.int64)
     pos = torch.arange(length, device=device)
     allowed = (pos[None, None, :] < lk[:, None, None]).expand(lk.shape[0], sq, length)
     rows = torch.arange(first, first + sq, device=device)
-    last = lk[:, None] - (sq if total is None else total) + rows[None, :]  # newest key each query may see
+    last = lk[:, None] - (first + sq if total is None else total) + rows[None, :]  # newest key each may see
     if causal:
         allowed = allowed & (pos[None, None, :] <= last[..., None])
     if window is not None:
