@@ -757,6 +757,15 @@ def test_masked_prefill_in_chunks_of_queries_is_within_tolerance(monkeypatch, hk
 
 
 @pytest.mark.usefixtures("cpu_paths")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_empty_batch_decodes_to_empty_outputs(dtype):
+    q, cache = torch.randn(0, 1, 4, 20).to(dtype), torch.randn(3, 4, 20).to(dtype)
+    table, lens = torch.zeros(0, 2, dtype=I32), torch.zeros(0, dtype=I32)
+    out, lse = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16)
+    assert out.shape == (0, 1, 4, 16) and out.dtype == dtype and lse.shape == (0, 1, 4)
+
+
+@pytest.mark.usefixtures("cpu_paths")
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 def test_decode_over_pages_in_order_equals_scattered_and_strided_caches(dtype):
     # pages in order are read as a view of the cache (also of a cache stored blocks-second), others gathered

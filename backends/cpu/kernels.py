@@ -204,12 +204,12 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     masked = causal and sq > 1 or window is not None or topk_indices is not None
     fast = _cpu_bf16_attention(q)
     lengths = seq_lens.tolist()
-    pages = [_sequence_pages(kv_cache, block_table[i], n, sq, causal) for i, n in enumerate(lengths)]
-    if fast and not masked and lengths[0] > 0 and lengths.count(lengths[0]) == b:
+    pages = _used_pages(kv_cache, block_table, lengths, sq, causal)
+    if fast and not masked and b and lengths[0] > 0 and lengths.count(lengths[0]) == b:
         # one sequence, or equal lengths (hal.model's batches): one flash call, a core per sequence
         keys = _batch_keys(kv_cache, block_table, pages, lengths[0])
         out, lse = _flash_rows(q.reshape(b, sq * hq, d), keys, softmax_scale)
-        out, lse = out.view(b, sq, hq, d)[..., :head_dim_v].contiguous(), lse.view(b, sq, hq)
+        out, lse = out[..., :head_dim_v].reshape(b, sq, hq, head_dim_v), lse.view(b, sq, hq)
     else:
         keys = [_sequence_keys(kv_cache, block_table[i], ids, n) for i, (ids, n) in enumerate(zip(pages, lengths))]
         # bf16 rows straight from the flash kernel when every sequence takes it; fp32 (rounded once) otherwise
@@ -257,13 +257,16 @@ def _attended_only(allowed: torch.Tensor, keys: torch.Tensor, values: Optional[t
     return (None if bool(allowed.all()) else allowed), keys, values
 
 
-def _sequence_pages(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, sq: int,
-                    causal: bool) -> List[int]:
-    """The ids of the blocks holding a sequence's first ``length`` keys, checked (read anyway: bad ones would
-    go unseen)."""
-    ids = block_ids[:used_blocks(length, kv_cache.shape[1])].tolist()
-    check_sequence_pages(length, ids, block_ids.shape[0], kv_cache, sq, causal)
-    return ids
+def _used_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: List[int], sq: int,
+               causal: bool) -> List[List[int]]:
+    """The ids of the blocks holding each sequence's first ``lengths[b]`` keys (one read of the block table),
+    checked (read anyway: bad ones would go unseen)."""
+    block_size = kv_cache.shape[1]
+    table = block_table[:, :used_blocks(max(lengths, default=0), block_size)].tolist()
+    pages = [ids[:used_blocks(n, block_size)] for ids, n in zip(table, lengths)]
+    for ids, n in zip(pages, lengths):
+        check_sequence_pages(n, ids, block_table.shape[1], kv_cache, sq, causal)
+    return pages
 
 
 def _in_order(ids: List[int]) -> bool:
