@@ -36,7 +36,7 @@ import torch
 from hal.formats import FP8_DTYPE, FP8_MAX
 from hal.ops.grouped_gemm import check_group_sizes
 from hal.ops.grouped_gemm import grouped_gemm as _grouped_gemm_op
-from hal.ops.mla import attended_keys, check_cu_seqlens, check_sequence_pages, sink_gate, used_blocks
+from hal.ops.mla import attended_keys, check_cu_seqlens, checked_pages, sink_gate
 from hal.ops.mla import mla_prefill as _mla_prefill_op
 from hal.ops.quant import fp8_scales
 from hal.ops.quant import quantize_fp8 as _quantize_fp8_op
@@ -204,7 +204,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     masked = causal and sq > 1 or window is not None or topk_indices is not None
     fast = _cpu_bf16_attention(q)
     lengths = seq_lens.tolist()
-    pages = _used_pages(kv_cache, block_table, lengths, sq, causal)
+    pages = checked_pages(kv_cache, block_table, lengths, sq, causal)  # read anyway: bad ids would go unseen
     if fast and not masked and b and lengths[0] > 0 and lengths.count(lengths[0]) == b:
         # one sequence, or equal lengths (hal.model's batches): one flash call, a core per sequence
         keys = _batch_keys(kv_cache, block_table, pages, lengths[0])
@@ -255,18 +255,6 @@ def _attended_only(allowed: torch.Tensor, keys: torch.Tensor, values: Optional[t
         allowed, keys = allowed[:, columns], keys.index_select(0, columns)
         values = None if values is None else values.index_select(0, columns)
     return (None if bool(allowed.all()) else allowed), keys, values
-
-
-def _used_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: List[int], sq: int,
-               causal: bool) -> List[List[int]]:
-    """The ids of the blocks holding each sequence's first ``lengths[b]`` keys (one read of the block table),
-    checked (read anyway: bad ones would go unseen)."""
-    block_size = kv_cache.shape[1]
-    table = block_table[:, :used_blocks(max(lengths, default=0), block_size)].tolist()
-    pages = [ids[:used_blocks(n, block_size)] for ids, n in zip(table, lengths)]
-    for ids, n in zip(pages, lengths):
-        check_sequence_pages(n, ids, block_table.shape[1], kv_cache, sq, causal)
-    return pages
 
 
 def _in_order(ids: List[int]) -> bool:

@@ -35,7 +35,8 @@ from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, 
 from hal.errors import InvalidArgumentError
 
 __all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
-           "gather_paged_keys", "sink_gate", "check_sequence_pages", "check_cu_seqlens", "used_blocks"]
+           "gather_paged_keys", "sink_gate", "checked_pages", "check_sequence_pages", "check_cu_seqlens",
+           "used_blocks"]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _BOOL = ("true", "false")
@@ -349,9 +350,20 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
 
 @mla_decode.value_checks
 def _mla_decode_values(q, kv_cache, block_table, seq_lens, *, causal=True, **_):
-    for length, ids in zip(seq_lens.tolist(), block_table.tolist()):
-        check_sequence_pages(length, ids[:used_blocks(length, kv_cache.shape[1])], len(ids), kv_cache, q.shape[1],
-                             causal)
+    checked_pages(kv_cache, block_table, seq_lens.tolist(), q.shape[1], causal)
+
+
+def checked_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: List[int], sq: int,
+                  causal: bool) -> List[List[int]]:
+    """:func:`mla_decode`'s value checks, reading the block table once: the ids of the blocks holding each
+    sequence's first ``lengths[b]`` keys (``seq_lens`` read into a list), checked by
+    :func:`check_sequence_pages`; for implementations that read them anyway."""
+    block_size = kv_cache.shape[1]
+    table = block_table[:, :used_blocks(max(lengths, default=0), block_size)].tolist()
+    pages = [ids[:used_blocks(n, block_size)] for ids, n in zip(table, lengths)]
+    for ids, n in zip(pages, lengths):
+        check_sequence_pages(n, ids, block_table.shape[1], kv_cache, sq, causal)
+    return pages
 
 
 def used_blocks(length: int, block_size: int) -> int:

@@ -96,7 +96,7 @@ def _check_scale(op: str, scale: object) -> None:
 def _check_in_range(op: str, name: str, ids: torch.Tensor, upper: int, what: str) -> None:
     """Index values in ``[0, upper)`` (reads values)."""
     if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))
         check(lo >= 0 and hi < upper, op, name, f"{what} in [0, {upper})", f"values in [{lo}, {hi}]")
 
 
