@@ -11,6 +11,9 @@ of the per-repetition ratios, with their spread (min and max). Absolute times ar
   :mod:`hal.model` allocates them) and scattered (as a serving system's allocator leaves them), for one
   sequence and a batch of 4; also DeepSeek's "naive" decode (per-head keys and values decompressed into
   the cache, einsum attention), and a top-k sparse step against a dense one over the same context.
+* Every other operator on a DeepSeek-shaped problem, without a target: routing, the MoE permutations, the
+  paged cache write, the quantisers and dequantisers against a memory copy of the bytes they move; the
+  FP8 / int8 GEMMs and the causal prefill attention against a dense fp32 GEMM of the same FLOPs.
 * Dispatch: a HAL operator call against a direct call of the implementation it reaches (a no-op, so that
   only the HAL's own time is measured); the first call of a signature and checked mode beside it.
 * The model: ``hal.model`` on tiny random DeepSeek V3 and V4 checkpoints against transformers'
@@ -72,6 +75,8 @@ SIZES = {
 
 _LATENT, _ROPE, _NOPE, _HEAD_V = 512, 64, 128, 128  # DeepSeek V3's MLA widths (kept: they set the roofline)
 _MLA_SCALE = (_NOPE + _ROPE) ** -0.5
+_ACTIVATION_K = 7168 // 2  # activations quantised per token: half of V3's hidden size
+_TOP_K = 8  # V3's experts per token
 
 
 @dataclass
@@ -148,18 +153,44 @@ def _dense_gemm(flops: float, k: int, n: int) -> Callable[[], Any]:
     return lambda: torch.mm(a, b, out=out)
 
 
+def _bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value``: a tensor, or tuples / lists of them (other values count 0)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_bytes(v) for v in value)
+    return 0
+
+
+def _against_copy(size: Size, name: str, op: Op, args: tuple, kwargs: Optional[dict] = None, *,
+                  moved: Optional[int] = None, target: Optional[str] = None) -> Figure:
+    """A memory-bound call against a memory copy of the bytes it moves: ``moved``, else its tensor arguments
+    (read) and its results (written)."""
+    kwargs = kwargs or {}
+    call = lambda: op(*args, **kwargs)  # noqa: E731
+    moved = _bytes(args) + _bytes(call()) if moved is None else moved
+    op_s, copy_s = _paired(call, _copy_of(moved), size)
+    return _figure(name, "memory copy, same bytes", op_s, copy_s, means="share of copy bandwidth", target=target,
+                   gb_per_s=moved / statistics.median(op_s) / 1e9)
+
+
+def _against_dense(size: Size, name: str, call: Callable[[], Any], flops: float,
+                   target: Optional[str] = None) -> Figure:
+    """A compute-bound call against a dense fp32 GEMM of the same FLOPs (at the expert GEMM's K and N)."""
+    op_s, dense_s = _paired(call, _dense_gemm(flops, size.hidden, size.expert_width), size)
+    return _figure(name, "dense fp32 GEMM, same FLOPs", op_s, dense_s, means="share of dense fp32 GEMM throughput",
+                   target=target, gflops=flops / statistics.median(op_s) / 1e9,
+                   dense_gflops=flops / statistics.median(dense_s) / 1e9)
+
+
 # --------------------------------------------------------------------------- operators
 
 def bench_grouped_gemm(size: Size, experts: int, tokens: int) -> Figure:
     k, n = size.hidden, size.expert_width
     groups = _uneven_groups(tokens, experts)
     x, w = _bf16(tokens, k), _bf16(experts, n, k, scale=k ** -0.5)
-    flops = 2.0 * tokens * k * n
-    op_s, dense_s = _paired(lambda: hal.ops.grouped_gemm(x, w, groups), _dense_gemm(flops, k, n), size)
-    return _figure(f"grouped_gemm bf16 {experts} experts, {tokens} rows, K={k}, N={n}",
-                   "dense fp32 GEMM, same FLOPs", op_s, dense_s, means="share of dense fp32 GEMM throughput",
-                   target=">= 0.85", gflops=flops / statistics.median(op_s) / 1e9,
-                   dense_gflops=flops / statistics.median(dense_s) / 1e9)
+    return _against_dense(size, f"grouped_gemm bf16 {experts} experts, {tokens} rows, K={k}, N={n}",
+                          lambda: hal.ops.grouped_gemm(x, w, groups), 2.0 * tokens * k * n, target=">= 0.85")
 
 
 def _mla_problem(heads: int, context: int, block_size: int = 64, scattered: bool = True, batch: int = 1):
@@ -234,13 +265,93 @@ def bench_mla_naive(size: Size, context: int) -> Figure:
 
 
 def bench_quantize_fp8(size: Size, tokens: int) -> Figure:
-    k = 7168 // 2
-    x = _bf16(tokens, k)
-    moved = x.numel() * (2 + 1) + x.numel() // 128 * 4  # read bf16, write e4m3 and fp32 scales
-    op_s, copy_s = _paired(lambda: hal.ops.quantize_fp8(x, 128), _copy_of(moved), size)
-    return _figure(f"quantize_fp8 bf16 [{tokens}, {k}] group 128", "memory copy, same bytes", op_s, copy_s,
-                   means="share of copy bandwidth", target=">= 0.5",
-                   gb_per_s=moved / statistics.median(op_s) / 1e9)
+    x = _bf16(tokens, _ACTIVATION_K)
+    return _against_copy(size, f"quantize_fp8 bf16 [{tokens}, {_ACTIVATION_K}] group 128", hal.ops.quantize_fp8,
+                         (x, 128), target=">= 0.5")
+
+
+def _operator_cases(size: Size) -> List[Callable[[], Figure]]:
+    """A figure for each operator the figures above leave out, on DeepSeek-shaped problems; no targets. Inputs
+    in FP8 / FP4 / int8 come from the reference quantisers, so a backend is measured on what it serves."""
+    tokens, k = size.quant_tokens, _ACTIVATION_K
+    experts = 4 * size.experts  # V3's router: 256 experts in 8 groups, 4 groups kept, 8 experts a token
+    w_shape = (4 * size.expert_width, 2 * size.hidden)  # a weight matrix [N, K]
+    w = _bf16(*w_shape)
+    rows = size.gemm_tokens // _TOP_K  # tokens routed to the experts, _TOP_K rows each
+    m, kk, n = rows, size.hidden, size.expert_width  # the quantised GEMMs: one expert GEMM's shape, dense
+    ops = hal.ops
+    quant_fp8, quant_fp8_w = ops.quantize_fp8.reference_impl, ops.quantize_fp8_weight.reference_impl
+    quant_int8, quant_int8_w = ops.quantize_int8.reference_impl, ops.quantize_int8_weight.reference_impl
+    weight = f"weight [{w_shape[0]}, {w_shape[1]}]"
+
+    def routing() -> Figure:
+        logits, bias = torch.randn(tokens, experts), torch.randn(experts) * 0.1
+        return _against_copy(size, f"topk_routing V3 gate, {tokens} tokens, {experts} experts, top-{_TOP_K}",
+                             ops.topk_routing, (logits, _TOP_K),
+                             dict(scoring="sigmoid", bias=bias, n_group=8, topk_group=4, renormalize=True, scale=2.5))
+
+    def hashed() -> Figure:
+        vocab = 1024
+        table = torch.randint(0, experts, (vocab, _TOP_K), dtype=torch.int32)
+        ids, logits = torch.randint(0, vocab, (tokens,)), torch.randn(tokens, experts)
+        return _against_copy(size, f"hash_routing V4, {tokens} tokens, {experts} experts, top-{_TOP_K}",
+                             ops.hash_routing, (ids, table, logits), dict(scoring="sqrtsoftplus", renormalize=True))
+
+    def permute() -> Figure:
+        x, ids = _bf16(rows, size.hidden), _routed_ids(rows, size.experts)
+        return _against_copy(size, f"moe_permute bf16 {rows} tokens x top-{_TOP_K}, H={size.hidden}, "
+                             f"{size.experts} experts", ops.moe_permute, (x, ids, size.experts))
+
+    def unpermute() -> Figure:
+        ids = _routed_ids(rows, size.experts)
+        permutation = ops.moe_permute.reference_impl(_bf16(rows, 1), ids, size.experts)[1]
+        y, weights = _bf16(ids.numel(), size.hidden), torch.rand(ids.shape)
+        return _against_copy(size, f"moe_unpermute bf16 {rows} tokens x top-{_TOP_K}, H={size.hidden}",
+                             ops.moe_unpermute, (y, weights, permutation))
+
+    def cache_write() -> Figure:
+        new, block = size.model_context, 64
+        blocks = 2 * -(-new // block)
+        cache, kv = _bf16(blocks, block, _LATENT + _ROPE), _bf16(new, _LATENT + _ROPE)
+        slots = torch.randperm(blocks * block)[:new]
+        return _against_copy(size, f"paged_cache_write bf16 {new} tokens into scattered slots, D={_LATENT + _ROPE}",
+                             ops.paged_cache_write, (cache, kv, slots), moved=2 * _bytes(kv) + _bytes(slots))
+
+    def quantised_gemm(name: str, a: tuple, b: tuple, op: Op) -> Callable[[], Figure]:
+        return lambda: _against_dense(size, f"{name} [{m}, {kk}] x [{n}, {kk}]^T -> bf16",
+                                      lambda: op(a[0], a[1], b[0], b[1]), 2.0 * m * kk * n)
+
+    def prefill() -> Figure:
+        length, heads, dqk = size.model_context, size.heads, _NOPE + _ROPE
+        q, key, v = _bf16(length, heads, dqk), _bf16(length, heads, dqk), _bf16(length, heads, _HEAD_V)
+        cu = torch.tensor([0, length], dtype=torch.int32)
+        flops = 2.0 * heads * length * (length + 1) / 2 * (dqk + _HEAD_V)
+        return _against_dense(size, f"mla_prefill causal bf16, {heads} heads, {length} tokens",
+                              lambda: ops.mla_prefill(q, key, v, cu, softmax_scale=_MLA_SCALE), flops)
+
+    x_gemm, w_gemm = _bf16(m, kk), _bf16(n, kk, scale=kk ** -0.5)
+    fp4 = ops.quantize_fp4.reference_impl(w)
+    return [
+        routing, hashed, permute, unpermute, cache_write,
+        lambda: bench_quantize_fp8(size, tokens),
+        lambda: _against_copy(size, f"quantize_fp8_weight bf16 {weight}, 128x128 blocks", ops.quantize_fp8_weight,
+                              (w,)),
+        lambda: _against_copy(size, f"dequantize_fp8 {weight}, 128x128 blocks -> bf16", ops.dequantize_fp8,
+                              quant_fp8_w(w), dict(block_shape=(128, 128))),
+        lambda: _against_copy(size, f"quantize_fp4 bf16 {weight}, group 32", ops.quantize_fp4, (w,)),
+        lambda: _against_copy(size, f"dequantize_fp4 {weight}, group 32 -> bf16", ops.dequantize_fp4, fp4),
+        lambda: _against_copy(size, f"quantize_int8 bf16 [{tokens}, {k}] per token", ops.quantize_int8,
+                              (_bf16(tokens, k),)),
+        lambda: _against_copy(size, f"quantize_int8_weight bf16 {weight} per channel", ops.quantize_int8_weight, (w,)),
+        quantised_gemm("fp8_gemm", quant_fp8(x_gemm), quant_fp8_w(w_gemm), ops.fp8_gemm),
+        quantised_gemm("int8_gemm", quant_int8(x_gemm), quant_int8_w(w_gemm), ops.int8_gemm),
+        prefill,
+    ]
+
+
+def _routed_ids(tokens: int, experts: int) -> torch.Tensor:
+    """Distinct expert ids ``[tokens, min(_TOP_K, experts)]`` for each token, as a router picks them."""
+    return torch.rand(tokens, experts).topk(min(_TOP_K, experts), dim=-1).indices
 
 
 def _dispatch_cases() -> Dict[str, Tuple[Op, tuple, dict]]:
@@ -432,7 +543,8 @@ def run(size_name: str = "default", backend: str = "cpu", model: bool = True) ->
                 figures += measured(bench_mla_decode, size, size.context, dense_gflops, scattered, batch)
         figures += measured(bench_mla_naive, size, size.context)
         figures += measured(bench_mla_sparse, size, 4 * size.context)
-        figures += measured(bench_quantize_fp8, size, size.quant_tokens)
+        for case in _operator_cases(size):
+            figures += measured(case)
         figures += bench_dispatch(size)
         scaling = {
             "tokens": [f for tokens in size.scaling["tokens"]

@@ -15,7 +15,7 @@ Conventions (DeepSeek / DeepGEMM, see docs/contracts.md):
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 
@@ -30,6 +30,12 @@ FP4_GROUP = 32
 _FP4_DTYPES = tuple(d for d in (torch.uint8, getattr(torch, "float4_e2m1fn_x2", None)) if d is not None)
 _UE8M0_DTYPE = getattr(torch, "float8_e8m0fnu", None)
 _E2M1_CODES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# The midpoints between neighbouring e2m1 magnitudes, where rounding to nearest changes code. A value on a
+# midpoint takes the even code: down at 0.25, 1.25, 2.5 and 5, up at 0.75, 1.75 and 3.5, so those three are
+# listed one fp32 step lower. The code of |v| is then the number of these points below it.
+_E2M1_ROUNDING_POINTS = tuple(
+    float(torch.tensor(x, dtype=torch.float32).nextafter(torch.tensor(0.0)) if up else x)
+    for x, up in ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False)))
 
 
 def is_fp4(t: torch.Tensor) -> bool:
@@ -70,23 +76,18 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     nibbles = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
     table = torch.tensor(_E2M1_CODES + tuple(-v for v in _E2M1_CODES), dtype=torch.float32,
                          device=packed.device)
-    return table[nibbles]
+    return table.index_select(0, nibbles.flatten()).view(nibbles.shape)
 
 
 def encode_fp4(values: torch.Tensor) -> torch.Tensor:
     """Round float values (already divided by their scale, ``|v| <= 6``) to the nearest e2m1 value
     (ties to the even code) and pack them, ``[..., K]`` -> uint8 ``[..., K // 2]``."""
     v = values.float().clamp(-FP4_MAX, FP4_MAX)
-    grid = torch.tensor(_E2M1_CODES, dtype=torch.float32, device=values.device)
-    mag = v.abs().unsqueeze(-1)
-    dist = (mag - grid).abs()
-    # nearest grid point; on an exact tie prefer the even code (round-half-to-even on the mantissa)
-    best = dist.min(dim=-1, keepdim=True).values
-    tie_even = torch.arange(8, device=values.device) % 2 == 0
-    candidates = (dist == best)
-    code = torch.where((candidates & tie_even).any(-1), (candidates & tie_even).int().argmax(-1),
-                       candidates.int().argmax(-1))
-    nibble = code | ((v < 0) & (code != 0)).to(torch.int64) << 3
+    magnitude = v.abs()
+    code = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    for point in _E2M1_ROUNDING_POINTS:  # code = how many of them lie below |v|
+        code += magnitude > point
+    nibble = code | ((v < 0) & (code != 0)).to(torch.uint8) << 3
     pairs = nibble.unflatten(-1, (nibble.shape[-1] // 2, 2))  # (not view(..., -1, 2): fails on 0 rows)
     return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
 
@@ -101,6 +102,22 @@ def expand_scale(scale: torch.Tensor, shape: Sequence[int], block: Sequence[int]
     return s
 
 
+def by_block(values: torch.Tensor, scale: torch.Tensor, block: Sequence[int],
+             op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.mul) -> torch.Tensor:
+    """``op(values, s)`` where ``s`` holds each value's block scale (``scale`` in ``values``' dtype, over
+    blocks of the last ``len(block)`` dims, as :func:`expand_scale` broadcasts it), ``op`` elementwise. When
+    the blocks tile those dims exactly, ``scale`` is broadcast over a blocked view of ``values`` instead of
+    being expanded to their size."""
+    lead = values.dim() - len(block)
+    dims = values.shape[lead:]
+    if any(n % b for n, b in zip(dims, block)):  # partial edge blocks
+        return op(values, expand_scale(scale, values.shape, block).to(values.dtype))
+    s = scale_as_float(scale).to(values.dtype)
+    blocked = values.shape[:lead] + tuple(x for n, b in zip(dims, block) for x in (n // b, b))
+    s = s.reshape(s.shape[:lead] + tuple(x for n, b in zip(dims, block) for x in (n // b, 1)))
+    return op(values.reshape(blocked), s).reshape(values.shape)
+
+
 def scale_shape(shape: Sequence[int], block: Sequence[int]) -> Tuple[int, ...]:
     """Shape of the scale tensor of a tensor of ``shape`` quantised in ``block`` blocks (last dims)."""
     lead = len(shape) - len(block)
@@ -111,5 +128,4 @@ def dequantize_values(q: torch.Tensor, scale: torch.Tensor, block: Sequence[int]
                       compute_dtype: torch.dtype) -> torch.Tensor:
     """FP8 or packed-FP4 values times their block scales, in ``compute_dtype``."""
     values = unpack_fp4(q) if is_fp4(q) else q
-    values = values.to(compute_dtype)
-    return values * expand_scale(scale, values.shape, block).to(compute_dtype)
+    return by_block(values.to(compute_dtype), scale, block)

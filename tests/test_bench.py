@@ -8,6 +8,7 @@ import math
 import pytest
 
 from hal.cli import main
+from hal.contract import all_ops
 from hal.registry import registry
 
 OPERATOR_FIGURES = ("grouped_gemm", "mla_decode absorbed,", "mla_decode absorbed vs naive", "mla_decode top-k sparse",
@@ -23,6 +24,7 @@ def test_bench_tiny_writes_every_figure(tmp_path, capsys):
     names = [f["name"] for f in data["figures"]]
     for prefix in OPERATOR_FIGURES:
         assert any(n.startswith(prefix) for n in names), (prefix, names)
+    assert set(all_ops()) <= {n.split()[0] for n in names}  # every operator of the contracts has a figure
     for f in data["figures"] + [f for axis in data["scaling"].values() for f in axis]:
         assert f["ratio_min"] <= f["ratio"] <= f["ratio_max"], f
         assert math.isfinite(f["ratio"]) and f["op_ms"] > 0 and f["limit"], f

@@ -768,6 +768,17 @@ def test_quantize_int8_weight_scales_each_output_channel():
     assert (q.float() * s[..., None] - w).abs().le(s[..., None] / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("op, args", [(hal.ops.quantize_fp8, (128,)), (hal.ops.quantize_fp8, (128, "ue8m0")),
+                                      (hal.ops.quantize_int8, ()), (hal.ops.quantize_int8_weight, ())])
+def test_quantisers_of_many_rows_are_the_reference_bit_for_bit(op, args):
+    # enough rows that the CPU backend quantises them a chunk of rows at a time
+    x = spread((1200, 256), torch.bfloat16, group=128)
+    x[7] = 0  # an all-zero row: the amax floor
+    q, s = op(x, *args)
+    q_ref, s_ref = op.reference_impl(x, *args)
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+
+
 def test_int8_gemm_accumulates_exactly_and_scales_per_token_and_channel():
     a = torch.full((2, 3000), 127, dtype=torch.int8)  # 3000 * 127 * 127 = 48387000 > 2**24: beyond fp32 exact
     b = torch.full((4, 3000), -127, dtype=torch.int8)

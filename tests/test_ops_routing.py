@@ -109,6 +109,20 @@ def test_tie_rule_prefers_lower_expert_and_group_index():
     assert ids.tolist() == [[1, 2]]
 
 
+def test_fp32_selection_ranks_as_a_stable_descending_sort():
+    # fp32 choice scores are ranked by one top-k over integer keys; its definition is the stable sort. Rows
+    # full of ties, +-0, -inf (dropped groups), subnormals, extremes and negatives (a score plus a negative bias)
+    from hal.ops.routing import _descending
+    g = torch.Generator().manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 0.5, -0.5, 3e38, -3e38, float("inf"), float("-inf")])
+    for rows, experts, k in ((64, 8, 3), (32, 256, 8), (16, 33, 33), (8, 1, 1)):
+        for values in (specials[torch.randint(0, len(specials), (rows, experts), generator=g)],
+                       torch.randint(-3, 4, (rows, experts), generator=g) * 0.25,
+                       torch.randn(rows, experts, generator=g)):
+            expected = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+            assert torch.equal(_descending(values, k), expected), values
+
+
 def test_renormalisation_epsilon_and_underflow():
     logits = torch.tensor([[0.0, -200.0, -200.0]])  # softmax: weights of experts 1, 2 underflow to 0
     weights, ids = topk_routing(logits, 2, scoring="softmax", renormalize=True)
@@ -216,6 +230,16 @@ def test_unpermute_combines_in_fp32():
     _, perm = moe_permute(torch.zeros(1, 1), torch.tensor([[0, 1, 2]]), 3)
     out = moe_unpermute(y_sorted, torch.ones(1, 3), perm)
     assert out.item() == 1.0 + 2.0**-7
+
+
+def test_unpermute_of_many_tokens_is_the_reference_bit_for_bit():
+    # enough tokens that the CPU backend combines them in chunks (each chunk's fp32 rows fit in L2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.rand(1500, 64, generator=g).topk(8, dim=-1).indices
+    _, perm = moe_permute(torch.zeros(1500, 1), ids, 64)
+    y_sorted, weights = torch.randn(ids.numel(), 96, generator=g).bfloat16(), torch.rand(ids.shape, generator=g)
+    expected = moe_unpermute.reference_impl(y_sorted, weights, perm, compute_dtype=torch.float32)
+    assert torch.equal(moe_unpermute(y_sorted, weights, perm), expected)
 
 
 # --------------------------------------------------------------------------- validation

@@ -23,7 +23,9 @@ from hal.contract import Op, all_ops
 
 # each checks the values it reads with the contract's own helpers
 _FAST_KERNELS = {"grouped_gemm": kernels.grouped_gemm, "mla_prefill": kernels.mla_prefill,
-                 "mla_decode": kernels.mla_decode, "quantize_fp8": kernels.quantize_fp8}
+                 "mla_decode": kernels.mla_decode, "moe_unpermute": kernels.moe_unpermute,
+                 "quantize_fp8": kernels.quantize_fp8,
+                 "quantize_int8": kernels.quantize_int8, "quantize_int8_weight": kernels.quantize_int8_weight}
 
 
 class CpuBackend(Backend):

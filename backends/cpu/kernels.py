@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from hal.formats import FP8_DTYPE, FP8_MAX
+from hal.formats import FP8_DTYPE, FP8_MAX, INT8_MAX
 from hal.ops.grouped_gemm import check_group_sizes
 from hal.ops.grouped_gemm import grouped_gemm as _grouped_gemm_op
 from hal.ops.mla import attended_keys, check_cu_seqlens, checked_pages, sink_gate
 from hal.ops.mla import mla_prefill as _mla_prefill_op
-from hal.ops.quant import fp8_scales
+from hal.ops.quant import fp8_scales, int8_scales
 from hal.ops.quant import quantize_fp8 as _quantize_fp8_op
+from hal.ops.routing import MoePermutation
+from hal.ops.routing import moe_unpermute as _moe_unpermute_op
 
 _F32 = torch.float32
 _CHUNK_ELEMENTS = 1 << 17  # fp32 working set of one quantisation chunk: 512 KiB, well inside L2
@@ -326,18 +328,54 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, permutation: MoePermutation) -> torch.Tensor:
+    """The reference on chunks of tokens whose fp32 rows fit in L2: the same products per token (bit for bit),
+    without gathering every token's rows into one fp32 tensor ~3x slower to allocate, fill and read."""
+    tokens, k = permutation.slot_rows.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, k * y_sorted.shape[1]))
+    if tokens <= step:
+        return _moe_unpermute_op.reference_impl(y_sorted, weights, permutation, compute_dtype=_F32)
+    out = y_sorted.new_empty((tokens, y_sorted.shape[1]))
+    for t0 in range(0, tokens, step):
+        chunk = permutation._replace(slot_rows=permutation.slot_rows[t0:t0 + step])
+        out[t0:t0 + step] = _moe_unpermute_op.reference_impl(y_sorted, weights[t0:t0 + step], chunk,
+                                                             compute_dtype=_F32)
+    return out
+
+
 def quantize_fp8(x: torch.Tensor, group_size: int = 128,
                  scale_fmt: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         return _quantize_fp8_op.reference_impl(x, group_size, scale_fmt)
+    return _quantized_in_chunks(x, group_size, lambda amax: fp8_scales(amax, scale_fmt),
+                                lambda chunk: chunk.clamp_(-FP8_MAX, FP8_MAX), FP8_DTYPE)
+
+
+def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    q, s = _quantized_in_chunks(x, x.shape[-1], int8_scales, lambda chunk: chunk.round_().clamp_(-INT8_MAX, INT8_MAX),
+                                torch.int8)
+    return q, s.squeeze(-1)
+
+
+def quantize_int8_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return quantize_int8(w)  # per row of K: the same algorithm
+
+
+def _quantized_in_chunks(x: torch.Tensor, group_size: int, scales: Callable[[torch.Tensor], torch.Tensor],
+                         finish: Callable[[torch.Tensor], torch.Tensor],
+                         q_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The references' per-group quantisation of ``x`` ``[..., K]`` (groups of ``group_size`` along ``K``), a
+    chunk of rows at a time in an fp32 copy that stays in L2 (the reference makes each step a pass over the
+    whole tensor): ``s = scales(amax)``, ``q = finish(chunk / s)`` cast to ``q_dtype``. Returns ``q`` of
+    ``x``'s shape and ``s`` ``[..., K // group_size]``; the same divisions, so the same bits."""
     k = x.shape[-1]
     rows = x.reshape(-1, k // group_size, group_size)
-    q = torch.empty(rows.shape, dtype=FP8_DTYPE, device=x.device)
+    q = torch.empty(rows.shape, dtype=q_dtype, device=x.device)
     s = torch.empty(rows.shape[:2], dtype=_F32, device=x.device)
     step = max(1, _CHUNK_ELEMENTS // k)
     for r0 in range(0, rows.shape[0], step):
         chunk = rows[r0:r0 + step].to(_F32, copy=True)  # the fp32 working copy, divided in place below
-        scale = fp8_scales(chunk.abs().amax(dim=-1), scale_fmt)
+        scale = scales(chunk.abs().amax(dim=-1))
         s[r0:r0 + step] = scale
-        q[r0:r0 + step] = chunk.div_(scale[..., None]).clamp_(-FP8_MAX, FP8_MAX)
+        q[r0:r0 + step] = finish(chunk.div_(scale[..., None]))
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], k // group_size)

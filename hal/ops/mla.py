@@ -464,5 +464,7 @@ def _paged_cache_write_values(kv_cache, kv, slot_mapping):
 def _paged_cache_write_reference(kv_cache, kv, slot_mapping, *, compute_dtype=torch.float32):
     del compute_dtype  # a copy: no arithmetic
     keep = slot_mapping >= 0
-    kv_cache.view(-1, kv_cache.shape[2])[slot_mapping[keep].to(torch.int64)] = kv[keep]
+    if not bool(keep.all()):  # -1 slots (padding) skipped
+        slot_mapping, kv = slot_mapping[keep], kv[keep]
+    kv_cache.view(-1, kv_cache.shape[2]).index_copy_(0, slot_mapping.to(torch.int64), kv)  # distinct slots
     return None

@@ -25,12 +25,12 @@ import torch
 from hal.contract import FLOAT_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, contract, \
     dtype_name, result
 from hal.formats import AMAX_FLOOR, FP4_GROUP, FP4_MAX, FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_FORMATS, ceil_pow2, \
-    dequantize_values, encode_fp4, expand_scale, fp4_dtypes, scale_dtypes, scale_shape
+    by_block, dequantize_values, encode_fp4, fp4_dtypes, scale_dtypes, scale_shape
 from hal.ops.grouped_gemm import GEMM_TOLERANCE, INT8_MAX_K, dequantized_operands
 
 __all__ = [
     "quantize_fp8", "quantize_fp8_weight", "dequantize_fp8", "fp8_gemm", "quantize_fp4", "dequantize_fp4",
-    "quantize_int8", "quantize_int8_weight", "int8_gemm", "apply_int8_amax_floor", "fp8_scales",
+    "quantize_int8", "quantize_int8_weight", "int8_gemm", "apply_int8_amax_floor", "fp8_scales", "int8_scales",
     "FP8_QUANT_TOLERANCE", "FP4_QUANT_TOLERANCE", "DEQUANT_TOLERANCE", "INT8_QUANT_TOLERANCE", "INT8_GEMM_TOLERANCE",
     "INT8_MAX_K",
 ]
@@ -237,7 +237,7 @@ def _quantize_fp8_weight_reference(w, block_size=128, scale_fmt=None, *, compute
     if nb * b != n or kb * b != k:  # zero padding leaves every block's max |w| unchanged
         mag = torch.nn.functional.pad(mag, (0, kb * b - k, 0, nb * b - n))
     s = fp8_scales(mag.reshape(nb, b, kb, b).amax(dim=(1, 3)), scale_fmt)
-    q = _to_fp8(wf, expand_scale(s, (n, k), (b, b)))
+    q = by_block(wf, s, (b, b), _to_fp8)
     return q, s
 
 
@@ -470,7 +470,7 @@ INT8_GEMM_TOLERANCE = {
 }
 
 
-def _int8_scales(amax: torch.Tensor) -> torch.Tensor:
+def int8_scales(amax: torch.Tensor) -> torch.Tensor:
     """float32 amax -> dequantisation scales max(amax, 1e-4) / 127 (fp32 division by a tensor)."""
     amax = amax.clamp_min(AMAX_FLOOR)  # NaN stays NaN
     return amax / torch.full_like(amax, INT8_MAX)
@@ -486,7 +486,7 @@ def apply_int8_amax_floor(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> 
     ``rowmax / 127`` as is): rows whose scale ``s`` lies below the contract's ``1e-4 / 127`` (all-zero
     rows, where such a kernel divides 0 by 0, and rows of tiny values) get the contract's values.
     ``x`` ``[..., K]``, ``q`` int8 ``[..., K]``, ``s`` float32 ``[...]``; elementwise, no host sync."""
-    floor = _int8_scales(s.new_zeros(()))
+    floor = int8_scales(s.new_zeros(()))
     small = s < floor  # NaN scales (non-finite rows) stay as they are
     return torch.where(small[..., None], _to_int8(x.float(), floor), q), torch.where(small, floor, s)
 
@@ -538,7 +538,7 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def _quantize_int8_reference(x, *, compute_dtype=torch.float32):
     # compute_dtype is ignored: the format defines the bits (float32 algorithm, see the docstring)
     xf = x.float()
-    s = _int8_scales(xf.abs().amax(dim=-1))
+    s = int8_scales(xf.abs().amax(dim=-1))
     return _to_int8(xf, s.unsqueeze(-1)), s
 
 

@@ -157,15 +157,24 @@ def topk_routing(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
 
 
 def _descending(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest values along the last dim, ties to the lower index (stable sort)."""
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+    """Indices of the ``k`` largest values along the last dim, ties to the lower index: the first ``k`` of a
+    stable descending sort. float32 values (what backends compute in) take one top-k over distinct int64 keys
+    instead, several times faster than sorting every row: the value's bits, mapped to integers of the same
+    order (``-0`` as ``+0``), above the index reversed, so that of equal values the lower index ranks first."""
+    if values.dtype != torch.float32:
+        return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+    bits = (values + 0.0).view(torch.int32)  # + 0.0 turns -0 into +0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # negatives: larger magnitude lower
+    reversed_index = torch.arange(values.shape[-1] - 1, -1, -1, device=values.device)
+    return ((ordered << 32) | reversed_index).topk(k, dim=-1).indices
 
 
 def group_scores(choice: torch.Tensor, n_group: int, with_bias: bool) -> torch.Tensor:
     """``[T, E]`` choice scores -> ``[T, n_group]`` group scores: top-2 sum with a bias, else the max."""
     grouped = choice.unflatten(-1, (n_group, -1))
-    if with_bias:
-        return grouped.topk(2, dim=-1).values.sum(dim=-1)
+    if with_bias:  # the largest plus the largest of the rest (one occurrence of the largest removed)
+        largest, where = grouped.max(dim=-1, keepdim=True)
+        return (largest + grouped.scatter(-1, where, float("-inf")).amax(dim=-1, keepdim=True)).squeeze(-1)
     return grouped.amax(dim=-1)
 
 
@@ -308,7 +317,7 @@ def _moe_permute_reference(x, ids, num_experts, *, compute_dtype=torch.float32):
     order = torch.sort(flat, stable=True).indices
     perm = MoePermutation(torch.bincount(flat, minlength=num_experts).to(torch.int32), order.to(torch.int32),
                           invert_permutation(order).view(-1, k))
-    return x[order // k], perm
+    return x.index_select(0, order // k), perm  # (index_select: a parallel row copy; x[rows] is not)
 
 
 # fp32 accumulation of k weighted terms, one rounding: the grouped GEMM's tolerance with n = k.
@@ -339,6 +348,8 @@ def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, permutation: Mo
 
 @moe_unpermute.reference
 def _moe_unpermute_reference(y_sorted, weights, permutation, *, compute_dtype=torch.float32):
-    rows = y_sorted.to(compute_dtype)[permutation.slot_rows.long()]  # [T, k, N]
+    slot_rows = permutation.slot_rows
+    rows = y_sorted.index_select(0, slot_rows.reshape(-1).long()).to(compute_dtype)  # only the rows used
+    rows = rows.view(*slot_rows.shape, y_sorted.shape[1])  # [T, k, N]
     out = torch.einsum("tk,tkn->tn", weights.to(compute_dtype), rows)
     return result(out, y_sorted.dtype, compute_dtype)
