@@ -14,6 +14,7 @@ Conventions (DeepSeek / DeepGEMM, see docs/contracts.md):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence, Tuple
 
@@ -71,12 +72,19 @@ def ceil_pow2(s: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
-    """Packed e2m1 ``[..., K // 2]`` -> float32 values ``[..., K]`` (exact)."""
-    b = packed.view(torch.uint8).to(torch.int32)
-    nibbles = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
-    table = torch.tensor(_E2M1_CODES + tuple(-v for v in _E2M1_CODES), dtype=torch.float32,
-                         device=packed.device)
-    return table.index_select(0, nibbles.flatten()).view(nibbles.shape)
+    """Packed e2m1 ``[..., K // 2]`` -> float32 values ``[..., K]`` (exact): each byte's two values, low nibble
+    first, looked up in a table of the 256 bytes."""
+    table = _fp4_pairs().to(packed.device)
+    values = table.index_select(0, packed.view(torch.uint8).reshape(-1).to(torch.int32))
+    return values.view(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _fp4_pairs() -> torch.Tensor:
+    """``[256, 2]`` float32: the e2m1 values of byte ``b``'s low and high nibbles."""
+    codes = torch.tensor(_E2M1_CODES + tuple(-v for v in _E2M1_CODES), dtype=torch.float32)
+    every = torch.arange(256)
+    return torch.stack((codes[every & 0xF], codes[every >> 4]), dim=-1)
 
 
 def encode_fp4(values: torch.Tensor) -> torch.Tensor:
@@ -124,8 +132,24 @@ def scale_shape(shape: Sequence[int], block: Sequence[int]) -> Tuple[int, ...]:
     return tuple(shape[:lead]) + tuple(math.ceil(n / b) for n, b in zip(shape[lead:], block))
 
 
+def fp8_values(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn values as float32, exactly. On the CPU, where torch converts FP8 one value at a time,
+    they are looked up two at a time in a table of that conversion (65536 pairs), ~2x faster."""
+    if q.device.type != "cpu" or q.numel() % 2 or not q.is_contiguous():
+        return q.float()
+    pairs = q.reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+    return _fp8_pairs().index_select(0, pairs).view(q.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_pairs() -> torch.Tensor:
+    """``[65536, 2]`` float32: row ``i`` holds the two e4m3 values whose bytes, read as an int16, are ``i``."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    return every.view(torch.uint8).view(FP8_DTYPE).float().view(-1, 2)
+
+
 def dequantize_values(q: torch.Tensor, scale: torch.Tensor, block: Sequence[int],
                       compute_dtype: torch.dtype) -> torch.Tensor:
     """FP8 or packed-FP4 values times their block scales, in ``compute_dtype``."""
-    values = unpack_fp4(q) if is_fp4(q) else q
+    values = unpack_fp4(q) if is_fp4(q) else fp8_values(q) if q.dtype == FP8_DTYPE else q
     return by_block(values.to(compute_dtype), scale, block)
