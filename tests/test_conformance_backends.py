@@ -36,3 +36,11 @@ def test_cpu_kernels_conform_on_cpus_with_and_without_bf16_matrix_instructions(m
     results = [run_cell("cpu", op, features, profile="quick", seed=1) for features in cells(op)]
     bad = [f"{r.id}: {r.status}: {r.message}\n{r.minimal_example}" for r in results if r.status != "pass"]
     assert not bad, "\n\n".join(bad)
+
+
+def test_cpu_decode_conforms_without_its_native_kernel(monkeypatch):
+    from hal.backends.cpu import kernels
+    monkeypatch.setattr(kernels.native, "serves_mla_decode", lambda *args: False)  # PyTorch's flash path
+    results = [run_cell("cpu", "mla_decode", features, profile="quick", seed=1) for features in cells("mla_decode")]
+    bad = [f"{r.id}: {r.status}: {r.message}\n{r.minimal_example}" for r in results if r.status != "pass"]
+    assert not bad, "\n\n".join(bad)

@@ -703,11 +703,14 @@ def test_error_n_admits_probabilities_rounded_to_bf16():
     assert not compare(rounded_p, exact, TOL["bfloat16"], n=n - 2**15, magnitude=magnitude).ok
 
 
-@pytest.fixture(params=(True, False), ids=("bf16-matrix-instructions", "fp32-only"))
+@pytest.fixture(params=("bf16-matrix-instructions", "flash-without-native-kernel", "fp32-only"))
 def cpu_paths(request, monkeypatch):
-    """Both CPU kernel paths (flash attention on bf16 matrix instructions, and fp32), whatever this CPU has."""
+    """The CPU kernel paths (bf16 matrix instructions: the native AMX decode kernel where it runs, PyTorch's
+    flash attention; and fp32), whatever this CPU has."""
     from hal.backends.cpu import kernels
-    monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: request.param)
+    monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: request.param != "fp32-only")
+    if request.param == "flash-without-native-kernel":
+        monkeypatch.setattr(kernels.native, "serves_mla_decode", lambda *args: False)
 
 
 @pytest.mark.usefixtures("cpu_paths")
@@ -824,3 +827,32 @@ def test_sinks_scale_a_batched_sequence_as_they_do_alone():
     out, _ = DECODE(q, cache, table, lens, softmax_scale=1.0, head_dim_v=8, sinks=sinks)
     alone, _ = DECODE(q[:1], cache, table[:1], lens[:1], softmax_scale=1.0, head_dim_v=8, sinks=sinks)
     assert torch.equal(out[:1], alone)
+
+
+@pytest.mark.parametrize("block_size, lens", [(64, (4096, 1, 0, 100)), (32, (33, 31, 32)), (7, (50, 3)),
+                                              (100, (1000, 257)), (1, (40,))])
+@pytest.mark.parametrize("hq, d, dv", [(16, 576, 512), (3, 64, 32), (1, 32, 32)])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_native_amx_decode_within_tolerance_of_oracle(monkeypatch, block_size, lens, hq, d, dv, sinks):
+    # the native kernel (AMX tiles, online softmax, pages read in place or copied where a block of 32 keys
+    # crosses a page or the end) on the shapes it serves, against the float64 oracle
+    from hal.backends.cpu import kernels
+    if not kernels.native.serves_mla_decode(hq, d, dv, torch.empty(1, 1, d, dtype=torch.bfloat16)):
+        pytest.skip(f"the native kernel does not run here: {kernels.native.status()}")
+    calls = []
+    kernel = kernels.native.mla_decode_amx
+    monkeypatch.setattr(kernels.native, "mla_decode_amx", lambda *args: calls.append(1) or kernel(*args))
+    q, keys, _, sink_logits = decode_inputs(torch.bfloat16, lens=lens, sq=1, hq=hq, d=d, seed=len(lens) + d)
+    q = q * 0.5
+    cache, table, seq_lens = page(keys, block_size, dtype=torch.bfloat16)
+    kw = dict(softmax_scale=d ** -0.5, head_dim_v=dv, sinks=sink_logits if sinks else None)
+    out, lse = DECODE(q, cache, table, seq_lens, **kw)
+    assert calls, "the native kernel was not used"
+    exact_out, exact_lse = DECODE.reference_impl(q, cache, table, seq_lens, compute_dtype=F64, **kw)
+    args, _ = decode_as_prefill(q, keys, dv)
+    kw.pop("head_dim_v")
+    magnitude = PREFILL.reference_impl(args[0], args[1], args[2].abs(), *args[3:], compute_dtype=F64,
+                                       **kw)[0].reshape(exact_out.shape)
+    n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=kw["softmax_scale"], num_keys=max(lens))
+    assert_within(out, exact_out, TOL["bfloat16"], n=n, magnitude=magnitude, what="out")
+    assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")

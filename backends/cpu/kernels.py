@@ -33,6 +33,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from hal.backends.cpu import native
 from hal.formats import FP8_DTYPE, FP8_MAX, INT8_MAX
 from hal.ops.grouped_gemm import check_group_sizes
 from hal.ops.grouped_gemm import grouped_gemm as _grouped_gemm_op
@@ -207,7 +208,12 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     fast = _cpu_bf16_attention(q)
     lengths = seq_lens.tolist()
     pages = checked_pages(kv_cache, block_table, lengths, sq, causal)  # read anyway: bad ids would go unseen
-    if fast and not masked and b and lengths[0] > 0 and lengths.count(lengths[0]) == b:
+    if fast and not masked and native.serves_mla_decode(sq * hq, d, head_dim_v, kv_cache):
+        # the native AMX kernel: each sequence's pages read in place, all heads' rows at once
+        out, lse = native.mla_decode_amx(q.reshape(b, sq * hq, d), kv_cache, block_table, seq_lens, softmax_scale,
+                                         head_dim_v)
+        out, lse = out.view(b, sq, hq, head_dim_v), lse.view(b, sq, hq)
+    elif fast and not masked and b and lengths[0] > 0 and lengths.count(lengths[0]) == b:
         # one sequence, or equal lengths (hal.model's batches): one flash call, a core per sequence
         keys = _batch_keys(kv_cache, block_table, pages, lengths[0])
         out, lse = _flash_rows(q.reshape(b, sq * hq, d), keys, softmax_scale)

@@ -1,0 +1,198 @@
+/* Absorbed MLA decode of one sequence on Intel AMX: the CPU backend's native kernel (hal.backends.cpu.native
+ * compiles it on first use and falls back to PyTorch's flash attention where it cannot).
+ *
+ * One query row per head (up to 16 heads) attends the sequence's latent keys, which are also its values
+ * (their first Dv dims). Keys go in blocks of 32, read in place from the paged cache: the logits S = K q
+ * (bf16 products accumulated in fp32 by the tile unit), an online softmax in fp32 with the heads in the 16
+ * lanes of a vector, the probabilities rounded to bf16 (as MLA_TOLERANCE admits), then O += P V in fp32.
+ * One thread: a second one of our own would share a core with PyTorch's OpenMP workers, which spin for a
+ * while after every parallel PyTorch call (measured: twice slower than one thread).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define MAX_DIM 1024          /* the largest key width (D) served; the caller checks */
+#define KEYS 32               /* keys a block */
+
+/* Linux grants the tile registers to a process that asks (the kernel keeps their state per thread). */
+int hal_amx_request(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+static void configure_tiles(void) {  /* all 8 tiles 16 rows x 64 bytes: 16 x 16 fp32 or 16 x 32 bf16 */
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.bytes_per_row[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* e^x in fp32: 2^n e^r with |r| <= ln2 / 2 (Cody-Waite), a degree-7 Taylor polynomial (truncation below
+ * 1e-8 relative), 0 below -150 (so that -inf, a masked key, gives 0). */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    static const float inverse_factorial[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    __m512 p = _mm512_set1_ps(inverse_factorial[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inverse_factorial[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+typedef struct {
+    const uint16_t *q_packed, *cache;  /* q: [D/32][16 dim pairs][16 heads][2] bf16 */
+    const int32_t *block_ids;
+    int dim, dim_v, block_size, begin, end;
+    float scale;
+    float *out;                        /* [16][dim_v] fp32, unnormalised */
+    float max[16] __attribute__((aligned(64))), sum[16] __attribute__((aligned(64)));
+} part;
+
+/* Keys [begin, end) of the sequence into part->out / max / sum. */
+static void attend(part *pt) {
+    const int dim = pt->dim, dim_v = pt->dim_v, bs = pt->block_size;
+    uint16_t scratch[KEYS * MAX_DIM] __attribute__((aligned(64)));
+    uint16_t v_pairs[MAX_DIM * KEYS] __attribute__((aligned(64)));  /* [dim_v/16][16 key pairs][16 dims][2] */
+    float logits[KEYS * 16] __attribute__((aligned(64)));
+    uint16_t probs[16 * KEYS] __attribute__((aligned(64)));         /* [16 heads][32 keys] */
+    const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i high = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                          55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+    memset(pt->out, 0, sizeof(float) * 16 * dim_v);
+    configure_tiles();
+    for (int kb = pt->begin; kb < pt->end; kb += KEYS) {
+        /* the block's rows: in place when 32 consecutive slots of one page, else copied (zeros past the end) */
+        const uint16_t *rows;
+        int slot = kb % bs;
+        if (kb + KEYS <= pt->end && slot + KEYS <= bs) {
+            rows = pt->cache + ((long)pt->block_ids[kb / bs] * bs + slot) * dim;
+        } else {
+            for (int r = 0; r < KEYS; r++) {
+                int key = kb + r;
+                if (key < pt->end)
+                    memcpy(scratch + (long)r * dim,
+                           pt->cache + ((long)pt->block_ids[key / bs] * bs + key % bs) * dim, 2 * (size_t)dim);
+                else
+                    memset(scratch + (long)r * dim, 0, 2 * (size_t)dim);
+            }
+            rows = scratch;
+        }
+        /* logits[key][head] = K q: tiles 0, 1 accumulate keys 0-15 and 16-31 over 32 dims a step */
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int c = 0; c < dim / 32; c++) {
+            _tile_loadd(2, rows + c * 32, 2 * dim);
+            _tile_loadd(3, rows + 16L * dim + c * 32, 2 * dim);
+            _tile_loadd(4, pt->q_packed + c * 512, 64);
+            _tile_dpbf16ps(0, 2, 4);
+            _tile_dpbf16ps(1, 3, 4);
+        }
+        _tile_stored(0, logits, 64);
+        _tile_stored(1, logits + 256, 64);
+        /* online softmax */
+        __m512 s[KEYS], block_max = _mm512_set1_ps(-INFINITY);
+        for (int r = 0; r < KEYS; r++) {
+            s[r] = kb + r < pt->end ? _mm512_mul_ps(_mm512_load_ps(logits + 16 * r), _mm512_set1_ps(pt->scale))
+                                    : _mm512_set1_ps(-INFINITY);
+            block_max = _mm512_max_ps(block_max, s[r]);
+        }
+        __m512 m_new = _mm512_max_ps(m, block_max), alpha = exp_ps(_mm512_sub_ps(m, m_new)), total = _mm512_setzero_ps();
+        for (int r = 0; r < KEYS; r++) {
+            __m512 p = exp_ps(_mm512_sub_ps(s[r], m_new));
+            total = _mm512_add_ps(total, p);
+            _mm512_store_ps(logits + 16 * r, p);
+        }
+        l = _mm512_fmadd_ps(l, alpha, total);
+        if (kb > pt->begin && _mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) {
+            float a[16] __attribute__((aligned(64)));
+            _mm512_store_ps(a, alpha);
+            for (int h = 0; h < 16; h++)
+                for (int n = 0; n < dim_v; n += 16) {
+                    float *o = pt->out + h * dim_v + n;
+                    _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), _mm512_set1_ps(a[h])));
+                }
+        }
+        m = m_new;
+        /* probs[head][key] in bf16 (each head's column of logits), then the values in pairs of keys */
+        for (int h = 0; h < 16; h++) {
+            __m512 first = _mm512_i32gather_ps(column, logits + h, 4), second = _mm512_i32gather_ps(column, logits + 256 + h, 4);
+            _mm512_store_si512((__m512i *)(probs + KEYS * h), (__m512i)_mm512_cvtne2ps_pbh(second, first));
+        }
+        for (int i = 0; i < KEYS / 2; i++) {
+            const uint16_t *a = rows + (2L * i) * dim, *b = a + dim;
+            for (int n = 0; n < dim_v; n += 32) {
+                __m512i va = _mm512_loadu_si512(a + n), vb = _mm512_loadu_si512(b + n);
+                _mm512_store_si512((__m512i *)(v_pairs + (n / 16) * 512 + 32 * i), _mm512_permutex2var_epi16(va, low, vb));
+                _mm512_store_si512((__m512i *)(v_pairs + (n / 16 + 1) * 512 + 32 * i), _mm512_permutex2var_epi16(va, high, vb));
+            }
+        }
+        /* out += probs . values, 16 dims a tile */
+        _tile_loadd(5, probs, 64);
+        for (int n = 0; n < dim_v / 16; n++) {
+            _tile_loadd(0, pt->out + 16 * n, 4 * dim_v);
+            _tile_loadd(6, v_pairs + n * 512, 64);
+            _tile_dpbf16ps(0, 5, 6);
+            _tile_stored(0, pt->out + 16 * n, 4 * dim_v);
+        }
+    }
+    _tile_release();
+    _mm512_store_ps(pt->max, m);
+    _mm512_store_ps(pt->sum, l);
+}
+
+/* A batch of sequences, one after the other: q [batch][heads][dim] bf16 (heads <= 16, dim % 32 == 0,
+ * dim <= MAX_DIM); cache [blocks][block_size][dim] bf16, contiguous; sequence b's blocks at
+ * block_table + b * table_stride, its length lengths[b] >= 0; dim_v % 32 == 0, dim_v <= dim.
+ * out [batch][heads][dim_v] bf16 (zeros for an empty sequence), lse [batch][heads] fp32 (natural log; -inf
+ * for an empty sequence); workspace 16 * dim_v fp32, 64-byte aligned. */
+void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int dim_v, const uint16_t *cache,
+                        int block_size, const int32_t *block_table, long table_stride, const int32_t *lengths,
+                        float scale, uint16_t *out, float *lse, float *workspace) {
+    /* q in the tile unit's pair layout, [dim/32][16 dim pairs][16 heads][2]: [dim/2 pairs][16 heads] of 32-bit
+     * pairs, each row gathered from the heads (zero past the last head) */
+    uint32_t q_packed[8 * MAX_DIM] __attribute__((aligned(64)));
+    const __m512i head_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                    _mm512_set1_epi32(dim / 2));
+    const __mmask16 live = (__mmask16)((1u << heads) - 1);
+    for (int b = 0; b < batch; b++) {
+        const uint16_t *qb = q + (long)b * heads * dim;
+        uint16_t *ob = out + (long)b * heads * dim_v;
+        float *lb = lse + (long)b * heads;
+        if (lengths[b] <= 0) {
+            memset(ob, 0, sizeof(uint16_t) * heads * dim_v);
+            for (int h = 0; h < heads; h++) lb[h] = -INFINITY;
+            continue;
+        }
+        for (int w = 0; w < dim / 2; w++)
+            _mm512_store_si512((__m512i *)(q_packed + 16 * w),
+                               _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, head_offsets,
+                                                           (const uint32_t *)qb + w, 4));
+        part pt = {(const uint16_t *)q_packed, cache, block_table + b * table_stride, dim, dim_v, block_size, 0,
+                   lengths[b], scale, workspace};
+        attend(&pt);
+        for (int h = 0; h < heads; h++) {
+            __m512 total = _mm512_set1_ps(pt.sum[h]);
+            for (int n = 0; n < dim_v; n += 16)
+                _mm256_storeu_si256((__m256i *)(ob + (long)h * dim_v + n),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(_mm512_load_ps(workspace + h * dim_v + n), total)));
+            lb[h] = pt.max[h] + logf(pt.sum[h]);
+        }
+    }
+}
