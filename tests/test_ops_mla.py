@@ -832,27 +832,30 @@ def test_sinks_scale_a_batched_sequence_as_they_do_alone():
 @pytest.mark.parametrize("block_size, lens", [(64, (4096, 1, 0, 100)), (32, (33, 31, 32)), (7, (50, 3)),
                                               (100, (1000, 257)), (1, (40,))])
 @pytest.mark.parametrize("hq, d, dv", [(16, 576, 512), (3, 64, 32), (1, 32, 32)])
-@pytest.mark.parametrize("sinks", [False, True])
-def test_native_amx_decode_within_tolerance_of_oracle(monkeypatch, block_size, lens, hq, d, dv, sinks):
+@pytest.mark.parametrize("sinks, selection", [(False, None), (True, None), (False, "window"), (True, "topk")])
+def test_native_amx_decode_within_tolerance_of_oracle(monkeypatch, block_size, lens, hq, d, dv, sinks, selection):
     # the native kernel (AMX tiles, online softmax, pages read in place or copied where a block of 32 keys
-    # crosses a page or the end) on the shapes it serves, against the float64 oracle
+    # crosses a page or the end; a window's or a top-k list's keys gathered first) on the shapes it serves,
+    # against the float64 oracle
     from hal.backends.cpu import kernels
     if not kernels.native.serves_mla_decode(hq, d, dv, torch.empty(1, 1, d, dtype=torch.bfloat16)):
         pytest.skip(f"the native kernel does not run here: {kernels.native.status()}")
     calls = []
     kernel = kernels.native.mla_decode_amx
     monkeypatch.setattr(kernels.native, "mla_decode_amx", lambda *args: calls.append(1) or kernel(*args))
-    q, keys, _, sink_logits = decode_inputs(torch.bfloat16, lens=lens, sq=1, hq=hq, d=d, seed=len(lens) + d)
+    q, keys, idx, sink_logits = decode_inputs(torch.bfloat16, lens=lens, sq=1, hq=hq, d=d, seed=len(lens) + d,
+                                              topk=40)
     q = q * 0.5
     cache, table, seq_lens = page(keys, block_size, dtype=torch.bfloat16)
-    kw = dict(softmax_scale=d ** -0.5, head_dim_v=dv, sinks=sink_logits if sinks else None)
+    kw = dict(softmax_scale=d ** -0.5, head_dim_v=dv, sinks=sink_logits if sinks else None,
+              window=37 if selection == "window" else None, topk_indices=idx if selection == "topk" else None)
     out, lse = DECODE(q, cache, table, seq_lens, **kw)
     assert calls, "the native kernel was not used"
     exact_out, exact_lse = DECODE.reference_impl(q, cache, table, seq_lens, compute_dtype=F64, **kw)
-    args, _ = decode_as_prefill(q, keys, dv)
+    args, topk = decode_as_prefill(q, keys, dv, kw.pop("topk_indices"))
     kw.pop("head_dim_v")
-    magnitude = PREFILL.reference_impl(args[0], args[1], args[2].abs(), *args[3:], compute_dtype=F64,
-                                       **kw)[0].reshape(exact_out.shape)
+    magnitude = PREFILL.reference_impl(args[0], args[1], args[2].abs(), *args[3:], topk_indices=topk,
+                                       compute_dtype=F64, **kw)[0].reshape(exact_out.shape)
     n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=kw["softmax_scale"], num_keys=max(lens))
     assert_within(out, exact_out, TOL["bfloat16"], n=n, magnitude=magnitude, what="out")
     assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")

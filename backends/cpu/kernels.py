@@ -232,14 +232,28 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
             if seq_keys.shape[0] == 0:  # nothing attended: out 0, lse -inf (a sink keeps out at 0)
                 continue
             if fast and allowed is None:  # every query row attends every key: one pass for all heads' rows
-                row_out, row_lse = _flash_rows(q[i].reshape(1, sq * hq, d), seq_keys[None], softmax_scale)
-                out[i], lse[i] = row_out.view(sq, hq, d)[..., :head_dim_v], row_lse.view(sq, hq)
+                row_out, row_lse = _attend_all(q[i].reshape(1, sq * hq, d), seq_keys, softmax_scale, head_dim_v)
+                out[i], lse[i] = row_out.view(sq, hq, head_dim_v), row_lse.view(sq, hq)
             else:
                 out[i], lse[i] = _attend_fp32(q[i], seq_keys.to(_F32), softmax_scale, head_dim_v, allowed)
     if sinks is not None:  # per sequence: torch's sigmoid rounds by an element's position (vectorised or
         for i in range(b):  # not), and a sequence must come out as it does alone
             out[i].mul_(sink_gate(lse[i], sinks)[..., None])
     return out.to(q.dtype), lse
+
+
+def _attend_all(rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float,
+                head_dim_v: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Query rows ``[1, R, D]`` over ``keys`` ``[L, D]`` that are also the values (a top-k or window step's
+    selected keys): the native kernel where it serves them (as one page), else PyTorch's flash attention.
+    out ``[1, R, head_dim_v]``, lse ``[1, R]``."""
+    length, d = keys.shape
+    if keys.is_contiguous() and native.serves_mla_decode(rows.shape[1], d, head_dim_v, keys[None]):
+        one_page = torch.zeros(1, 1, dtype=torch.int32)
+        return native.mla_decode_amx(rows, keys[None], one_page, torch.tensor([length], dtype=torch.int32),
+                                     softmax_scale, head_dim_v)
+    out, lse = _flash_rows(rows, keys[None], softmax_scale)
+    return out[..., :head_dim_v], lse
 
 
 def _flash_rows(rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:

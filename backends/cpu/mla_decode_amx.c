@@ -15,7 +15,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define MAX_DIM 1024          /* the largest key width (D) served; the caller checks */
 #define KEYS 32               /* keys a block */
 
 /* Linux grants the tile registers to a process that asks (the kernel keeps their state per thread). */
@@ -58,14 +57,14 @@ typedef struct {
     int dim, dim_v, block_size, begin, end;
     float scale;
     float *out;                        /* [16][dim_v] fp32, unnormalised */
+    uint16_t *scratch, *v_pairs;       /* [32][dim] and [dim_v/16][16 key pairs][16 dims][2] bf16 */
     float max[16] __attribute__((aligned(64))), sum[16] __attribute__((aligned(64)));
 } part;
 
 /* Keys [begin, end) of the sequence into part->out / max / sum. */
 static void attend(part *pt) {
     const int dim = pt->dim, dim_v = pt->dim_v, bs = pt->block_size;
-    uint16_t scratch[KEYS * MAX_DIM] __attribute__((aligned(64)));
-    uint16_t v_pairs[MAX_DIM * KEYS] __attribute__((aligned(64)));  /* [dim_v/16][16 key pairs][16 dims][2] */
+    uint16_t *scratch = pt->scratch, *v_pairs = pt->v_pairs;
     float logits[KEYS * 16] __attribute__((aligned(64)));
     uint16_t probs[16 * KEYS] __attribute__((aligned(64)));         /* [16 heads][32 keys] */
     const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
@@ -157,17 +156,21 @@ static void attend(part *pt) {
     _mm512_store_ps(pt->sum, l);
 }
 
-/* A batch of sequences, one after the other: q [batch][heads][dim] bf16 (heads <= 16, dim % 32 == 0,
- * dim <= MAX_DIM); cache [blocks][block_size][dim] bf16, contiguous; sequence b's blocks at
- * block_table + b * table_stride, its length lengths[b] >= 0; dim_v % 32 == 0, dim_v <= dim.
- * out [batch][heads][dim_v] bf16 (zeros for an empty sequence), lse [batch][heads] fp32 (natural log; -inf
- * for an empty sequence); workspace 16 * dim_v fp32, 64-byte aligned. */
+/* A batch of sequences, one after the other: q [batch][heads][dim] bf16 (heads <= 16, dim % 32 == 0);
+ * cache [blocks][block_size][dim] bf16, contiguous; sequence b's blocks at block_table + b * table_stride,
+ * its length lengths[b] >= 0; dim_v % 32 == 0, dim_v <= dim. out [batch][heads][dim_v] bf16 (zeros for an
+ * empty sequence), lse [batch][heads] fp32 (natural log; -inf for an empty sequence); workspace
+ * 32 * dim_v + 24 * dim fp32, 64-byte aligned (hal_mla_decode_amx_workspace). */
+long hal_mla_decode_amx_workspace(int dim, int dim_v) { return 32L * dim_v + 24L * dim; }
+
 void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int dim_v, const uint16_t *cache,
                         int block_size, const int32_t *block_table, long table_stride, const int32_t *lengths,
                         float scale, uint16_t *out, float *lse, float *workspace) {
     /* q in the tile unit's pair layout, [dim/32][16 dim pairs][16 heads][2]: [dim/2 pairs][16 heads] of 32-bit
      * pairs, each row gathered from the heads (zero past the last head) */
-    uint32_t q_packed[8 * MAX_DIM] __attribute__((aligned(64)));
+    float *accumulators = workspace, *v_pairs = accumulators + 16 * dim_v;
+    uint32_t *q_packed = (uint32_t *)(v_pairs + 16 * dim_v);
+    uint16_t *scratch = (uint16_t *)(q_packed + 8 * dim);
     const __m512i head_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                                     _mm512_set1_epi32(dim / 2));
     const __mmask16 live = (__mmask16)((1u << heads) - 1);
@@ -185,13 +188,13 @@ void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int di
                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, head_offsets,
                                                            (const uint32_t *)qb + w, 4));
         part pt = {(const uint16_t *)q_packed, cache, block_table + b * table_stride, dim, dim_v, block_size, 0,
-                   lengths[b], scale, workspace};
+                   lengths[b], scale, accumulators, scratch, (uint16_t *)v_pairs};
         attend(&pt);
         for (int h = 0; h < heads; h++) {
             __m512 total = _mm512_set1_ps(pt.sum[h]);
             for (int n = 0; n < dim_v; n += 16)
                 _mm256_storeu_si256((__m256i *)(ob + (long)h * dim_v + n),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(_mm512_load_ps(workspace + h * dim_v + n), total)));
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(_mm512_load_ps(accumulators + h * dim_v + n), total)));
             lb[h] = pt.max[h] + logf(pt.sum[h]);
         }
     }

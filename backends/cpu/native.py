@@ -30,8 +30,7 @@ _SOURCE = "mla_decode_amx.c"
 _FLAGS = ("-O2", "-fPIC", "-shared", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16", "-mfma")
 _CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512_bf16")
-MAX_DIM = 1024  # as in the C source
-MAX_HEADS = 16
+MAX_HEADS = 16  # query rows a sequence: the 16 lanes of a vector, the 16 rows of a tile
 
 
 def status() -> str:
@@ -42,7 +41,7 @@ def status() -> str:
 
 def serves_mla_decode(heads: int, dim: int, dim_v: int, kv_cache: torch.Tensor) -> bool:
     """Whether :func:`mla_decode_amx` takes a decode step of these widths over ``kv_cache``."""
-    return (heads <= MAX_HEADS and dim % 32 == 0 and dim <= MAX_DIM and dim_v % 32 == 0 and 0 < dim_v <= dim
+    return (heads <= MAX_HEADS and dim % 32 == 0 and dim_v % 32 == 0 and 0 < dim_v <= dim
             and kv_cache.dtype == torch.bfloat16 and kv_cache.is_cpu and kv_cache.is_contiguous()
             and _library()[0] is not None)
 
@@ -59,8 +58,9 @@ def mla_decode_amx(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     lengths = seq_lens.to(torch.int32).contiguous()
     out = q.new_empty((batch, rows, dim_v))
     lse = torch.empty((batch, rows), dtype=torch.float32)
-    workspace = torch.empty(16 * dim_v, dtype=torch.float32)
-    _library()[0].hal_mla_decode_amx(q.data_ptr(), batch, rows, dim, dim_v, kv_cache.data_ptr(), kv_cache.shape[1],
+    library = _library()[0]
+    workspace = torch.empty(library.hal_mla_decode_amx_workspace(dim, dim_v), dtype=torch.float32)
+    library.hal_mla_decode_amx(q.data_ptr(), batch, rows, dim, dim_v, kv_cache.data_ptr(), kv_cache.shape[1],
                                      table.data_ptr(), table.stride(0), lengths.data_ptr(), softmax_scale,
                                      out.data_ptr(), lse.data_ptr(), workspace.data_ptr())
     return out, lse
@@ -87,6 +87,8 @@ def _library() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     library.hal_mla_decode_amx.argtypes = [p, i, i, i, i, p, i, p, ctypes.c_long, p, f, p, p, p]
     library.hal_mla_decode_amx.restype = None
+    library.hal_mla_decode_amx_workspace.argtypes = [i, i]
+    library.hal_mla_decode_amx_workspace.restype = ctypes.c_long
     return library, None
 
 
