@@ -9,4 +9,5 @@ from hal.registry import BackendSpec
 def hal_backends() -> List[BackendSpec]:
     return [BackendSpec(name="cpu", factory="hal.backends.cpu.backend:CpuBackend", vendor="xpu-hal (PyTorch)",
                         device_type="cpu", priority=0,
-                        description="reference semantics in plain PyTorch; bf16/fp16 computed in fp32")]
+                        description="reference semantics in PyTorch; bf16/fp16 computed in fp32; "
+                                    "native MLA decode on AMX")]

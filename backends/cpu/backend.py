@@ -4,7 +4,7 @@ the reference is slow.
 bf16/fp16 inputs are computed in fp32 and results rounded once to the contract's output dtype, except
 where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16): there bf16 GEMMs and attention run on
 those instructions, accumulating in fp32 (:mod:`hal.backends.cpu.kernels`; CPUs without them run bf16
-GEMMs far slower than fp32). The kernels are plain PyTorch, so the backend is *portable*: it computes on
+GEMMs far slower than fp32). The kernels are PyTorch, so the backend is *portable*: it computes on
 whatever device the arguments live on, which makes it the fallback for accelerator backends too; the one
 exception, bf16 MLA decode on CPUs with AMX, runs a native kernel compiled on first use
 (:mod:`hal.backends.cpu.native`) and falls back to PyTorch's flash attention wherever that cannot run. Values

@@ -15,10 +15,12 @@ accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. Wh
   queries, each over only the keys some query of the chunk attends, with the rest masked. Decode attends
   all heads' rows in one pass over the sequence's keys, a view of the cache when its pages are in order, a
   batch of equal-length sequences in one call (a core each), and only the keys a window or a top-k list
-  selects (a one-token decode step then needs no mask). Other cases: fp32, per sequence, two matrix
-  products shared by all heads, masked only when something is.
-* :func:`quantize_fp8`: the same fp32 operations as the reference, applied to row chunks that stay in
-  cache, in place, instead of five full-size passes through memory.
+  selects (a one-token decode step then needs no mask). On CPUs with AMX, a bf16 step whose rows attend all
+  their keys takes the native kernel of :mod:`hal.backends.cpu.native` instead. Other cases: fp32, per
+  sequence, two matrix products shared by all heads, masked only when something is.
+* :func:`quantize_fp8`, :func:`quantize_int8`: the same fp32 operations as the reference, applied to row
+  chunks that stay in cache, in place, instead of full-size passes through memory.
+* :func:`moe_unpermute`: the reference on chunks of tokens whose fp32 rows stay in cache.
 
 These kernels read the values a contract value-checks (group sizes, sequence offsets and lengths, block
 ids) anyway, and check them with the contract's own helpers, so bad ones raise its errors outside checked

@@ -45,7 +45,8 @@ static inline __m512 exp_ps(__m512 x) {
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    static const float inverse_factorial[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    static const float inverse_factorial[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
+                                              1.0f / 6,    0.5f,        1.0f,        1.0f};
     __m512 p = _mm512_set1_ps(inverse_factorial[0]);
     for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inverse_factorial[i]));
     return _mm512_scalef_ps(p, n);
@@ -54,17 +55,17 @@ static inline __m512 exp_ps(__m512 x) {
 typedef struct {
     const uint16_t *q_packed, *cache;  /* q: [D/32][16 dim pairs][16 heads][2] bf16 */
     const int32_t *block_ids;
-    int dim, dim_v, block_size, begin, end;
+    int dim, dim_v, block_size, length;
     float scale;
     float *out;                        /* [16][dim_v] fp32, unnormalised */
     uint16_t *scratch, *v_pairs;       /* [32][dim] and [dim_v/16][16 key pairs][16 dims][2] bf16 */
     float max[16] __attribute__((aligned(64))), sum[16] __attribute__((aligned(64)));
-} part;
+} sequence;
 
-/* Keys [begin, end) of the sequence into part->out / max / sum. */
-static void attend(part *pt) {
-    const int dim = pt->dim, dim_v = pt->dim_v, bs = pt->block_size;
-    uint16_t *scratch = pt->scratch, *v_pairs = pt->v_pairs;
+/* The sequence's keys into sq->out / max / sum. */
+static void attend(sequence *sq) {
+    const int dim = sq->dim, dim_v = sq->dim_v, bs = sq->block_size;
+    uint16_t *scratch = sq->scratch, *v_pairs = sq->v_pairs;
     float logits[KEYS * 16] __attribute__((aligned(64)));
     uint16_t probs[16 * KEYS] __attribute__((aligned(64)));         /* [16 heads][32 keys] */
     const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
@@ -74,20 +75,20 @@ static void attend(part *pt) {
     const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                               _mm512_set1_epi32(16));
     __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
-    memset(pt->out, 0, sizeof(float) * 16 * dim_v);
+    memset(sq->out, 0, sizeof(float) * 16 * dim_v);
     configure_tiles();
-    for (int kb = pt->begin; kb < pt->end; kb += KEYS) {
+    for (int kb = 0; kb < sq->length; kb += KEYS) {
         /* the block's rows: in place when 32 consecutive slots of one page, else copied (zeros past the end) */
         const uint16_t *rows;
         int slot = kb % bs;
-        if (kb + KEYS <= pt->end && slot + KEYS <= bs) {
-            rows = pt->cache + ((long)pt->block_ids[kb / bs] * bs + slot) * dim;
+        if (kb + KEYS <= sq->length && slot + KEYS <= bs) {
+            rows = sq->cache + ((long)sq->block_ids[kb / bs] * bs + slot) * dim;
         } else {
             for (int r = 0; r < KEYS; r++) {
                 int key = kb + r;
-                if (key < pt->end)
+                if (key < sq->length)
                     memcpy(scratch + (long)r * dim,
-                           pt->cache + ((long)pt->block_ids[key / bs] * bs + key % bs) * dim, 2 * (size_t)dim);
+                           sq->cache + ((long)sq->block_ids[key / bs] * bs + key % bs) * dim, 2 * (size_t)dim);
                 else
                     memset(scratch + (long)r * dim, 0, 2 * (size_t)dim);
             }
@@ -99,7 +100,7 @@ static void attend(part *pt) {
         for (int c = 0; c < dim / 32; c++) {
             _tile_loadd(2, rows + c * 32, 2 * dim);
             _tile_loadd(3, rows + 16L * dim + c * 32, 2 * dim);
-            _tile_loadd(4, pt->q_packed + c * 512, 64);
+            _tile_loadd(4, sq->q_packed + c * 512, 64);
             _tile_dpbf16ps(0, 2, 4);
             _tile_dpbf16ps(1, 3, 4);
         }
@@ -108,52 +109,55 @@ static void attend(part *pt) {
         /* online softmax */
         __m512 s[KEYS], block_max = _mm512_set1_ps(-INFINITY);
         for (int r = 0; r < KEYS; r++) {
-            s[r] = kb + r < pt->end ? _mm512_mul_ps(_mm512_load_ps(logits + 16 * r), _mm512_set1_ps(pt->scale))
+            s[r] = kb + r < sq->length ? _mm512_mul_ps(_mm512_load_ps(logits + 16 * r), _mm512_set1_ps(sq->scale))
                                     : _mm512_set1_ps(-INFINITY);
             block_max = _mm512_max_ps(block_max, s[r]);
         }
-        __m512 m_new = _mm512_max_ps(m, block_max), alpha = exp_ps(_mm512_sub_ps(m, m_new)), total = _mm512_setzero_ps();
+        __m512 m_new = _mm512_max_ps(m, block_max), alpha = exp_ps(_mm512_sub_ps(m, m_new));
+        __m512 total = _mm512_setzero_ps();
         for (int r = 0; r < KEYS; r++) {
             __m512 p = exp_ps(_mm512_sub_ps(s[r], m_new));
             total = _mm512_add_ps(total, p);
             _mm512_store_ps(logits + 16 * r, p);
         }
         l = _mm512_fmadd_ps(l, alpha, total);
-        if (kb > pt->begin && _mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) {
+        if (kb > 0 && _mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) {
             float a[16] __attribute__((aligned(64)));
             _mm512_store_ps(a, alpha);
             for (int h = 0; h < 16; h++)
                 for (int n = 0; n < dim_v; n += 16) {
-                    float *o = pt->out + h * dim_v + n;
+                    float *o = sq->out + h * dim_v + n;
                     _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), _mm512_set1_ps(a[h])));
                 }
         }
         m = m_new;
         /* probs[head][key] in bf16 (each head's column of logits), then the values in pairs of keys */
         for (int h = 0; h < 16; h++) {
-            __m512 first = _mm512_i32gather_ps(column, logits + h, 4), second = _mm512_i32gather_ps(column, logits + 256 + h, 4);
+            __m512 first = _mm512_i32gather_ps(column, logits + h, 4);
+            __m512 second = _mm512_i32gather_ps(column, logits + 256 + h, 4);
             _mm512_store_si512((__m512i *)(probs + KEYS * h), (__m512i)_mm512_cvtne2ps_pbh(second, first));
         }
         for (int i = 0; i < KEYS / 2; i++) {
             const uint16_t *a = rows + (2L * i) * dim, *b = a + dim;
             for (int n = 0; n < dim_v; n += 32) {
                 __m512i va = _mm512_loadu_si512(a + n), vb = _mm512_loadu_si512(b + n);
-                _mm512_store_si512((__m512i *)(v_pairs + (n / 16) * 512 + 32 * i), _mm512_permutex2var_epi16(va, low, vb));
-                _mm512_store_si512((__m512i *)(v_pairs + (n / 16 + 1) * 512 + 32 * i), _mm512_permutex2var_epi16(va, high, vb));
+                uint16_t *pair = v_pairs + (n / 16) * 512 + 32 * i;  /* dims n..n+15, then n+16..n+31 */
+                _mm512_store_si512((__m512i *)pair, _mm512_permutex2var_epi16(va, low, vb));
+                _mm512_store_si512((__m512i *)(pair + 512), _mm512_permutex2var_epi16(va, high, vb));
             }
         }
         /* out += probs . values, 16 dims a tile */
         _tile_loadd(5, probs, 64);
         for (int n = 0; n < dim_v / 16; n++) {
-            _tile_loadd(0, pt->out + 16 * n, 4 * dim_v);
+            _tile_loadd(0, sq->out + 16 * n, 4 * dim_v);
             _tile_loadd(6, v_pairs + n * 512, 64);
             _tile_dpbf16ps(0, 5, 6);
-            _tile_stored(0, pt->out + 16 * n, 4 * dim_v);
+            _tile_stored(0, sq->out + 16 * n, 4 * dim_v);
         }
     }
     _tile_release();
-    _mm512_store_ps(pt->max, m);
-    _mm512_store_ps(pt->sum, l);
+    _mm512_store_ps(sq->max, m);
+    _mm512_store_ps(sq->sum, l);
 }
 
 /* A batch of sequences, one after the other: q [batch][heads][dim] bf16 (heads <= 16, dim % 32 == 0);
@@ -171,8 +175,8 @@ void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int di
     float *accumulators = workspace, *v_pairs = accumulators + 16 * dim_v;
     uint32_t *q_packed = (uint32_t *)(v_pairs + 16 * dim_v);
     uint16_t *scratch = (uint16_t *)(q_packed + 8 * dim);
-    const __m512i head_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                    _mm512_set1_epi32(dim / 2));
+    const __m512i head_offsets = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(dim / 2));
     const __mmask16 live = (__mmask16)((1u << heads) - 1);
     for (int b = 0; b < batch; b++) {
         const uint16_t *qb = q + (long)b * heads * dim;
@@ -187,15 +191,16 @@ void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int di
             _mm512_store_si512((__m512i *)(q_packed + 16 * w),
                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, head_offsets,
                                                            (const uint32_t *)qb + w, 4));
-        part pt = {(const uint16_t *)q_packed, cache, block_table + b * table_stride, dim, dim_v, block_size, 0,
-                   lengths[b], scale, accumulators, scratch, (uint16_t *)v_pairs};
-        attend(&pt);
+        sequence sq = {(const uint16_t *)q_packed, cache, block_table + b * table_stride, dim, dim_v, block_size,
+                       lengths[b], scale, accumulators, scratch, (uint16_t *)v_pairs};
+        attend(&sq);
         for (int h = 0; h < heads; h++) {
-            __m512 total = _mm512_set1_ps(pt.sum[h]);
-            for (int n = 0; n < dim_v; n += 16)
-                _mm256_storeu_si256((__m256i *)(ob + (long)h * dim_v + n),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(_mm512_load_ps(accumulators + h * dim_v + n), total)));
-            lb[h] = pt.max[h] + logf(pt.sum[h]);
+            __m512 total = _mm512_set1_ps(sq.sum[h]);
+            for (int n = 0; n < dim_v; n += 16) {
+                __m512 o = _mm512_div_ps(_mm512_load_ps(accumulators + h * dim_v + n), total);
+                _mm256_storeu_si256((__m256i *)(ob + (long)h * dim_v + n), (__m256i)_mm512_cvtneps_pbh(o));
+            }
+            lb[h] = sq.max[h] + logf(sq.sum[h]);
         }
     }
 }
