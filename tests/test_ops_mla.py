@@ -859,3 +859,24 @@ def test_native_amx_decode_within_tolerance_of_oracle(monkeypatch, block_size, l
     n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=kw["softmax_scale"], num_keys=max(lens))
     assert_within(out, exact_out, TOL["bfloat16"], n=n, magnitude=magnitude, what="out")
     assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
+
+
+def test_native_amx_decode_of_a_sequence_is_the_same_alone_in_a_batch_and_on_any_number_of_threads():
+    # long sequences are attended in two halves shared out among the threads: the split depends only on the
+    # sequence's length, so its result does not depend on the batch around it or on the threads
+    from hal.backends.cpu import kernels
+    if not kernels.native.serves_mla_decode(16, 64, 64, torch.empty(1, 1, 64, dtype=torch.bfloat16)):
+        pytest.skip(f"the native kernel does not run here: {kernels.native.status()}")
+    q, keys, _, _ = decode_inputs(torch.bfloat16, lens=(1500, 700, 511, 3000, 40), sq=1, hq=16, d=64, seed=9)
+    cache, table, lens = page(keys, 64, dtype=torch.bfloat16)
+    batch = DECODE(q, cache, table, lens, softmax_scale=0.125, head_dim_v=64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = DECODE(q, cache, table, lens, softmax_scale=0.125, head_dim_v=64)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(batch, one_thread))
+    for b in range(len(keys)):
+        alone = DECODE(q[b:b + 1], cache, table[b:b + 1], lens[b:b + 1], softmax_scale=0.125, head_dim_v=64)
+        assert torch.equal(batch[0][b:b + 1], alone[0]) and torch.equal(batch[1][b:b + 1], alone[1]), b

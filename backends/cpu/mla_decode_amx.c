@@ -1,12 +1,12 @@
-/* Absorbed MLA decode of one sequence on Intel AMX: the CPU backend's native kernel (hal.backends.cpu.native
- * compiles it on first use and falls back to PyTorch's flash attention where it cannot).
+/* Absorbed MLA decode on Intel AMX: the CPU backend's native kernel (hal.backends.cpu.native compiles it on
+ * first use and falls back to PyTorch's flash attention where it cannot).
  *
- * One query row per head (up to 16 heads) attends the sequence's latent keys, which are also its values
+ * Each sequence's query rows (up to 16: one per head) attend its latent keys, which are also its values
  * (their first Dv dims). Keys go in blocks of 32, read in place from the paged cache: the logits S = K q
  * (bf16 products accumulated in fp32 by the tile unit), an online softmax in fp32 with the heads in the 16
  * lanes of a vector, the probabilities rounded to bf16 (as MLA_TOLERANCE admits), then O += P V in fp32.
- * One thread: a second one of our own would share a core with PyTorch's OpenMP workers, which spin for a
- * while after every parallel PyTorch call (measured: twice slower than one thread).
+ * A sequence from SPLIT_FROM keys is attended in two halves whose fp32 partials are combined; the halves
+ * of all the batch's sequences are shared out among PyTorch's OpenMP threads.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #define KEYS 32               /* keys a block */
+#define SPLIT_FROM 512        /* see middle() */
 
 /* Linux grants the tile registers to a process that asks (the kernel keeps their state per thread). */
 int hal_amx_request(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
@@ -55,14 +56,14 @@ static inline __m512 exp_ps(__m512 x) {
 typedef struct {
     const uint16_t *q_packed, *cache;  /* q: [D/32][16 dim pairs][16 heads][2] bf16 */
     const int32_t *block_ids;
-    int dim, dim_v, block_size, length;
+    int dim, dim_v, block_size, begin, end;  /* keys [begin, end) */
     float scale;
     float *out;                        /* [16][dim_v] fp32, unnormalised */
     uint16_t *scratch, *v_pairs;       /* [32][dim] and [dim_v/16][16 key pairs][16 dims][2] bf16 */
     float max[16] __attribute__((aligned(64))), sum[16] __attribute__((aligned(64)));
 } sequence;
 
-/* The sequence's keys into sq->out / max / sum. */
+/* Keys [begin, end) of a sequence into sq->out / max / sum. */
 static void attend(sequence *sq) {
     const int dim = sq->dim, dim_v = sq->dim_v, bs = sq->block_size;
     uint16_t *scratch = sq->scratch, *v_pairs = sq->v_pairs;
@@ -77,16 +78,16 @@ static void attend(sequence *sq) {
     __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
     memset(sq->out, 0, sizeof(float) * 16 * dim_v);
     configure_tiles();
-    for (int kb = 0; kb < sq->length; kb += KEYS) {
+    for (int kb = sq->begin; kb < sq->end; kb += KEYS) {
         /* the block's rows: in place when 32 consecutive slots of one page, else copied (zeros past the end) */
         const uint16_t *rows;
         int slot = kb % bs;
-        if (kb + KEYS <= sq->length && slot + KEYS <= bs) {
+        if (kb + KEYS <= sq->end && slot + KEYS <= bs) {
             rows = sq->cache + ((long)sq->block_ids[kb / bs] * bs + slot) * dim;
         } else {
             for (int r = 0; r < KEYS; r++) {
                 int key = kb + r;
-                if (key < sq->length)
+                if (key < sq->end)
                     memcpy(scratch + (long)r * dim,
                            sq->cache + ((long)sq->block_ids[key / bs] * bs + key % bs) * dim, 2 * (size_t)dim);
                 else
@@ -109,7 +110,7 @@ static void attend(sequence *sq) {
         /* online softmax */
         __m512 s[KEYS], block_max = _mm512_set1_ps(-INFINITY);
         for (int r = 0; r < KEYS; r++) {
-            s[r] = kb + r < sq->length ? _mm512_mul_ps(_mm512_load_ps(logits + 16 * r), _mm512_set1_ps(sq->scale))
+            s[r] = kb + r < sq->end ? _mm512_mul_ps(_mm512_load_ps(logits + 16 * r), _mm512_set1_ps(sq->scale))
                                     : _mm512_set1_ps(-INFINITY);
             block_max = _mm512_max_ps(block_max, s[r]);
         }
@@ -121,7 +122,7 @@ static void attend(sequence *sq) {
             _mm512_store_ps(logits + 16 * r, p);
         }
         l = _mm512_fmadd_ps(l, alpha, total);
-        if (kb > 0 && _mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) {
+        if (kb > sq->begin && _mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ)) {
             float a[16] __attribute__((aligned(64)));
             _mm512_store_ps(a, alpha);
             for (int h = 0; h < 16; h++)
@@ -160,47 +161,112 @@ static void attend(sequence *sq) {
     _mm512_store_ps(sq->sum, l);
 }
 
-/* A batch of sequences, one after the other: q [batch][heads][dim] bf16 (heads <= 16, dim % 32 == 0);
- * cache [blocks][block_size][dim] bf16, contiguous; sequence b's blocks at block_table + b * table_stride,
- * its length lengths[b] >= 0; dim_v % 32 == 0, dim_v <= dim. out [batch][heads][dim_v] bf16 (zeros for an
- * empty sequence), lse [batch][heads] fp32 (natural log; -inf for an empty sequence); workspace
- * 32 * dim_v + 24 * dim fp32, 64-byte aligned (hal_mla_decode_amx_workspace). */
-long hal_mla_decode_amx_workspace(int dim, int dim_v) { return 32L * dim_v + 24L * dim; }
+/* libgomp's entry points, resolved in PyTorch's OpenMP runtime (weak: null in a process without one). Work
+ * handed to PyTorch's own worker threads runs at once, where a thread of our own would share a core with
+ * one of them, which keeps spinning for a while after each parallel PyTorch call (measured: twice slower). */
+extern void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags) __attribute__((weak));
+extern int omp_get_thread_num(void) __attribute__((weak));
+extern int omp_get_num_threads(void) __attribute__((weak));
+
+typedef struct {
+    const uint16_t *q, *cache;
+    const int32_t *block_table, *lengths;
+    long table_stride;
+    int heads, dim, dim_v, block_size, count;
+    float scale;
+    const int *items;          /* the non-empty halves: 2 b for sequence b's first, 2 b + 1 for its second */
+    float *partials, *buffers; /* per half: [16][dim_v] accumulators, max[16], sum[16]; per thread: see below */
+} step;
+
+static long partial_size(int dim_v) { return 16L * dim_v + 32; }
+static long buffer_size(int dim, int dim_v) { return 8L * dim + 16L * dim + 16L * dim_v; }
+
+/* Where sequence b's second half starts: sequences from SPLIT_FROM keys are attended in two halves (always,
+ * so that a sequence comes out the same alone or in any batch, on any number of threads). */
+static int middle(int length) { return length >= SPLIT_FROM ? (length / 2 + KEYS - 1) / KEYS * KEYS : length; }
+
+static void attend_half(const step *st, int item, float *buffer) {
+    const int b = item / 2, length = st->lengths[b], mid = middle(length), dim = st->dim;
+    /* q in the tile unit's pair layout, [dim/32][16 dim pairs][16 heads][2]: [dim/2 pairs][16 heads] of 32-bit
+     * pairs, each row gathered from the heads (zero past the last head) */
+    uint32_t *q_packed = (uint32_t *)buffer;
+    const __m512i head_offsets = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(dim / 2));
+    const __mmask16 live = (__mmask16)((1u << st->heads) - 1);
+    const uint32_t *qb = (const uint32_t *)(st->q + (long)b * st->heads * dim);
+    for (int w = 0; w < dim / 2; w++)
+        _mm512_store_si512((__m512i *)(q_packed + 16 * w),
+                           _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, head_offsets, qb + w, 4));
+    float *partial = st->partials + item * partial_size(st->dim_v);
+    sequence sq = {(const uint16_t *)q_packed, st->cache, st->block_table + b * st->table_stride, dim, st->dim_v,
+                   st->block_size, item % 2 ? mid : 0, item % 2 ? length : mid, st->scale, partial,
+                   (uint16_t *)(buffer + 8L * dim), (uint16_t *)(buffer + 24L * dim)};
+    attend(&sq);
+    memcpy(partial + 16L * st->dim_v, sq.max, sizeof sq.max);
+    memcpy(partial + 16L * st->dim_v + 16, sq.sum, sizeof sq.sum);
+}
+
+static void attend_halves(void *arg) {  /* thread t of T takes halves t, t + T, ... */
+    const step *st = arg;
+    int t = omp_get_thread_num ? omp_get_thread_num() : 0, threads = omp_get_num_threads ? omp_get_num_threads() : 1;
+    for (int i = t; i < st->count; i += threads)
+        attend_half(st, st->items[i], st->buffers + t * buffer_size(st->dim, st->dim_v));
+}
+
+/* A decode step: q [batch][heads][dim] bf16 (heads <= 16, dim % 32 == 0); cache [blocks][block_size][dim] bf16,
+ * contiguous; sequence b's blocks at block_table + b * table_stride, its length lengths[b] >= 0;
+ * dim_v % 32 == 0, dim_v <= dim. out [batch][heads][dim_v] bf16 (zeros for an empty sequence), lse
+ * [batch][heads] fp32 (natural log; -inf for an empty sequence); workspace (hal_mla_decode_amx_workspace
+ * floats, 64-byte aligned) for up to `threads` threads. */
+long hal_mla_decode_amx_workspace(int batch, int dim, int dim_v, int threads) {
+    return 2L * batch * partial_size(dim_v) + threads * buffer_size(dim, dim_v) + 2L * batch;
+}
 
 void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int dim_v, const uint16_t *cache,
                         int block_size, const int32_t *block_table, long table_stride, const int32_t *lengths,
-                        float scale, uint16_t *out, float *lse, float *workspace) {
-    /* q in the tile unit's pair layout, [dim/32][16 dim pairs][16 heads][2]: [dim/2 pairs][16 heads] of 32-bit
-     * pairs, each row gathered from the heads (zero past the last head) */
-    float *accumulators = workspace, *v_pairs = accumulators + 16 * dim_v;
-    uint32_t *q_packed = (uint32_t *)(v_pairs + 16 * dim_v);
-    uint16_t *scratch = (uint16_t *)(q_packed + 8 * dim);
-    const __m512i head_offsets = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(dim / 2));
-    const __mmask16 live = (__mmask16)((1u << heads) - 1);
+                        float scale, uint16_t *out, float *lse, float *workspace, int threads) {
+    float *partials = workspace, *buffers = partials + 2L * batch * partial_size(dim_v);
+    int *items = (int *)(buffers + threads * buffer_size(dim, dim_v)), count = 0;
     for (int b = 0; b < batch; b++) {
-        const uint16_t *qb = q + (long)b * heads * dim;
+        if (lengths[b] > 0) items[count++] = 2 * b;
+        if (middle(lengths[b]) < lengths[b]) items[count++] = 2 * b + 1;
+    }
+    step st = {q, cache, block_table, lengths, table_stride, heads, dim, dim_v, block_size, count, scale, items,
+               partials, buffers};
+    if (threads > 1 && count > 1 && GOMP_parallel && omp_get_thread_num && omp_get_num_threads)
+        GOMP_parallel(attend_halves, &st, threads < count ? threads : count, 0);
+    else
+        for (int i = 0; i < count; i++) attend_half(&st, items[i], buffers);
+    /* each sequence: its halves combined as split-KV kernels do (FlashMLA), out = sum_i O_i e^(m_i - m) /
+     * sum_i l_i e^(m_i - m), in fp32 */
+    for (int b = 0; b < batch; b++) {
         uint16_t *ob = out + (long)b * heads * dim_v;
         float *lb = lse + (long)b * heads;
-        if (lengths[b] <= 0) {
-            memset(ob, 0, sizeof(uint16_t) * heads * dim_v);
-            for (int h = 0; h < heads; h++) lb[h] = -INFINITY;
-            continue;
-        }
-        for (int w = 0; w < dim / 2; w++)
-            _mm512_store_si512((__m512i *)(q_packed + 16 * w),
-                               _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, head_offsets,
-                                                           (const uint32_t *)qb + w, 4));
-        sequence sq = {(const uint16_t *)q_packed, cache, block_table + b * table_stride, dim, dim_v, block_size,
-                       lengths[b], scale, accumulators, scratch, (uint16_t *)v_pairs};
-        attend(&sq);
+        int halves = lengths[b] <= 0 ? 0 : middle(lengths[b]) < lengths[b] ? 2 : 1;
+        const float *first = partials + 2L * b * partial_size(dim_v), *second = first + partial_size(dim_v);
         for (int h = 0; h < heads; h++) {
-            __m512 total = _mm512_set1_ps(sq.sum[h]);
+            if (!halves) {
+                memset(ob + (long)h * dim_v, 0, sizeof(uint16_t) * dim_v);
+                lb[h] = -INFINITY;
+                continue;
+            }
+            float m1 = first[16 * dim_v + h], l1 = first[16 * dim_v + 16 + h];
+            float mx = m1, w1 = 1.0f, w2 = 0.0f, total = l1;
+            if (halves == 2) {
+                float m2 = second[16 * dim_v + h], l2 = second[16 * dim_v + 16 + h];
+                mx = fmaxf(m1, m2);
+                w1 = expf(m1 - mx);
+                w2 = expf(m2 - mx);
+                total = l1 * w1 + l2 * w2;
+            }
             for (int n = 0; n < dim_v; n += 16) {
-                __m512 o = _mm512_div_ps(_mm512_load_ps(accumulators + h * dim_v + n), total);
+                __m512 o = _mm512_mul_ps(_mm512_load_ps(first + h * dim_v + n), _mm512_set1_ps(w1));
+                if (halves == 2)
+                    o = _mm512_fmadd_ps(_mm512_load_ps(second + h * dim_v + n), _mm512_set1_ps(w2), o);
+                o = _mm512_div_ps(o, _mm512_set1_ps(total));
                 _mm256_storeu_si256((__m256i *)(ob + (long)h * dim_v + n), (__m256i)_mm512_cvtneps_pbh(o));
             }
-            lb[h] = sq.max[h] + logf(sq.sum[h]);
+            lb[h] = mx + logf(total);
         }
     }
 }
