@@ -779,6 +779,22 @@ def test_quantisers_of_many_rows_are_the_reference_bit_for_bit(op, args):
     assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("amax", [3.7, 448.0, 1.0, 0.01, 1e-5, 7e4])
+def test_bf16_quantisation_is_the_reference_bit_for_bit_over_every_bf16_value(scale_fmt, amax):
+    # every finite bf16 value up to amax, in groups led by amax (one scale): the CPU backend (on this machine
+    # its native kernel: quotients by the reciprocal, the division where one lies near an e4m3 midpoint)
+    # against the reference's division
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    top = torch.tensor(amax).bfloat16()
+    values = every[torch.isfinite(every) & (every.abs() <= top)]
+    values = values[:values.numel() // 127 * 127].view(-1, 127)
+    x = torch.cat([top.expand(values.shape[0], 1), values], dim=1)
+    q, s = Q8(x, 128, scale_fmt)
+    q_ref, s_ref = Q8.reference_impl(x, 128, scale_fmt)
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+
+
 def test_int8_gemm_accumulates_exactly_and_scales_per_token_and_channel():
     a = torch.full((2, 3000), 127, dtype=torch.int8)  # 3000 * 127 * 127 = 48387000 > 2**24: beyond fp32 exact
     b = torch.full((4, 3000), -127, dtype=torch.int8)

@@ -10,4 +10,4 @@ def hal_backends() -> List[BackendSpec]:
     return [BackendSpec(name="cpu", factory="hal.backends.cpu.backend:CpuBackend", vendor="xpu-hal (PyTorch)",
                         device_type="cpu", priority=0,
                         description="reference semantics in PyTorch; bf16/fp16 computed in fp32; "
-                                    "native MLA decode on AMX")]
+                                    "native MLA decode and FP8 quantisation on AMX CPUs")]

@@ -5,9 +5,9 @@ bf16/fp16 inputs are computed in fp32 and results rounded once to the contract's
 where the CPU multiplies bf16 in hardware (AMX / AVX512-BF16): there bf16 GEMMs and attention run on
 those instructions, accumulating in fp32 (:mod:`hal.backends.cpu.kernels`; CPUs without them run bf16
 GEMMs far slower than fp32). The kernels are PyTorch, so the backend is *portable*: it computes on
-whatever device the arguments live on, which makes it the fallback for accelerator backends too; the one
-exception, bf16 MLA decode on CPUs with AMX, runs a native kernel compiled on first use
-(:mod:`hal.backends.cpu.native`) and falls back to PyTorch's flash attention wherever that cannot run. Values
+whatever device the arguments live on, which makes it the fallback for accelerator backends too; the
+exceptions, bf16 MLA decode and bf16 FP8 quantisation on CPUs with AMX, run native kernels compiled on first
+use (:mod:`hal.backends.cpu.native`) and keep their PyTorch paths wherever those cannot run. Values
 its kernels index with (sizes, offsets, ids, slots) are checked in every mode, not only in checked mode.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class CpuBackend(Backend):
         return {"torch": torch.__version__, "cpu": platform.machine() or "unknown",
                 "threads": str(torch.get_num_threads()),
                 "bf16-matmul": "native" if kernels.native_bf16_gemm() else "none (bf16 computed in fp32)",
-                "bf16-mla-decode": kernels.native.status()}
+                "native-kernels": kernels.native.status()}
 
 
 def _reference(op: Op) -> Callable[..., Any]:

@@ -19,7 +19,8 @@ accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. Wh
   their keys takes the native kernel of :mod:`hal.backends.cpu.native` instead. Other cases: fp32, per
   sequence, two matrix products shared by all heads, masked only when something is.
 * :func:`quantize_fp8`, :func:`quantize_int8`: the same fp32 operations as the reference, applied to row
-  chunks that stay in cache, in place, instead of full-size passes through memory.
+  chunks that stay in cache, in place, instead of full-size passes through memory; bf16 FP8 quantisation
+  takes the native kernel of :mod:`hal.backends.cpu.native` where it runs.
 * :func:`moe_unpermute`: the reference on chunks of tokens whose fp32 rows stay in cache.
 
 These kernels read the values a contract value-checks (group sizes, sequence offsets and lengths, block
@@ -369,6 +370,8 @@ def quantize_fp8(x: torch.Tensor, group_size: int = 128,
                  scale_fmt: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         return _quantize_fp8_op.reference_impl(x, group_size, scale_fmt)
+    if native.serves_quantize_fp8(x, group_size):
+        return native.quantize_fp8_bf16(x, group_size, scale_fmt == "ue8m0")
     return _quantized_in_chunks(x, group_size, lambda amax: fp8_scales(amax, scale_fmt),
                                 lambda chunk: chunk.clamp_(-FP8_MAX, FP8_MAX), FP8_DTYPE)
 

@@ -1,15 +1,18 @@
-"""The CPU backend's one native kernel: absorbed MLA decode on Intel AMX (``mla_decode_amx.c``).
+"""The CPU backend's native kernels (``native.c``): absorbed MLA decode on Intel AMX, and FP8 quantisation of
+bf16 activations.
 
 PyTorch's CPU flash attention pays a fixed cost for every block of keys of a decode step (two small oneDNN
-calls) and gives a sequence one core; this kernel multiplies on the tile unit directly, reads the paged
-cache in place, scattered pages included, and shares a step's work out among PyTorch's own OpenMP threads
-(found through libgomp's entry points; one thread where the process has none): ~2.5x faster on one
-sequence at 4k keys on this project's machine. It is C, compiled on
-first use with the system's compiler (``$CC``, else ``cc``) into a cache directory
-(``$XDG_CACHE_HOME/xpu-hal``, else ``~/.cache/xpu-hal``), keyed by its source and flags, and loaded with
-ctypes: nothing is built at install time. Where it cannot run (not x86-64 Linux, no AMX-BF16, no compiler,
-the OS refuses the tile registers, ``HAL_CPU_NATIVE=0``), the backend keeps PyTorch's flash path, and
-:func:`status` (``hal info``) says why.
+calls) and gives a sequence one core; the decode kernel multiplies on the tile unit directly, reads the
+paged cache in place, scattered pages included, and shares a step's work out among PyTorch's own OpenMP
+threads (found through libgomp's entry points; one thread where the process has none): ~2.5x faster on one
+sequence at 4k keys on this project's machine. PyTorch converts fp32 to e4m3 one value at a time; the
+quantiser does the whole group in vector registers, bit for bit the reference: ~3x faster.
+
+They are C, compiled on first use with the system's compiler (``$CC``, else ``cc``) into a cache directory
+(``$XDG_CACHE_HOME/xpu-hal``, else ``~/.cache/xpu-hal``), keyed by their source and flags, and loaded with
+ctypes: nothing is built at install time. Where they cannot run (not x86-64 Linux, no AMX-BF16, no
+compiler, the OS refuses the tile registers, ``HAL_CPU_NATIVE=0``), the backend keeps its PyTorch paths,
+and :func:`status` (``hal info``) says why.
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["mla_decode_amx", "serves_mla_decode", "status"]
+__all__ = ["mla_decode_amx", "quantize_fp8_bf16", "serves_mla_decode", "serves_quantize_fp8", "status"]
 
-_SOURCE = "mla_decode_amx.c"
+_SOURCE = "native.c"
 _FLAGS = ("-O2", "-fPIC", "-shared", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16", "-mfma")
 _CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512bw", "avx512_bf16")
@@ -37,7 +40,7 @@ MAX_HEADS = 16  # query rows a sequence: the 16 lanes of a vector, the 16 rows o
 
 
 def status() -> str:
-    """"native AMX" when the kernel serves, else why not."""
+    """"native AMX" when the kernels serve, else why not."""
     _, why = _library()
     return "native AMX" if why is None else f"PyTorch flash ({why})"
 
@@ -70,13 +73,33 @@ def mla_decode_amx(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.T
     return out, lse
 
 
+def serves_quantize_fp8(x: torch.Tensor, group_size: int) -> bool:
+    """Whether :func:`quantize_fp8_bf16` quantises ``x`` in groups of ``group_size``."""
+    return (x.dtype == torch.bfloat16 and x.is_cpu and x.dim() >= 1 and group_size % 16 == 0
+            and x.shape[-1] % group_size == 0 and _library()[0] is not None)
+
+
+def quantize_fp8_bf16(x: torch.Tensor, group_size: int, ue8m0: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The contract's ``quantize_fp8`` of bf16 ``x`` ``[..., K]`` (bit for bit the reference) on PyTorch's OpenMP
+    threads: ``q`` e4m3fn of ``x``'s shape and ``s`` ``[..., K // group_size]``."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+    s = torch.empty((*x.shape[:-1], k // group_size), dtype=torch.float32)
+    if x.numel():
+        _library()[0].hal_quantize_fp8_bf16(x.data_ptr(), rows, k, group_size, int(ue8m0), q.data_ptr(), s.data_ptr(),
+                                           torch.get_num_threads())
+    return q, s
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
-    """The loaded kernel, or None and why not."""
+    """The loaded kernels, or None and why not."""
     if os.environ.get("HAL_CPU_NATIVE", "1") == "0":
         return None, "HAL_CPU_NATIVE=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"the native kernel is for x86-64 Linux, not {platform.system()} {platform.machine()}"
+        return None, f"the native kernels are for x86-64 Linux, not {platform.system()} {platform.machine()}"
     missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
@@ -85,7 +108,7 @@ def _library() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
     except _NotBuilt as exc:
         return None, str(exc)
     except OSError as exc:
-        return None, f"the native kernel did not load: {exc}"
+        return None, f"the native kernels did not load: {exc}"
     if not library.hal_amx_request():
         return None, "the OS refused this process the AMX tile registers"
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -93,6 +116,8 @@ def _library() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
     library.hal_mla_decode_amx.restype = None
     library.hal_mla_decode_amx_workspace.argtypes = [i, i, i, i]
     library.hal_mla_decode_amx_workspace.restype = ctypes.c_long
+    library.hal_quantize_fp8_bf16.argtypes = [p, ctypes.c_long, ctypes.c_long, i, i, p, p, i]
+    library.hal_quantize_fp8_bf16.restype = None
     return library, None
 
 
@@ -106,23 +131,23 @@ def _cpu_flags() -> set:
 
 
 class _NotBuilt(Exception):
-    """Why the kernel could not be compiled."""
+    """Why the kernels could not be compiled."""
 
 
 def _built() -> Path:
-    """The compiled kernel in the cache directory (keyed by the source and the flags), compiled now if it is not
-    there yet: written under a temporary name and renamed, so that processes building at once never load a
+    """The compiled kernels in the cache directory (keyed by the source and the flags), compiled now if they are
+    not there yet: written under a temporary name and renamed, so that processes building at once never load a
     partial file."""
     source = resources.files(__package__).joinpath(_SOURCE).read_bytes()
     key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xpu-hal"
-    target = cache / f"mla_decode_amx-{key}.so"
+    target = cache / f"native-{key}.so"
     if target.exists():
         return target
     name = os.environ.get("CC", "cc")
     compiler = shutil.which(name)
     if compiler is None:
-        raise _NotBuilt(f"no C compiler ({name}) to build the native kernel")
+        raise _NotBuilt(f"no C compiler ({name}) to build the native kernels")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, built = Path(tmp) / _SOURCE, Path(tmp) / target.name
@@ -131,9 +156,9 @@ def _built() -> Path:
             subprocess.run([compiler, *_FLAGS, str(src), "-o", str(built), "-lm"], check=True, capture_output=True,
                            timeout=120)
         except subprocess.CalledProcessError as exc:
-            raise _NotBuilt("the native kernel did not build: "
+            raise _NotBuilt("the native kernels did not build: "
                             + exc.stderr.decode(errors="replace").strip()[-300:]) from None
         except (OSError, subprocess.SubprocessError) as exc:
-            raise _NotBuilt(f"the native kernel did not build: {exc}") from None
+            raise _NotBuilt(f"the native kernels did not build: {exc}") from None
         os.replace(built, target)
     return target

@@ -18,6 +18,27 @@
 #define KEYS 32               /* keys a block */
 #define SPLIT_FROM 512        /* see middle() */
 
+/* libgomp's entry points, resolved in PyTorch's OpenMP runtime (weak: null in a process without one). Work
+ * handed to PyTorch's own worker threads runs at once, where a thread of our own would share a core with
+ * one of them, which keeps spinning for a while after each parallel PyTorch call (measured: twice slower). */
+extern void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags) __attribute__((weak));
+extern int omp_get_thread_num(void) __attribute__((weak));
+extern int omp_get_num_threads(void) __attribute__((weak));
+
+/* fn(arg) on up to `threads` of PyTorch's OpenMP threads, or on this one; fn shares the work out by
+ * omp_get_thread_num() / omp_get_num_threads() (through team(), which reads 0 of 1 when serial). */
+static void run_parallel(void (*fn)(void *), void *arg, int threads) {
+    if (threads > 1 && GOMP_parallel && omp_get_thread_num && omp_get_num_threads)
+        GOMP_parallel(fn, arg, threads, 0);
+    else
+        fn(arg);
+}
+
+static void team(int *thread, int *threads) {
+    *thread = omp_get_thread_num ? omp_get_thread_num() : 0;
+    *threads = omp_get_num_threads ? omp_get_num_threads() : 1;
+}
+
 /* Linux grants the tile registers to a process that asks (the kernel keeps their state per thread). */
 int hal_amx_request(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
 
@@ -161,13 +182,6 @@ static void attend(sequence *sq) {
     _mm512_store_ps(sq->sum, l);
 }
 
-/* libgomp's entry points, resolved in PyTorch's OpenMP runtime (weak: null in a process without one). Work
- * handed to PyTorch's own worker threads runs at once, where a thread of our own would share a core with
- * one of them, which keeps spinning for a while after each parallel PyTorch call (measured: twice slower). */
-extern void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags) __attribute__((weak));
-extern int omp_get_thread_num(void) __attribute__((weak));
-extern int omp_get_num_threads(void) __attribute__((weak));
-
 typedef struct {
     const uint16_t *q, *cache;
     const int32_t *block_table, *lengths;
@@ -208,7 +222,8 @@ static void attend_half(const step *st, int item, float *buffer) {
 
 static void attend_halves(void *arg) {  /* thread t of T takes halves t, t + T, ... */
     const step *st = arg;
-    int t = omp_get_thread_num ? omp_get_thread_num() : 0, threads = omp_get_num_threads ? omp_get_num_threads() : 1;
+    int t, threads;
+    team(&t, &threads);
     for (int i = t; i < st->count; i += threads)
         attend_half(st, st->items[i], st->buffers + t * buffer_size(st->dim, st->dim_v));
 }
@@ -233,10 +248,7 @@ void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int di
     }
     step st = {q, cache, block_table, lengths, table_stride, heads, dim, dim_v, block_size, count, scale, items,
                partials, buffers};
-    if (threads > 1 && count > 1 && GOMP_parallel && omp_get_thread_num && omp_get_num_threads)
-        GOMP_parallel(attend_halves, &st, threads < count ? threads : count, 0);
-    else
-        for (int i = 0; i < count; i++) attend_half(&st, items[i], buffers);
+    run_parallel(attend_halves, &st, threads < count ? threads : count);
     /* each sequence: its halves combined as split-KV kernels do (FlashMLA), out = sum_i O_i e^(m_i - m) /
      * sum_i l_i e^(m_i - m), in fp32 */
     for (int b = 0; b < batch; b++) {
@@ -269,4 +281,109 @@ void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int di
             lb[h] = mx + logf(total);
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------------- quantize_fp8 */
+
+/* The e4m3fn code of each of 16 fp32 values (|y| clamped to 448; NaN gives 0x7F with its sign): round to
+ * nearest, ties to even, on the bits. Normal range (|y| >= 2^-6): 3 mantissa bits kept; below, multiples of
+ * 2^-9, rounded by adding 2^23 to 512 |y| (computed only when a lane is there). */
+static inline __m128i e4m3_codes(__m512 y) {
+    const __m512i bits = _mm512_castps_si512(y);
+    const __m512i a = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i clamped = _mm512_min_epu32(a, _mm512_set1_epi32(0x43E00000));  /* 448 */
+    __m512i code = _mm512_add_epi32(clamped, _mm512_set1_epi32(0x7FFFF));
+    code = _mm512_add_epi32(code, _mm512_and_si512(_mm512_srli_epi32(clamped, 20), _mm512_set1_epi32(1)));
+    code = _mm512_sub_epi32(_mm512_srli_epi32(code, 20), _mm512_set1_epi32(960));
+    const __mmask16 small = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x3C800000));
+    if (small) {
+        const __m512 t = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0f), _mm512_set1_ps(8388608.0f));
+        code = _mm512_mask_sub_epi32(code, small, _mm512_castps_si512(t), _mm512_set1_epi32(0x4B000000));
+    }
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7F800000));
+    if (nan) code = _mm512_mask_mov_epi32(code, nan, _mm512_set1_epi32(0x7F));
+    code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(bits, 24), _mm512_set1_epi32(0x80)));
+    return _mm512_cvtepi32_epi8(code);
+}
+
+/* Lanes whose value lies within a few fp32 ulps of a midpoint between two e4m3 values (where a quotient
+ * formed by multiplying with the reciprocal may round differently from the division). */
+static inline __mmask16 near_midpoint(__m512 y) {
+    const __m512i a = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512i dropped = _mm512_and_si512(a, _mm512_set1_epi32(0xFFFFF));  /* the bits rounding drops */
+    const __mmask16 small = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x3C800000));
+    __mmask16 near = _mm512_mask_cmple_epu32_mask(~small, _mm512_sub_epi32(dropped, _mm512_set1_epi32(0x7FFF0)),
+                                                  _mm512_set1_epi32(32));
+    if (small) {
+        const __m512 t = _mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0f));
+        const __m512 frac = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+        near |= _mm512_mask_cmp_ps_mask(small, _mm512_abs_ps(_mm512_sub_ps(frac, _mm512_set1_ps(0.5f))),
+                                        _mm512_set1_ps(1.0f / 65536), _CMP_LE_OQ);
+    }
+    return near;
+}
+
+static inline __m512 bf16_to_ps(const uint16_t *x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+typedef struct {
+    const uint16_t *x;
+    uint8_t *q;
+    float *s;
+    long rows, k;
+    int group, ue8m0;
+} fp8_job;
+
+/* Rows of one thread: per group, s = max(amax, 1e-4) / 448 (an fp32 division; UE8M0: rounded up to a power
+ * of two on the bits), q = e4m3(clamp(x / s)). The quotients are x * (1 / s), exact for a power of two, and
+ * otherwise recomputed with the division for a group where one lies near a rounding midpoint: the same bits
+ * as the reference's division everywhere. */
+static void quantize_rows(void *arg) {
+    const fp8_job *job = arg;
+    int t, threads;
+    team(&t, &threads);
+    const long first = job->rows * t / threads, last = job->rows * (t + 1) / threads, per_row = job->k / job->group;
+    for (long g = first * per_row; g < last * per_row; g++) {
+        const uint16_t *x = job->x + g * job->group;
+        uint8_t *q = job->q + g * job->group;
+        __m512i top = _mm512_setzero_si512();
+        for (int i = 0; i < job->group; i += 16) {
+            __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16);
+            top = _mm512_max_epu32(top, _mm512_and_si512(v, _mm512_set1_epi32(0x7FFFFFFF)));
+        }
+        uint32_t bits = (uint32_t)_mm512_reduce_max_epu32(top);
+        float amax;
+        memcpy(&amax, &bits, 4);
+        if (bits <= 0x7F800000u && amax < 1e-4f) amax = 1e-4f;
+        float s = amax / 448.0f;
+        if (job->ue8m0) {
+            uint32_t sb;
+            memcpy(&sb, &s, 4);
+            if (s > 0 && sb < 0x7F800000u) {
+                sb = ((sb >> 23) + ((sb & 0x7FFFFF) != 0)) << 23;
+                memcpy(&s, &sb, 4);
+            }
+        }
+        job->s[g] = s;
+        const int finite = bits < 0x7F800000u;
+        const __m512 reciprocal = _mm512_set1_ps(1.0f / s), scale = _mm512_set1_ps(s);
+        __mmask16 ties = 0;
+        if (finite)
+            for (int i = 0; i < job->group; i += 16) {
+                __m512 y = _mm512_mul_ps(bf16_to_ps(x + i), reciprocal);
+                _mm_storeu_si128((__m128i *)(q + i), e4m3_codes(y));
+                ties |= near_midpoint(y);
+            }
+        if (!finite || (ties && !job->ue8m0))
+            for (int i = 0; i < job->group; i += 16)
+                _mm_storeu_si128((__m128i *)(q + i), e4m3_codes(_mm512_div_ps(bf16_to_ps(x + i), scale)));
+    }
+}
+
+/* x [rows][k] bf16, contiguous, k % group == 0, group % 16 == 0 -> q [rows][k] e4m3fn, s [rows][k / group]. */
+void hal_quantize_fp8_bf16(const uint16_t *x, long rows, long k, int group, int ue8m0, uint8_t *q, float *s,
+                           int threads) {
+    fp8_job job = {x, q, s, rows, k, group, ue8m0};
+    run_parallel(quantize_rows, &job, rows < threads ? (int)(rows > 0 ? rows : 1) : threads);
 }
