@@ -880,3 +880,23 @@ def test_native_amx_decode_of_a_sequence_is_the_same_alone_in_a_batch_and_on_any
     for b in range(len(keys)):
         alone = DECODE(q[b:b + 1], cache, table[b:b + 1], lens[b:b + 1], softmax_scale=0.125, head_dim_v=64)
         assert torch.equal(batch[0][b:b + 1], alone[0]) and torch.equal(batch[1][b:b + 1], alone[1]), b
+
+
+@pytest.mark.parametrize("where", ["query", "key, latent dims", "key, value dims"])
+def test_native_amx_decode_propagates_nan_as_the_reference_does(where):
+    # a NaN among the attended numbers makes out and lse NaN where the reference's are (compare: "NaN where
+    # NaN"); the kernel's exponential must not turn a NaN logit into a zero probability
+    from hal.backends.cpu import kernels
+    if not kernels.native.serves_mla_decode(4, 64, 32, torch.empty(1, 1, 64, dtype=torch.bfloat16)):
+        pytest.skip(f"the native kernel does not run here: {kernels.native.status()}")
+    q, keys, _, _ = decode_inputs(torch.bfloat16, lens=(600, 40), sq=1, hq=4, d=64, seed=5)
+    if where == "query":
+        q[0, 0, 2, 7] = float("nan")
+    else:
+        keys[0][333, 40 if where == "key, latent dims" else 5] = float("nan")
+    cache, table, lens = page(keys, 16, dtype=torch.bfloat16)
+    out, lse = DECODE(q, cache, table, lens, softmax_scale=0.125, head_dim_v=32)
+    exact_out, exact_lse = DECODE.reference_impl(q, cache, table, lens, compute_dtype=F64, softmax_scale=0.125,
+                                                 head_dim_v=32)
+    assert exact_out.isnan().any()
+    assert torch.equal(out.isnan(), exact_out.isnan()) and torch.equal(lse.isnan(), exact_lse.isnan())

@@ -27,16 +27,21 @@ extern int omp_get_num_threads(void) __attribute__((weak));
 
 /* fn(arg) on up to `threads` of PyTorch's OpenMP threads, or on this one; fn shares the work out by
  * omp_get_thread_num() / omp_get_num_threads() (through team(), which reads 0 of 1 when serial). */
+static _Thread_local int serial;  /* set while run_parallel calls fn on this thread alone */
+
 static void run_parallel(void (*fn)(void *), void *arg, int threads) {
-    if (threads > 1 && GOMP_parallel && omp_get_thread_num && omp_get_num_threads)
+    if (threads > 1 && GOMP_parallel && omp_get_thread_num && omp_get_num_threads) {
         GOMP_parallel(fn, arg, threads, 0);
-    else
+    } else {  /* (the caller may itself be one of an OpenMP team's threads: fn must not see that team) */
+        serial = 1;
         fn(arg);
+        serial = 0;
+    }
 }
 
 static void team(int *thread, int *threads) {
-    *thread = omp_get_thread_num ? omp_get_thread_num() : 0;
-    *threads = omp_get_num_threads ? omp_get_num_threads() : 1;
+    *thread = serial || !omp_get_thread_num ? 0 : omp_get_thread_num();
+    *threads = serial || !omp_get_num_threads ? 1 : omp_get_num_threads();
 }
 
 /* Linux grants the tile registers to a process that asks (the kernel keeps their state per thread). */
@@ -62,7 +67,7 @@ static void configure_tiles(void) {  /* all 8 tiles 16 rows x 64 bytes: 16 x 16 
 /* e^x in fp32: 2^n e^r with |r| <= ln2 / 2 (Cody-Waite), a degree-7 Taylor polynomial (truncation below
  * 1e-8 relative), 0 below -150 (so that -inf, a masked key, gives 0). */
 static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);  /* x second: a NaN stays NaN */
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -140,25 +141,28 @@ def _built() -> Path:
     partial file."""
     source = resources.files(__package__).joinpath(_SOURCE).read_bytes()
     key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xpu-hal"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "xpu-hal"  # (XDG: relative = unset)
     target = cache / f"native-{key}.so"
     if target.exists():
         return target
-    name = os.environ.get("CC", "cc")
-    compiler = shutil.which(name)
+    command = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # "ccache gcc" too
+    compiler = shutil.which(command[0])
     if compiler is None:
-        raise _NotBuilt(f"no C compiler ({name}) to build the native kernels")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src, built = Path(tmp) / _SOURCE, Path(tmp) / target.name
-        src.write_bytes(source)
-        try:
-            subprocess.run([compiler, *_FLAGS, str(src), "-o", str(built), "-lm"], check=True, capture_output=True,
-                           timeout=120)
-        except subprocess.CalledProcessError as exc:
-            raise _NotBuilt("the native kernels did not build: "
-                            + exc.stderr.decode(errors="replace").strip()[-300:]) from None
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise _NotBuilt(f"the native kernels did not build: {exc}") from None
-        os.replace(built, target)
+        raise _NotBuilt(f"no C compiler ({command[0]}) to build the native kernels")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src, built = Path(tmp) / _SOURCE, Path(tmp) / target.name
+            src.write_bytes(source)
+            subprocess.run([compiler, *command[1:], *_FLAGS, str(src), "-o", str(built), "-lm"], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(built, target)
+    except subprocess.CalledProcessError as exc:
+        raise _NotBuilt(f"the native kernels did not build ({command[0]} exited with {exc.returncode}): "
+                        + exc.stderr.decode(errors="replace").strip()[-300:]) from None
+    except subprocess.SubprocessError as exc:
+        raise _NotBuilt(f"the native kernels did not build: {exc}") from None
+    except OSError as exc:
+        raise _NotBuilt(f"the native kernels could not be built in {cache}: {exc}") from None
     return target
