@@ -1,12 +1,15 @@
-/* Absorbed MLA decode on Intel AMX: the CPU backend's native kernel (hal.backends.cpu.native compiles it on
- * first use and falls back to PyTorch's flash attention where it cannot).
+/* The CPU backend's native kernels (hal.backends.cpu.native compiles them on first use; where it cannot, the
+ * backend keeps its PyTorch paths).
  *
- * Each sequence's query rows (up to 16: one per head) attend its latent keys, which are also its values
- * (their first Dv dims). Keys go in blocks of 32, read in place from the paged cache: the logits S = K q
- * (bf16 products accumulated in fp32 by the tile unit), an online softmax in fp32 with the heads in the 16
- * lanes of a vector, the probabilities rounded to bf16 (as MLA_TOLERANCE admits), then O += P V in fp32.
- * A sequence from SPLIT_FROM keys is attended in two halves whose fp32 partials are combined; the halves
- * of all the batch's sequences are shared out among PyTorch's OpenMP threads.
+ * Absorbed MLA decode on Intel AMX: each sequence's query rows (up to 16: one per head) attend its latent
+ * keys, which are also its values (their first Dv dims). Keys go in blocks of 32, read in place from the
+ * paged cache: the logits S = K q (bf16 products accumulated in fp32 by the tile unit), an online softmax in
+ * fp32 with the heads in the 16 lanes of a vector, the probabilities rounded to bf16 (as MLA_TOLERANCE
+ * admits), then O += P V in fp32. A sequence from SPLIT_FROM keys is attended in two halves whose fp32
+ * partials are combined; the halves of all the batch's sequences are shared out among PyTorch's OpenMP
+ * threads.
+ *
+ * FP8 quantisation of bf16 (quantize_fp8), bit for bit the reference: see quantize_rows.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -204,6 +207,9 @@ static long buffer_size(int dim, int dim_v) { return 8L * dim + 16L * dim + 16L 
  * so that a sequence comes out the same alone or in any batch, on any number of threads). */
 static int middle(int length) { return length >= SPLIT_FROM ? (length / 2 + KEYS - 1) / KEYS * KEYS : length; }
 
+/* How many halves a sequence of this length is attended in (0 when empty). */
+static int halves(int length) { return length <= 0 ? 0 : middle(length) < length ? 2 : 1; }
+
 static void attend_half(const step *st, int item, float *buffer) {
     const int b = item / 2, length = st->lengths[b], mid = middle(length), dim = st->dim;
     /* q in the tile unit's pair layout, [dim/32][16 dim pairs][16 heads][2]: [dim/2 pairs][16 heads] of 32-bit
@@ -248,8 +254,7 @@ void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int di
     float *partials = workspace, *buffers = partials + 2L * batch * partial_size(dim_v);
     int *items = (int *)(buffers + threads * buffer_size(dim, dim_v)), count = 0;
     for (int b = 0; b < batch; b++) {
-        if (lengths[b] > 0) items[count++] = 2 * b;
-        if (middle(lengths[b]) < lengths[b]) items[count++] = 2 * b + 1;
+        for (int half = 0; half < halves(lengths[b]); half++) items[count++] = 2 * b + half;
     }
     step st = {q, cache, block_table, lengths, table_stride, heads, dim, dim_v, block_size, count, scale, items,
                partials, buffers};
@@ -259,17 +264,17 @@ void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int di
     for (int b = 0; b < batch; b++) {
         uint16_t *ob = out + (long)b * heads * dim_v;
         float *lb = lse + (long)b * heads;
-        int halves = lengths[b] <= 0 ? 0 : middle(lengths[b]) < lengths[b] ? 2 : 1;
+        const int parts = halves(lengths[b]);
         const float *first = partials + 2L * b * partial_size(dim_v), *second = first + partial_size(dim_v);
         for (int h = 0; h < heads; h++) {
-            if (!halves) {
+            if (!parts) {
                 memset(ob + (long)h * dim_v, 0, sizeof(uint16_t) * dim_v);
                 lb[h] = -INFINITY;
                 continue;
             }
             float m1 = first[16 * dim_v + h], l1 = first[16 * dim_v + 16 + h];
             float mx = m1, w1 = 1.0f, w2 = 0.0f, total = l1;
-            if (halves == 2) {
+            if (parts == 2) {
                 float m2 = second[16 * dim_v + h], l2 = second[16 * dim_v + 16 + h];
                 mx = fmaxf(m1, m2);
                 w1 = expf(m1 - mx);
@@ -278,7 +283,7 @@ void hal_mla_decode_amx(const uint16_t *q, int batch, int heads, int dim, int di
             }
             for (int n = 0; n < dim_v; n += 16) {
                 __m512 o = _mm512_mul_ps(_mm512_load_ps(first + h * dim_v + n), _mm512_set1_ps(w1));
-                if (halves == 2)
+                if (parts == 2)
                     o = _mm512_fmadd_ps(_mm512_load_ps(second + h * dim_v + n), _mm512_set1_ps(w2), o);
                 o = _mm512_div_ps(o, _mm512_set1_ps(total));
                 _mm256_storeu_si256((__m256i *)(ob + (long)h * dim_v + n), (__m256i)_mm512_cvtneps_pbh(o));
@@ -354,7 +359,7 @@ static void quantize_rows(void *arg) {
         uint8_t *q = job->q + g * job->group;
         __m512i top = _mm512_setzero_si512();
         for (int i = 0; i < job->group; i += 16) {
-            __m512i v = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16);
+            __m512i v = _mm512_castps_si512(bf16_to_ps(x + i));
             top = _mm512_max_epu32(top, _mm512_and_si512(v, _mm512_set1_epi32(0x7FFFFFFF)));
         }
         uint32_t bits = (uint32_t)_mm512_reduce_max_epu32(top);
