@@ -11,7 +11,7 @@ from hal.contract import Tolerance
 from hal.errors import InvalidArgumentError, InvalidDtypeError
 from hal.numerics import assert_within
 from hal.ops import hash_routing, moe_permute, moe_unpermute, topk_routing
-from hal.ops.routing import ROUTING_TOLERANCE
+from hal.ops.routing import ROUTING_TOLERANCE, MoePermutation
 
 
 
@@ -264,11 +264,21 @@ def test_unpermute_of_many_tokens_is_the_reference_bit_for_bit():
     (lambda: moe_permute(torch.randn(3, 4), torch.tensor([[0], [1], [4]]), 4), "ids"),
     (lambda: moe_permute(torch.randn(3, 4), torch.tensor([[0], [1], [-1]]), 4), "ids"),
     (lambda: moe_permute(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.int32), 0), "num_experts"),
+    (lambda: moe_unpermute(torch.randn(4, 2), torch.rand(2, 2), _permutation([[0, 1], [2, 4]])),
+     "permutation.slot_rows"),
+    (lambda: moe_unpermute(torch.randn(4, 2), torch.rand(2, 2), _permutation([[0, 1], [-1, 3]])),
+     "permutation.slot_rows"),
 ])
 def test_bad_input_names_the_argument(call, argument):
     with pytest.raises(InvalidArgumentError) as info:
         call()
     assert info.value.argument == argument
+
+
+def _permutation(slot_rows) -> MoePermutation:
+    """A hand-made permutation of 4 slots whose ``slot_rows`` are given (its other fields consistent-looking)."""
+    return MoePermutation(torch.tensor([2, 2], dtype=torch.int32), torch.arange(4, dtype=torch.int32),
+                          torch.tensor(slot_rows, dtype=torch.int32))
 
 
 def test_unpermute_validation():

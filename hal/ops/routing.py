@@ -346,6 +346,12 @@ def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, permutation: Mo
     return Request(device, (("dtype", dtype_name(y_sorted.dtype)),))
 
 
+@moe_unpermute.value_checks
+def _moe_unpermute_values(y_sorted, weights, permutation):
+    _check_in_range("moe_unpermute", "permutation.slot_rows", permutation.slot_rows, y_sorted.shape[0],
+                    "rows of y_sorted")
+
+
 @moe_unpermute.reference
 def _moe_unpermute_reference(y_sorted, weights, permutation, *, compute_dtype=torch.float32):
     slot_rows = permutation.slot_rows
