@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, KeysView, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, KeysView, List, Optional, Sequence, Set, Tuple
 
 import torch
 from safetensors import safe_open
@@ -19,6 +20,30 @@ SCALE_SUFFIX = "_scale_inv"  # FP8 weights: "<name>.weight" + "<name>.weight_sca
 FP4_STORAGE_DTYPES = (torch.int8,) + fp4_dtypes()
 
 
+def named(what: str, names: Sequence[str], shown: int = 5) -> str:
+    """``"missing tensor 'a'"`` or ``"3 missing tensors: 'a', 'b', 'c'"``, the first ``shown`` and a count."""
+    if len(names) == 1:
+        return f"{what} '{names[0]}'"
+    listed = ", ".join(f"'{n}'" for n in names[:shown])
+    return f"{len(names)} {what}s: {listed}" + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a non-strict load (``hal.model.load(..., strict=False)``) let through, as the files name the tensors:
+    ``skipped``, tensors of the files the model does not use (a strict load refuses them; MTP layers are
+    expected and not listed); ``defaulted``, missing tensors filled with their neutral default (a routing bias
+    of zeros, as transformers does)."""
+
+    skipped: Tuple[str, ...] = ()
+    defaulted: Tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        parts = [named("unexpected tensor", self.skipped) + " skipped" if self.skipped else "",
+                 named("missing tensor", self.defaulted) + " defaulted" if self.defaulted else ""]
+        return "; ".join(p for p in parts if p) or "every tensor accounted for"
+
+
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt")
@@ -27,12 +52,15 @@ def _open(file: Path):
 
 
 class Checkpoint:
-    """The tensors of a checkpoint directory, read on demand and checked; :meth:`finish` then refuses
-    tensors nobody asked for. Callers ask by the model's tensor names; :meth:`read_as` maps them to a
-    checkpoint that names its tensors otherwise. Errors name tensors as the files do."""
+    """The tensors of a checkpoint directory, read on demand and checked; :meth:`finish` then names every
+    missing tensor and refuses tensors nobody asked for (``strict``), or skips those and reports them (not
+    ``strict``, which also fills a missing tensor that has a neutral default with it). A missing tensor is
+    recorded and stood in for by zeros, so that the load goes on and one error names all of them. Callers ask
+    by the model's tensor names; :meth:`read_as` maps them to a checkpoint that names its tensors otherwise.
+    Errors name tensors as the files do."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, strict: bool = True):
+        self.path, self.strict = Path(path), strict
         index = self.path / INDEX_FILE
         self._where: Dict[str, Path] = {}
         if index.exists():
@@ -54,6 +82,8 @@ class Checkpoint:
                     self._where.update({name: file for name in f.keys()})
         self._handles: Dict[Path, object] = {}
         self._used: Set[str] = set()
+        self._missing: List[str] = []
+        self._defaulted: List[str] = []
         self._renames: Tuple[Tuple[re.Pattern, str], ...] = ()
 
     def file_names(self) -> KeysView[str]:
@@ -74,18 +104,26 @@ class Checkpoint:
         """The file names of ``prefix.weight`` and of its block scales."""
         return self._file_name(f"{prefix}.weight"), self._file_name(f"{prefix}.weight{SCALE_SUFFIX}")
 
-    def __contains__(self, name: str) -> bool:
-        return self._file_name(name) in self._where
+    def _absent(self, name: str, default: Optional[float] = None) -> Optional[float]:
+        """None when the files hold ``name``; else the value to fill its stand-in with: its ``default`` when not
+        strict (reported as defaulted), else 0 (reported as missing by :meth:`finish`)."""
+        if name in self._where:
+            return None
+        if default is not None and not self.strict:
+            self._defaulted.append(name)
+            return default
+        self._missing.append(name)
+        return 0.0
 
     def _raw(self, name: str) -> torch.Tensor:
-        file = self._where.get(name)
-        if file is None:
-            raise CheckpointError(f"missing tensor '{name}'")
+        file = self._where[name]  # callers have ruled out a missing tensor (_absent)
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = _open(file).__enter__()
         try:
-            t = handle.get_tensor(name)
+            # a copy in torch's own (64-byte aligned) memory: the file's view starts wherever the tensor lies in
+            # the file, and kernels may sum in another order on unaligned data (same weights, other logits)
+            t = handle.get_tensor(name).clone()
         except Exception as exc:
             raise CheckpointError(f"tensor '{name}' in {file.name}: cannot read ({exc})") from None
         self._used.add(name)
@@ -97,9 +135,15 @@ class Checkpoint:
             raise CheckpointError(f"tensor '{name}': expected {what} {list(shape)}, got {list(t.shape)}")
         return t
 
-    def tensor(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The tensor ``name``, checked to have ``shape``, converted to ``dtype`` (a float dtype)."""
-        return self._float(self._file_name(name), shape, dtype)
+    def tensor(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None,
+               default: Optional[float] = None) -> torch.Tensor:
+        """The tensor ``name``, checked to have ``shape``, converted to ``dtype`` (a float dtype). ``default``: the
+        neutral value of a tensor a non-strict load may fill in when the files lack it."""
+        name = self._file_name(name)
+        fill = self._absent(name, default)
+        if fill is not None:
+            return torch.full(tuple(shape), fill, dtype=dtype or torch.float32)
+        return self._float(name, shape, dtype)
 
     def _float(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         t = self._shaped(name, shape)
@@ -111,6 +155,8 @@ class Checkpoint:
         """The integer tensor ``name`` (e.g. V4's ``tid2eid``), checked to have ``shape`` and values in
         ``[0, upper)``, as int64."""
         name = self._file_name(name)
+        if self._absent(name) is not None:
+            return torch.zeros(tuple(shape), dtype=torch.long)
         t = self._shaped(name, shape)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise CheckpointError(f"tensor '{name}': expected an integer tensor, got {t.dtype}")
@@ -124,6 +170,9 @@ class Checkpoint:
         """``prefix.weight`` ``[out, in]``: ``(weight in dtype, None)``, or ``(e4m3 weight, float32 scales)``
         when the checkpoint stores it FP8 block-quantised with ``prefix.weight_scale_inv``."""
         name, scale_name = self._weight_names(prefix)
+        if self._absent(name) is not None:
+            self._used.add(scale_name)  # its scale, if any, is no unexpected tensor: the error names the weight
+            return torch.zeros(out_features, in_features, dtype=dtype), None
         if scale_name not in self._where:
             w = self._float(name, (out_features, in_features))
             if w.dtype == FP8_DTYPE:
@@ -146,6 +195,10 @@ class Checkpoint:
         if in_features % FP4_GROUP:
             raise CheckpointError(f"tensor '{name}': packed FP4 needs in_features divisible by {FP4_GROUP}, "
                                   f"got {in_features}")
+        if self._absent(name) is not None:
+            self._used.add(scale_name)
+            return (torch.zeros(out_features, in_features // 2, dtype=torch.uint8),
+                    torch.zeros(out_features, in_features // FP4_GROUP))
         q = self._shaped(name, (out_features, in_features // 2), "packed FP4 shape [out, in / 2] =")
         if q.dtype not in FP4_STORAGE_DTYPES:
             raise CheckpointError(f"tensor '{name}': expected packed FP4 (int8, uint8 or float4_e2m1fn_x2), "
@@ -162,11 +215,18 @@ class Checkpoint:
             handle.__exit__(None, None, None)
         self._handles.clear()
 
-    def finish(self, ignored: Callable[[str], bool]) -> None:
-        """Close the files; raise if the checkpoint holds tensors the model did not use (and ``ignored``
-        does not excuse)."""
+    def check_missing(self) -> None:
+        """Raise naming the tensors asked for so far that the files lack."""
+        if self._missing:
+            raise CheckpointError(named("missing tensor", self._missing))
+
+    def finish(self, expected: Callable[[str], bool]) -> LoadReport:
+        """Close the files; raise naming every missing tensor, and (``strict``) every tensor of the files the model
+        did not use that is not an ``expected`` extra (MTP layers). Returns what a non-strict load let through."""
         self.close()
-        extra = sorted(n for n in self._where if n not in self._used and not ignored(n))
-        if extra:
-            more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
-            raise CheckpointError(f"unexpected tensor(s) {extra[:5]}{more}: not part of this config's model")
+        self.check_missing()
+        extra = sorted(n for n in self._where if n not in self._used and not expected(n))
+        if extra and self.strict:
+            raise CheckpointError(f"{named('unexpected tensor', extra)}: not part of this config's model "
+                                  f"(strict=False skips them)")
+        return LoadReport(tuple(extra), tuple(self._defaulted))

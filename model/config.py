@@ -25,8 +25,10 @@ class ModelNotSupportedError(HalError, NotImplementedError):
 class CommonArgs:
     """What every DeepSeek architecture has: ``model_type``, ``vocab_size``, ``hidden_size``,
     ``num_hidden_layers``, ``rms_norm_eps``, ``num_attention_heads``, ``tie_word_embeddings``;
-    ``fp8_block``: the ``weight_block_size`` of an FP8 checkpoint, None for a plain one; ``scale_fmt``:
-    'ue8m0' when the checkpoint's activations are quantised with power-of-two scales."""
+    ``num_nextn_predict_layers``: the multi-token-prediction modules the checkpoint holds after the model's
+    layers (recognised, never run; 0 when the config does not say); ``fp8_block``: the ``weight_block_size``
+    of an FP8 checkpoint, None for a plain one; ``scale_fmt``: 'ue8m0' when the checkpoint's activations are
+    quantised with power-of-two scales."""
 
     model_type: str
     vocab_size: int
@@ -35,6 +37,7 @@ class CommonArgs:
     rms_norm_eps: float
     num_attention_heads: int
     tie_word_embeddings: bool
+    num_nextn_predict_layers: int
     fp8_block: Optional[tuple]
     scale_fmt: Optional[str]
 
@@ -323,6 +326,7 @@ def _v4_args(cfg: Dict[str, Any]) -> V4Args:
         swiglu_limit=_field(cfg, "swiglu_limit", float, 10.0, required=False),
         fp4_experts=expert_dtype == "fp4",
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_nextn_predict_layers=_field(cfg, "num_nextn_predict_layers", int, 0, required=False),
         fp8_block=block,
         scale_fmt=fmt,
     )
@@ -390,6 +394,7 @@ def read_config(path: Path) -> Union[ModelArgs, V4Args]:
         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
         scoring_func=scoring,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        num_nextn_predict_layers=_field(cfg, "num_nextn_predict_layers", int, 0, required=False),
         fp8_block=block,
         scale_fmt=fmt,
     )

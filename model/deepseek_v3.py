@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, ContextManager, List, Optional, Tuple
+import os
+from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,56 @@ class Rope:
         return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
 
 
+def _host_memory() -> Optional[int]:
+    """Bytes the host can still allocate: Linux's MemAvailable, else its physical memory, else None (unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def zeroed_cache(shapes: Sequence[Tuple[int, ...]], dtype: torch.dtype, batch: int,
+                 capacity: int) -> List[torch.Tensor]:
+    """Zeroed tensors of ``shapes``, the cache of ``batch`` sequences of ``capacity`` tokens; refused, naming the
+    memory it would take, when that is more than the host has (rather than a raw allocator error, or pages
+    overcommitted until the process is killed)."""
+    need = sum(math.prod(shape) for shape in shapes) * torch.empty(0, dtype=dtype).element_size()
+    have = _host_memory()
+    if have is not None and need > have:
+        raise hal.InvalidArgumentError("Transformer.new_cache", "capacity",
+                                       f"a cache that fits in host memory ({have / 2**30:.3g} GiB available)",
+                                       f"{capacity} tokens x batch {batch}, a cache of {need / 2**30:.3g} GiB")
+    return [torch.zeros(shape, dtype=dtype) for shape in shapes]
+
+
+def check_token_ids(tokens, op: str, argument: str) -> None:
+    """``tokens`` must be a tensor of integer token ids."""
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
+            or tokens.dtype == torch.bool:
+        got = f"dtype {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise hal.InvalidDtypeError(op, argument, "integer token ids (an integer tensor, e.g. torch.int64)", got)
+
+
+def check_tokens(tokens, batch: int, vocab_size: int) -> None:
+    """``Transformer.forward``'s ``tokens``: integer ids ``[batch, S]`` (the cache's batch) in ``[0, vocab_size)``."""
+    check_token_ids(tokens, "Transformer.forward", "tokens")
+    if tokens.dim() != 2 or tokens.shape[0] != batch:
+        raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"int shape [B={batch}, S] (the cache's "
+                                       "batch)", f"shape {tuple(tokens.shape)}")
+    if tokens.numel():
+        low, high = (int(t) for t in torch.aminmax(tokens))
+        if low < 0 or high >= vocab_size:
+            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"ids in [0, {vocab_size})",
+                                           f"ids in [{low}, {high}]")
+
+
 class LatentCache:
     """The paged latent KV cache of every layer: ``[num_blocks, block_size, kv_lora_rank + rope_dim]``
     per layer, sequence ``b`` owning blocks ``block_table[b]`` (allocated once for ``capacity`` tokens)."""
@@ -166,8 +217,8 @@ class LatentCache:
         blocks_per_seq = max(1, math.ceil(capacity / block_size))
         width = args.kv_lora_rank + args.qk_rope_head_dim
         self.block_size, self.capacity, self.length = block_size, blocks_per_seq * block_size, 0
-        self.kv = [torch.zeros(batch * blocks_per_seq, block_size, width, dtype=dtype)
-                   for _ in range(args.num_hidden_layers)]
+        self.kv = zeroed_cache([(batch * blocks_per_seq, block_size, width)] * args.num_hidden_layers, dtype,
+                               batch, capacity)
         self.block_table = torch.arange(batch * blocks_per_seq, dtype=torch.int32).view(batch, blocks_per_seq)
 
     def slots(self, new_tokens: int) -> torch.Tensor:
@@ -308,8 +359,9 @@ class MoE:
         e = args.n_routed_experts
         self.args = args
         self.gate = w.ckpt.tensor(f"{p}.gate.weight", (e, args.hidden_size), torch.float32)
-        bias = f"{p}.gate.e_score_correction_bias"
-        self.bias = w.ckpt.tensor(bias, (e,), torch.float32) if bias in w.ckpt else None
+        # no bias would also change the routing (groups scored by their maximum): a non-strict load fills in
+        # zeros, as transformers does
+        self.bias = w.ckpt.tensor(f"{p}.gate.e_score_correction_bias", (e,), torch.float32, default=0.0)
         self.experts = Experts(w, f"{p}.experts", args)
         self.shared = MLP(w, f"{p}.shared_experts", args.hidden_size,
                           args.moe_intermediate_size * args.n_shared_experts) if args.n_shared_experts else None
@@ -369,14 +421,7 @@ class Transformer:
                 layer_context: Optional[LayerContext] = None) -> torch.Tensor:
         """``tokens`` int ``[B, S]`` (the first call on an empty cache is the prefill) -> logits
         ``[B, S, vocab]`` in the model dtype. ``layer_context(i)`` (bisection) wraps layer ``i``."""
-        if tokens.dim() != 2 or tokens.shape[0] != cache.block_table.shape[0]:
-            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"int shape [B={cache.block_table.shape[0]}"
-                                           ", S] (the cache's batch)", f"shape {tuple(tokens.shape)}")
-        if tokens.numel():
-            low, high = (int(t) for t in torch.aminmax(tokens))
-            if low < 0 or high >= self.args.vocab_size:
-                raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"ids in [0, {self.args.vocab_size})",
-                                               f"ids in [{low}, {high}]")
+        check_tokens(tokens, cache.block_table.shape[0], self.args.vocab_size)
         step = Step(cache, tokens.shape[0], tokens.shape[1], self.rope, self.dtype)
         outer = hal.use_backend(self.backend) if self.backend else contextlib.nullcontext()
         with outer:

@@ -22,7 +22,7 @@ from hal.formats import FP8_DTYPE, is_fp4
 from hal.model.checkpoint import SCALE_SUFFIX, Checkpoint
 from hal.model.config import V4Args
 from hal.model.deepseek_v3 import FP8_GROUP, Experts as V3Experts, LayerContext, Rope, Weights as V3Weights, \
-    _on_host, _stack_scales
+    _on_host, _stack_scales, check_tokens, zeroed_cache
 
 #: what becomes of FP4 expert weights: kept packed for the grouped GEMM, or dequantised on load
 FP4_WEIGHT_MODES = ("keep", "dequantize")
@@ -107,12 +107,10 @@ class Cache:
     def __init__(self, args: V4Args, batch: int, capacity: int, dtype: torch.dtype, block_size: int = 64):
         self.block_size, self.length = block_size, 0
         self.tokens = max(1, math.ceil(capacity / block_size)) * block_size
-        self.kv: List[torch.Tensor] = []
-        self.block_table: List[torch.Tensor] = []
-        for rate in args.compress_rates:
-            blocks = math.ceil((self.tokens + (capacity // rate if rate else 0)) / block_size)
-            self.kv.append(torch.zeros(batch * blocks, block_size, args.head_dim, dtype=dtype))
-            self.block_table.append(torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks))
+        blocks = [math.ceil((self.tokens + (capacity // rate if rate else 0)) / block_size)
+                  for rate in args.compress_rates]
+        self.kv = zeroed_cache([(batch * n, block_size, args.head_dim) for n in blocks], dtype, batch, capacity)
+        self.block_table = [torch.arange(batch * n, dtype=torch.int32).view(batch, n) for n in blocks]
         self.entries = [0] * args.num_hidden_layers
         self.pending: List[Dict[str, dict]] = [{} for _ in range(args.num_hidden_layers)]
         self.index_keys: List[Optional[torch.Tensor]] = [None] * args.num_hidden_layers
@@ -331,7 +329,7 @@ class MoE:
         if args.hash_layers[layer]:
             self.table = w.ckpt.ids(f"{p}.gate.tid2eid", (args.vocab_size, args.num_experts_per_tok), e)
         else:
-            self.bias = w.ckpt.tensor(f"{p}.gate.bias", (e,), torch.float32)
+            self.bias = w.ckpt.tensor(f"{p}.gate.bias", (e,), torch.float32, default=0.0)  # zeros: as transformers
         self.experts = Experts(w, f"{p}.experts", args)
         self.shared = MLP(w, f"{p}.shared_experts", args)
 
@@ -442,13 +440,7 @@ class Transformer:
         """``tokens`` int ``[B, S]`` (the first call on an empty cache is the prefill) -> logits
         ``[B, S, vocab]`` in the model dtype. ``layer_context(i)`` (bisection) wraps layer ``i``."""
         a = self.args
-        batch = cache.block_table[0].shape[0]
-        if tokens.dim() != 2 or tokens.shape[0] != batch:
-            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"int shape [B={batch}, S] (the "
-                                           "cache's batch)", f"shape {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= a.vocab_size):
-            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"ids in [0, {a.vocab_size})",
-                                           f"ids in [{int(tokens.min())}, {int(tokens.max())}]")
+        check_tokens(tokens, cache.block_table[0].shape[0], a.vocab_size)
         if cache.length + tokens.shape[1] > cache.tokens:
             raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"at most {cache.tokens - cache.length} "
                                            f"more tokens (cache capacity {cache.tokens})", str(tokens.shape[1]))

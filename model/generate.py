@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 import hal
+from hal.model.deepseek_v3 import check_token_ids
 
 Progress = Callable[[int, int], None]
 
@@ -28,12 +29,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
 
     Returns the new tokens of each prompt. ``progress(done, total)`` is called after every token."""
     lengths = {len(p) for p in prompts}
-    if not prompts or len(lengths) != 1 or 0 in lengths:
+    if len(prompts) == 0 or len(lengths) != 1 or 0 in lengths:  # prompts may be a [B, S] tensor
         raise hal.InvalidArgumentError("generate", "prompts", "one or more non-empty prompts of one length",
                                        f"lengths {sorted(lengths)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise hal.InvalidArgumentError("generate", "max_new_tokens", "an int >= 1", repr(max_new_tokens))
-    tokens = torch.tensor([list(p) for p in prompts], dtype=torch.int64)
+    tokens = torch.tensor([list(p) for p in prompts])  # no dtype: float ids are refused, not truncated
+    check_token_ids(tokens, "generate", "prompts")
+    tokens = tokens.long()
     cache = model.new_cache(tokens.shape[0], tokens.shape[1] + max_new_tokens)
     out: List[torch.Tensor] = []
     for step in range(max_new_tokens):

@@ -150,7 +150,11 @@ def make_tiny(arch: str, out: Union[str, Path], fp8: bool = False, seed: int = 0
     if fp4 and not v4:
         raise hal.InvalidArgumentError("make_tiny", "fp4", "False for deepseek_v3 (only V4 has FP4 experts)", "True")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. an existing file of that name
+        raise hal.InvalidArgumentError("make_tiny", "out", "a directory to write into (created if absent)",
+                                       f"'{out}' ({exc.strerror or exc})") from None
     config = dict(TINY_V4 if v4 else TINY_V3)
     if fp8:
         config["quantization_config"] = dict(FP8_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))

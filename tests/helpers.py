@@ -83,3 +83,25 @@ def register_backend(name: str, cls: type) -> str:
 
     hal.register_plugin(Plugin(), name)
     return name
+
+
+def model_tensors(obj, path: str = "model", seen: Optional[set] = None) -> dict:
+    """``{attribute path: tensor}`` of every tensor a loaded ``hal.model`` holds (layers, weights, scales, tables)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return {path: obj}
+    if id(obj) in seen or isinstance(obj, (type, str, int, float, bool)) or obj is None:
+        return {}
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    elif isinstance(obj, dict):
+        items = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    elif hasattr(obj, "__dict__"):
+        items = [(f"{path}.{k}", v) for k, v in vars(obj).items()]
+    else:
+        return {}
+    found = {}
+    for name, value in items:
+        found.update(model_tensors(value, name, seen))
+    return found

@@ -190,3 +190,49 @@ def test_bisect_on_an_emulated_vendor_twin_names_its_broken_kernel(tiny, twin, v
     findings = {f.op: f for f in found}
     assert findings["grouped_gemm"].status == "diverges", findings["grouped_gemm"]
     assert all(f.status in ("ok", "unsupported") for op, f in findings.items() if op != "grouped_gemm"), findings
+
+
+def add_tensors(path, tensors):
+    """Add ``tensors`` (name -> tensor) to the checkpoint ``path``, in the second shard."""
+    edit_shard(path, lambda t: t.update(tensors))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"].update({name: SHARD for name in tensors})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_layers_beyond_the_config_are_refused_unless_they_are_its_mtp_layers(broken):
+    """A config saying fewer layers than the files hold is no shallower model: the extra layer's tensors are
+    unexpected (a few named, and the count), unless ``num_nextn_predict_layers`` says they are MTP layers."""
+    edit_config(broken, num_hidden_layers=1, num_nextn_predict_layers=0)
+    with pytest.raises(hal.model.CheckpointError,
+                       match=r"^\d+ unexpected tensors: 'model\.layers\.1\.input_layernorm\.weight', .* and \d+ more"):
+        hal.model.load(broken)
+    edit_config(broken, num_nextn_predict_layers=1)
+    model = hal.model.load(broken)
+    assert len(model.layers) == 1 and model.load_report == hal.model.LoadReport()
+
+
+def test_a_config_with_more_layers_than_the_files_names_the_missing_tensors(broken):
+    edit_config(broken, num_hidden_layers=3)
+    with pytest.raises(hal.model.CheckpointError,
+                       match=r"^\d+ missing tensors: 'model\.layers\.2\.input_layernorm\.weight', .* and \d+ more$"):
+        hal.model.load(broken, strict=False)  # no weights are made up, strict or not
+
+
+def test_not_strict_skips_unexpected_tensors_and_reports_them(broken):
+    extra = {"model.layers.0.mlp.extra.weight": torch.ones(2), "lm_head.bias": torch.ones(256)}
+    add_tensors(broken, extra)
+    with pytest.raises(hal.model.CheckpointError, match="2 unexpected tensors: 'lm_head.bias', 'model.layers.0"):
+        hal.model.load(broken)
+    with pytest.warns(UserWarning, match="2 unexpected tensors: 'lm_head.bias', .* skipped"):
+        model = hal.model.load(broken, strict=False)
+    assert model.load_report.skipped == tuple(sorted(extra)) and not model.load_report.defaulted
+
+
+def test_cli_generate_no_strict(broken, capsys):
+    add_tensors(broken, {"model.layers.0.mlp.extra.weight": torch.ones(2)})
+    command = ["generate", "--model", str(broken), "--prompt-ids", "1", "2", "--max-new-tokens", "1"]
+    assert main(command) == 2
+    assert "unexpected tensor 'model.layers.0.mlp.extra.weight'" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="unexpected tensor 'model.layers.0.mlp.extra.weight' skipped"):
+        assert main(command + ["--no-strict"]) == 0

@@ -237,3 +237,27 @@ def test_auto_picks_int8_on_an_atlas_a2_and_generate_reports_it(fp8_checkpoints,
     assert main(["generate", "--model", str(fp8), "--backend", "ascend-emulated", "--prompt-ids", "1", "2",
                  "--max-new-tokens", "2"]) == 0
     assert "FP8 checkpoint weights: int8 (auto:" in capsys.readouterr().err
+
+
+def test_a_missing_routing_bias_is_refused_or_filled_with_zeros_as_transformers_does(tmp_path):
+    """Without ``e_score_correction_bias`` the routing would score groups by their maximum, not the top-2 sum:
+    a strict load refuses the checkpoint naming the tensor; ``strict=False`` fills it with zeros, as transformers
+    does (and reports it, as transformers does), and the two agree."""
+    path = make_tiny("deepseek_v3", tmp_path / "tiny")
+    name = "model.layers.1.mlp.gate.e_score_correction_bias"
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = path / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard))
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(hal.model.CheckpointError, match=f"^missing tensor '{name}'"):
+        hal.model.load(path, backend="cpu")
+    with pytest.warns(UserWarning, match=f"missing tensor '{name}' defaulted"):
+        ours = hal.model.load(path, backend="cpu", dtype=torch.float32, strict=False)
+    assert ours.load_report == hal.model.LoadReport(defaulted=(name,))
+    ref_model, info = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    assert info["missing_keys"] == {name}, info
+    prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11]])
+    ref, fed = reference_logits(ref_model.eval(), prompt, steps=3)
+    assert_close(our_logits(ours, prompt, fed), ref, logits_rtol(ours.args, torch.float32))

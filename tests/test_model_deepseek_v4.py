@@ -16,6 +16,7 @@ import hal.model
 from hal.cli import main
 from hal.model.bisect import logits_rtol
 from hal.model.tiny import FP4_SCALE_DTYPE, make_tiny
+from helpers import model_tensors
 # the V3 harness: transformers' cache path, ours, and the per-position comparison (bf16: a fifth of the
 # positions may flip a near-tie routing or, here, indexer choice)
 from test_model_deepseek_v3 import assert_close, dequantized_copy, our_logits, reference_logits
@@ -301,14 +302,23 @@ def bf16_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("checkpoint", ["bf16_checkpoint", "fp8_fp4_checkpoint"], ids=["bf16", "fp8-fp4"])
 def test_the_released_naming_loads_the_same_model(request, tmp_path, checkpoint):
-    """The same logits, to the bit, from a checkpoint in save_pretrained's naming and from its copy in the
-    released one (FP8 scales, FP4 experts and their scales included)."""
+    """The same model from a checkpoint in save_pretrained's naming and from its copy in the released one (FP8
+    scales, FP4 experts and their scales included): every tensor equal to the bit, with the same dtype and
+    strides, in memory of its own (64-byte aligned, wherever the file put it: a kernel may sum in another order
+    on unaligned data), so the two run the same kernels on the same inputs on any CPU. The logits are then
+    compared within the fp32 model tolerance, which does not depend on which kernels a CPU picks."""
     saved = request.getfixturevalue(checkpoint)
     released = released_copy(saved, tmp_path / "released")
     prompt, fed = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11, 12]]), torch.tensor([[1]])
     ours = hal.model.load(released, backend="cpu", dtype=torch.float32)
-    assert torch.equal(our_logits(ours, prompt, fed),
-                       our_logits(hal.model.load(saved, backend="cpu", dtype=torch.float32), prompt, fed))
+    theirs = hal.model.load(saved, backend="cpu", dtype=torch.float32)
+    ours_tensors, their_tensors = model_tensors(ours), model_tensors(theirs)
+    assert ours_tensors.keys() == their_tensors.keys()
+    for name, t in ours_tensors.items():
+        u = their_tensors[name]
+        assert (t.dtype, t.shape, t.stride()) == (u.dtype, u.shape, u.stride()) and torch.equal(t, u), name
+        assert t.data_ptr() % 64 == 0 and u.data_ptr() % 64 == 0, name
+    assert_close(our_logits(ours, prompt, fed), our_logits(theirs, prompt, fed), logits_rtol(ours.args, torch.float32))
 
 
 def test_transformers_reads_the_released_naming_as_we_do(bf16_checkpoint, tmp_path):
@@ -334,4 +344,45 @@ def test_a_bad_released_tensor_is_named_as_the_file_names_it(fp8_fp4_checkpoint,
     released = released_copy(fp8_fp4_checkpoint, tmp_path / "released")
     _rewrite(released, broken, tensor)
     with pytest.raises(hal.model.CheckpointError, match=message):
+        hal.model.load(released, backend="cpu")
+
+
+def _with_config(src, dst, **changes):
+    """A copy of the checkpoint ``src`` in ``dst`` with ``changes`` to its config."""
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(config, **changes)))
+    return dst
+
+
+def test_layers_beyond_the_config_are_refused(bf16_checkpoint, tmp_path):
+    """Two layers in the config, three in the files: no shallower model, the third layer's tensors are named."""
+    path = _with_config(bf16_checkpoint, tmp_path / "shallow", num_hidden_layers=2, num_nextn_predict_layers=0)
+    with pytest.raises(hal.model.CheckpointError, match=r"^\d+ unexpected tensors: 'model\.layers\.2\..* and \d+ more"):
+        hal.model.load(path, backend="cpu")
+    with pytest.raises(hal.model.CheckpointError, match=r"unexpected tensors: 'layers\.2\."):
+        hal.model.load(released_copy(path, tmp_path / "released"), backend="cpu")
+
+
+def test_the_released_mtp_layers_are_recognised_as_such(bf16_checkpoint, tmp_path):
+    """The released naming's multi-token-prediction module (``mtp.0.*``, here layer 2's tensors renamed) is skipped
+    when the config declares it (``num_nextn_predict_layers``), and unexpected when it does not."""
+    path = _with_config(bf16_checkpoint, tmp_path / "two", num_hidden_layers=2, num_nextn_predict_layers=1)
+    released = released_copy(path, tmp_path / "released")
+
+    def mtp(name: str) -> str:
+        return "mtp.0." + name[len("layers.2."):] if name.startswith("layers.2.") else name
+
+    index = json.loads((released / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        save_file({mtp(n): t for n, t in load_file(str(released / shard)).items()}, str(released / shard))
+    index["weight_map"] = {mtp(n): shard for n, shard in index["weight_map"].items()}
+    (released / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = hal.model.load(released, backend="cpu")
+    assert len(model.layers) == 2 and model.load_report == hal.model.LoadReport()
+    (released / "config.json").write_text(json.dumps(dict(json.loads((released / "config.json").read_text()),
+                                                          num_nextn_predict_layers=0)))
+    with pytest.raises(hal.model.CheckpointError, match=r"unexpected tensors: 'mtp\.0\."):
         hal.model.load(released, backend="cpu")
