@@ -30,12 +30,18 @@ from hal.errors import UnsupportedError
 from hal.numerics import compare, ulp_distance
 from hal.registry import registry
 
-__all__ = ["PROFILES", "Suite", "Case", "Recorder", "CellResult", "suite", "suites", "cells", "run_cell",
-           "cell_id"]
+__all__ = ["PROFILES", "ConformanceFailure", "Suite", "Case", "Recorder", "CellResult", "suite", "suites", "cells",
+           "run_cell", "cell_id"]
 
 # max_examples per cell. "quick" smoke-tests a bring-up, "ci" certifies the CPU backend in minutes on
 # 2 cores, "thorough" is the overnight run a vendor sends back.
 PROFILES: Dict[str, int] = {"quick": 4, "ci": 30, "thorough": 400}
+
+
+class ConformanceFailure(AssertionError):
+    """A verdict: the backend's result breaks the contract. Raised explicitly, never by ``assert``, which
+    ``python -O`` / ``PYTHONOPTIMIZE`` strips (and would let any backend pass); an ``AssertionError`` so that
+    hypothesis and pytest treat it as the failure it is."""
 
 
 def cell_id(op: str, features: Mapping[str, str]) -> str:
@@ -100,7 +106,8 @@ class Stat:
 
 
 class Recorder:
-    """What a suite's ``check`` uses to compare and assert; keeps error statistics per output."""
+    """What a suite's ``check`` uses to compare and check (raising :class:`ConformanceFailure`); keeps error
+    statistics per output."""
 
     def __init__(self) -> None:
         self.stats: Dict[str, Stat] = {}
@@ -111,9 +118,10 @@ class Recorder:
     def close(self, name: str, actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int = 0,
               magnitude: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> None:
         """``actual`` within ``tol`` of the float64 ``exact`` (only where ``mask``, if given)."""
-        assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(exact.shape)}"
-        assert actual.dtype == exact.dtype or exact.dtype == torch.float64, \
-            f"{name}: dtype {actual.dtype}, expected {exact.dtype}"
+        if actual.shape != exact.shape:
+            raise ConformanceFailure(f"{name}: shape {tuple(actual.shape)}, expected {tuple(exact.shape)}")
+        if actual.dtype != exact.dtype and exact.dtype != torch.float64:
+            raise ConformanceFailure(f"{name}: dtype {actual.dtype}, expected {exact.dtype}")
         a, e = actual.detach().cpu(), exact.detach().cpu()
         m = magnitude.detach().cpu() if magnitude is not None else None
         if mask is not None:
@@ -122,40 +130,48 @@ class Recorder:
             m = m[mask] if m is not None else None
         c = compare(a, e, tol, n=n, magnitude=m)
         self._stat(name).merge(c.max_abs, c.max_rel, 0, c.total, c.tolerance_used)
-        assert c.ok, f"{name}: {c}"
+        if not c.ok:
+            raise ConformanceFailure(f"{name}: {c}")
 
     def ulps(self, name: str, actual: torch.Tensor, expected: torch.Tensor, allowed: int) -> None:
         """Quantised outputs: at most ``allowed`` representable steps from the reference's bits."""
-        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}, expected {expected.dtype}"
-        assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        if actual.dtype != expected.dtype:
+            raise ConformanceFailure(f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
+        if actual.shape != expected.shape:
+            raise ConformanceFailure(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
         a, e = actual.detach().cpu(), expected.detach().cpu()
         nan = a.float().isnan() | e.float().isnan()
-        assert torch.equal(a.float().isnan(), e.float().isnan()), f"{name}: NaN positions differ"
+        if not torch.equal(a.float().isnan(), e.float().isnan()):
+            raise ConformanceFailure(f"{name}: NaN positions differ")
         d = ulp_distance(a[~nan], e[~nan])
         worst = int(d.max()) if d.numel() else 0
         self._stat(name).merge(max_ulps=worst, n=int(d.numel()))
         if worst > allowed:
             idx = int(d.argmax())
-            raise AssertionError(f"{name}: {int((d > allowed).sum())} / {d.numel()} elements more than {allowed} "
-                                 f"ulp(s) away (worst {worst} ulps: got {float(a[~nan][idx])!r}, reference "
-                                 f"{float(e[~nan][idx])!r})")
+            raise ConformanceFailure(f"{name}: {int((d > allowed).sum())} / {d.numel()} elements more than "
+                                     f"{allowed} ulp(s) away (worst {worst} ulps: got {float(a[~nan][idx])!r}, "
+                                     f"reference {float(e[~nan][idx])!r})")
 
     def equal(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
         """Exact equality (integer outputs, bit-exact contracts)."""
         self.ulps(name, actual, expected, 0) if actual.is_floating_point() else self._equal_int(name, actual, expected)
 
     def _equal_int(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
-        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype}, expected {expected.dtype}"
+        if actual.dtype != expected.dtype:
+            raise ConformanceFailure(f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
         a, e = actual.detach().cpu(), expected.detach().cpu()
-        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+        if a.shape != e.shape:
+            raise ConformanceFailure(f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}")
         bad = (a != e)
         self._stat(name).merge(n=a.numel())
-        assert not bool(bad.any()), f"{name}: {int(bad.sum())} / {a.numel()} elements differ " \
-                                    f"(first at {tuple(int(i) for i in bad.nonzero()[0])})"
+        if bool(bad.any()):
+            raise ConformanceFailure(f"{name}: {int(bad.sum())} / {a.numel()} elements differ "
+                                     f"(first at {tuple(int(i) for i in bad.nonzero()[0])})")
 
     def holds(self, condition: bool, statement: str) -> None:
         """A property stated as math; ``statement`` is what the report prints when it fails."""
-        assert condition, f"property violated: {statement}"
+        if not condition:
+            raise ConformanceFailure(f"property violated: {statement}")
 
 
 class Suite:
@@ -164,6 +180,9 @@ class Suite:
 
     op: str = ""
     mutates: Tuple[str, ...] = ()  # arguments the contract says the operator writes to
+    # Time budget per drawn example, for the derived per-cell time limit (runner.time_limit): about ten times
+    # the slowest example measured on 2 CPU cores (0.5 s where that was under 0.05 s).
+    example_seconds: float = 0.5
 
     @property
     def contract(self) -> Op:
@@ -177,8 +196,9 @@ class Suite:
 
     def check(self, rec: Recorder, case: Case, output: Any, oracle: Any, run: Callable[[Case], Any]) -> None:
         """Compare ``output`` (the backend's, moved to the CPU) with ``oracle`` (the float64 reference
-        on the same inputs) and assert the operator's properties; ``run(case)`` calls the backend
-        again (for metamorphic properties: permuted groups, shuffled page tables ...)."""
+        on the same inputs) and check the operator's properties through ``rec`` (never with ``assert``, which
+        ``python -O`` strips); ``run(case)`` calls the backend again (for metamorphic properties: permuted
+        groups, shuffled page tables ...)."""
         raise NotImplementedError
 
 
@@ -218,6 +238,8 @@ class CellResult:
     message: str = ""
     minimal_example: str = ""
     reproduce: str = ""
+    time_limit_s: Optional[float] = None  # the limit the runner applied (None: none, run in process)
+    time_limit_from: str = ""  # "derived" (from the profile and the operator), "given" (--timeout) or "none"
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -253,7 +275,8 @@ def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile
         case = s.draw(data, features)
         last[:] = [case]
         drawn = dict(contract.validate(*case.args, **case.kwargs).features)
-        assert drawn == features, f"suite bug: drew {drawn} for cell {features}"
+        if drawn != features:
+            raise ConformanceFailure(f"suite bug: drew {drawn} for cell {features}")
         before = case.before = {name: t.clone() for name, t in case.tensors()}
         on_device = case.to(device)
         output = _call(on_device)

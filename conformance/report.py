@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 FAILING = ("fail", "error", "timeout", "crashed")
 ORDER = ("pass", "fail", "error", "timeout", "crashed", "unsupported", "waived-fail", "waived-pass")
@@ -40,6 +40,20 @@ def _fmt(x: float) -> str:
     return f"{x:.2g}" if x else "0"
 
 
+def limits_text(limits: Iterable[Tuple[Optional[float], str]]) -> str:
+    """The time limits cells ran under, from (seconds, "derived" | "given" | "none") pairs, e.g.
+    "75-120 s, derived from the profile and the operator"."""
+    limits = list(limits)
+    parts = []
+    for source, how in (("derived", "derived from the profile and the operator"), ("given", "given with --timeout")):
+        seconds = sorted({s for s, f in limits if f == source})
+        if seconds:
+            parts.append(f"{seconds[0]:g}{f'-{seconds[-1]:g}' if len(seconds) > 1 else ''} s, {how}")
+    if any(f == "none" for _, f in limits):
+        parts.append("none (run in process)")
+    return "; ".join(parts)
+
+
 def markdown(data: Mapping[str, Any]) -> str:
     meta = data["meta"]
     title = f"# Conformance report: backend `{meta['backend']}`"
@@ -53,6 +67,9 @@ def markdown(data: Mapping[str, Any]) -> str:
                 "python", "platform", "started", "finished"):
         if meta.get(key) not in (None, ""):
             lines.append(f"| {key} | {meta[key]} |")
+    limits = limits_text((r.get("time_limit_s"), r.get("time_limit_from", "")) for r in data["cells"])
+    if limits:  # absent in reports of runs from before limits were recorded
+        lines.append(f"| time limit per cell | {limits} |")
     for k, v in (meta.get("versions") or {}).items():
         if meta.get(k) != v:  # the backend's own versions, not repeating the table above
             lines.append(f"| {k} | {v} |")
@@ -64,8 +81,9 @@ def markdown(data: Mapping[str, Any]) -> str:
         counts = summarise(rows)
         lines += [f"## {op}", "", ", ".join(f"{k}: {v}" for k, v in counts.items() if v), ""]
         axes = list(rows[0]["features"])
-        lines.append("| " + " | ".join(axes) + " | result | examples | max abs err | max rel err | tolerance used | max ulps |")
-        lines.append("|" + " --- |" * (len(axes) + 6))
+        lines.append("| " + " | ".join(axes) + " | result | examples | max abs err | max rel err | tolerance used | "
+                     "max ulps | seconds (limit) |")
+        lines.append("|" + " --- |" * (len(axes) + 7))
         for r in rows:
             st = r.get("stats") or {}
             mabs = max((v["max_abs"] for v in st.values()), default=0.0)
@@ -73,8 +91,10 @@ def markdown(data: Mapping[str, Any]) -> str:
             mulp = max((v["max_ulps"] for v in st.values()), default=0)
             used = max((v["tolerance_used"] for v in st.values()), default=0.0)
             mark = {"pass": "pass", "unsupported": "unsupported"}.get(r["status"], f"**{r['status'].upper()}**")
+            limit = f"{r['time_limit_s']:g}" if r.get("time_limit_s") else "none"
             lines.append("| " + " | ".join(r["features"][a] for a in axes) +
-                         f" | {mark} | {r['examples']} | {_fmt(mabs)} | {_fmt(mrel)} | {used:.0%} | {mulp} |")
+                         f" | {mark} | {r['examples']} | {_fmt(mabs)} | {_fmt(mrel)} | {used:.0%} | {mulp} | "
+                         f"{r['seconds']:.1f} ({limit}) |")
         lines.append("")
     problems = [r for r in data["cells"] if r["status"] in FAILING or r["status"] == "waived-fail"]
     if problems:

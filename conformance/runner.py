@@ -2,12 +2,14 @@
 cells in a worker process with a per-cell time limit, and write the reports as results come in.
 
 A cell that crashes its worker (segfault, abort, poisoned device) is recorded as ``crashed`` and one
-that overruns the limit as ``timeout``; a fresh worker then takes the remaining cells. Results are
-appended to ``results.jsonl`` as they finish, so ``--resume`` continues an interrupted run.
+that overruns its time limit (:func:`time_limit`, unless ``--timeout`` gives one) as ``timeout``; a fresh
+worker then takes the remaining cells. Results are appended to ``results.jsonl`` as they finish, so
+``--resume`` continues an interrupted run.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -26,10 +28,16 @@ import hal
 from hal.conformance import report
 from hal.conformance.core import PROFILES, CellResult, cell_id, cells, database_at, run_cell, suites
 from hal.config import _read_toml
-from hal.errors import ConfigError
+from hal.errors import ConfigError, InvalidArgumentError
 from hal.registry import registry
 
-__all__ = ["Options", "run"]
+__all__ = ["Options", "run", "time_limit", "check_timeout"]
+
+# Part of every cell's derived limit, whatever its size: first-use costs (native kernels compiled, lazy
+# imports) and shrinking a failing example (up to 14 s measured for a wrong backend on the ci profile).
+CELL_ALLOWANCE_S = 60.0
+WORKER_START_S = 120.0  # a fresh worker's imports, before its first cell starts
+TIMEOUT_EXPECTED = "a finite number of seconds > 0"
 
 
 @dataclass
@@ -40,9 +48,22 @@ class Options:
     report_dir: Path = Path("hal-report")
     seed: Optional[int] = None
     resume: bool = False
-    timeout: float = 600.0
+    timeout: Optional[float] = None  # per cell; None: derived from the profile and the operator (time_limit)
     waivers: Optional[Path] = None
     isolate: bool = True
+
+
+def time_limit(op: str, profile: str) -> float:
+    """The default time limit of one cell of ``op``, in seconds: ``CELL_ALLOWANCE_S`` plus the profile's
+    examples times the suite's ``example_seconds`` (about ten times the slowest example measured)."""
+    return CELL_ALLOWANCE_S + PROFILES[profile] * suites()[op].example_seconds
+
+
+def check_timeout(value: float) -> float:
+    """``value`` if it can be a time limit, else :class:`~hal.errors.InvalidArgumentError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError("hal conformance", "timeout", TIMEOUT_EXPECTED, repr(value))
+    return float(value)
 
 
 def _waivers(opts: Options, backend: hal.Backend) -> Dict[str, str]:
@@ -64,6 +85,8 @@ def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
     out = out if out is not None else sys.stdout
     if opts.profile not in PROFILES:
         raise ConfigError(f"--profile: expected one of {', '.join(PROFILES)}, got {opts.profile!r}")
+    if opts.timeout is not None:
+        check_timeout(opts.timeout)
     known = suites()
     selectors_ = opts.ops or sorted(known)  # operator names or cell-id prefixes ("grouped_gemm[layout=masked")
     unknown = [sel for sel in selectors_ if sel.split("[")[0] not in known]
@@ -101,8 +124,12 @@ def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
         meta_path.write_text(json.dumps(meta, indent=2))
         results_path.write_text("")
 
+    limit_from = "none" if not opts.isolate else "derived" if opts.timeout is None else "given"
+    limits = {op: time_limit(op, opts.profile) if limit_from == "derived" else opts.timeout if limit_from == "given"
+              else None for op in ops}
     out.write(f"hal conformance: backend {opts.backend}{registry().emulated_label(opts.backend)}, "
-              f"profile {opts.profile} ({PROFILES[opts.profile]} examples a cell), seed {opts.seed}\n")
+              f"profile {opts.profile} ({PROFILES[opts.profile]} examples a cell), seed {opts.seed}, "
+              f"time limit per cell {report.limits_text((limits[op], limit_from) for op in ops)}\n")
     if done:
         out.write(f"resuming: {len(done)} cells already done in {opts.report_dir}\n")
 
@@ -115,12 +142,13 @@ def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
                                       for sel in selectors_):
                 continue
             waiver = next((reason for prefix, reason in waivers.items() if cid.startswith(prefix)), None)
-            plan.append({"op": op, "features": features, "id": cid, "waiver": waiver})
+            plan.append({"op": op, "features": features, "id": cid, "waiver": waiver, "time_limit": limits[op]})
         if not plan:
             continue
         stream = _isolated(opts, plan) if opts.isolate else _in_process(opts, plan)
         with results_path.open("a") as sink:
             for result in stream:
+                result.time_limit_s, result.time_limit_from = limits[op], limit_from
                 data = result.to_json()
                 results[result.id] = data
                 sink.write(json.dumps(data) + "\n")
@@ -169,21 +197,22 @@ def _isolated(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
         with tempfile.TemporaryFile("w+") as stderr:
             proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(sys.path)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=stderr, text=True)
-            assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write(json.dumps(job))
             proc.stdin.close()
             sel = selectors.DefaultSelector()
             sel.register(proc.stdout, selectors.EVENT_READ)
             current: Optional[dict] = None
-            deadline = time.monotonic() + opts.timeout + 120  # worker start-up (imports) included
+            deadline = time.monotonic() + remaining[0]["time_limit"] + WORKER_START_S
             failure: Optional[CellResult] = None
             while True:
                 if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
                     proc.kill()
                     proc.wait()
                     cell = current or remaining[0]
+                    how = "given with --timeout" if opts.timeout is not None else "derived; --timeout sets another"
                     failure = CellResult(cell["op"], cell["features"], cell["id"], "timeout",
-                                         message=f"no result within {opts.timeout:.0f} s; the worker was killed")
+                                         message=f"no result within {cell['time_limit']:g} s ({how}); the worker "
+                                                 f"was killed")
                     break
                 line = proc.stdout.readline()
                 if not line:  # the worker exited
@@ -198,7 +227,7 @@ def _isolated(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
                 event = json.loads(line)
                 if event["event"] == "start":
                     current = next(c for c in remaining if c["id"] == event["id"])
-                    deadline = time.monotonic() + opts.timeout
+                    deadline = time.monotonic() + current["time_limit"]
                 else:
                     r = event["result"]
                     remaining = [c for c in remaining if c["id"] != r["id"]]

@@ -27,6 +27,14 @@ def _conformance(args: argparse.Namespace) -> int:
     return 0 if data["conforms"] else 1
 
 
+def _timeout(text: str) -> float:
+    from hal.conformance.runner import TIMEOUT_EXPECTED, check_timeout
+    try:
+        return check_timeout(float(text))
+    except ValueError:  # not a number, or not a usable one (InvalidArgumentError is a ValueError)
+        raise argparse.ArgumentTypeError(f"expected {TIMEOUT_EXPECTED}, got {text!r}") from None
+
+
 def _dtype(name: str):
     import torch
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
@@ -35,7 +43,8 @@ def _dtype(name: str):
 def _generate(args: argparse.Namespace) -> int:
     import hal.model
     from hal.model.generate import timed_generate
-    model = hal.model.load(args.model, backend=args.backend, dtype=_dtype(args.dtype), fp8=args.fp8, fp4=args.fp4)
+    model = hal.model.load(args.model, backend=args.backend, dtype=_dtype(args.dtype), fp8=args.fp8, fp4=args.fp4,
+                           strict=not args.no_strict)
     if args.backend:
         from hal.registry import registry
         print(f"backend: {args.backend}{registry().emulated_label(args.backend)}", file=sys.stderr)
@@ -101,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="hal-report", metavar="DIR", help="report folder (default: hal-report)")
     p.add_argument("--seed", type=int, help="hypothesis seed (printed; default: random)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --report")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="time limit per cell in seconds")
+    p.add_argument("--timeout", type=_timeout, metavar="S",
+                   help="time limit per cell in seconds (default: derived from the profile and the operator)")
     p.add_argument("--waivers", metavar="FILE", help="TOML file with a [waivers] table: cell-id prefix = reason")
     p.add_argument("--in-process", action="store_true",
                    help="run cells in this process (no crash isolation or time limit; for debugging)")
@@ -117,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp4", default="auto", choices=["auto", "keep", "dequantize"],
                    help="V4 FP4 experts: keep them packed, dequantise on load, or auto (keep when the backend "
                         "serves FP4-weight grouped GEMMs; reported on stderr)")
+    p.add_argument("--no-strict", action="store_true",
+                   help="skip checkpoint tensors the model does not use and fill a missing routing bias with zeros, "
+                        "with a warning naming them (default: refuse such a checkpoint)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("model", help="model utilities")

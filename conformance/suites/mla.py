@@ -147,6 +147,7 @@ def _prefill_kwargs(kw: Mapping) -> dict:
 @suite
 class MlaPrefillSuite(Suite):
     op = "mla_prefill"
+    example_seconds = 1.0  # slowest example measured: 0.07 s
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         dtype = DTYPES[f["dtype"]]
@@ -196,6 +197,7 @@ class MlaPrefillSuite(Suite):
 @suite
 class MlaDecodeSuite(Suite):
     op = "mla_decode"
+    example_seconds = 2.0  # slowest example measured: 0.10 s
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         dtype, causal = DTYPES[f["dtype"]], f["causal"] == "true"

@@ -183,6 +183,7 @@ class QuantizeFp8Suite(_Fp8QuantSuite):
 @suite
 class QuantizeFp8WeightSuite(_Fp8QuantSuite):
     op = "quantize_fp8_weight"
+    example_seconds = 2.0  # slowest example measured: 0.17 s
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         n = data.draw(st.sampled_from(SIZES), label="N")
@@ -211,6 +212,7 @@ class QuantizeFp8WeightSuite(_Fp8QuantSuite):
 @suite
 class DequantizeFp8Suite(Suite):
     op = "dequantize_fp8"
+    example_seconds = 1.0  # slowest example measured: 0.07 s
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         block = data.draw(st.sampled_from(((128,), (128, 128), (32,), (1, 128))), label="block_shape")
@@ -236,6 +238,7 @@ class DequantizeFp8Suite(Suite):
 @suite
 class Fp8GemmSuite(Suite):
     op = "fp8_gemm"
+    example_seconds = 1.0  # slowest example measured: 0.09 s
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         from hal.ops import quantize_fp8, quantize_fp8_weight
