@@ -61,8 +61,9 @@ class Backend:
 
     Class attributes a subclass sets: ``vendor``, ``device_type`` (the ``torch.device`` type its
     kernels take), ``portable`` (True when its kernels are plain PyTorch and accept tensors on any
-    device) and ``emulated`` (True for test doubles that stand in for hardware: every result they
-    produce is labelled EMULATED).
+    device), ``emulated`` (True for test doubles that stand in for hardware: every result they
+    produce is labelled EMULATED) and ``isolate_probe`` (False only when :meth:`probe` loads no native
+    library: it then runs in the calling process, see :mod:`hal.probe`).
     """
 
     name: str = ""
@@ -70,6 +71,7 @@ class Backend:
     device_type: str = "cpu"
     portable: bool = False
     emulated: bool = False
+    isolate_probe: bool = True
 
     def __init__(self) -> None:
         self._impls: Dict[str, Callable[..., Any]] = {}
@@ -82,7 +84,10 @@ class Backend:
 
     # -- what a subclass may override -----------------------------------------------------------
     def probe(self) -> Availability:
-        """Can this backend run here? Import the vendor library and look for a device here."""
+        """Can this backend run here? Import the vendor library and look for a device here.
+
+        For a backend installed through an entry point this runs in a child process (:mod:`hal.probe`): only
+        the verdict comes back, so state set here is not seen by the instance that serves calls."""
         return Availability(True)
 
     def versions(self) -> Dict[str, str]:

@@ -28,6 +28,9 @@ def _backend_info(entry: BackendEntry) -> Dict[str, Any]:
     availability = entry.availability()
     info["available"] = availability.available
     info["reason"] = availability.reason
+    if entry.contained:  # its probe crashed or hung in a child process: run none of its vendor code here
+        info.update(versions={}, operators={}, missing=[])
+        return info
     try:
         info["versions"] = backend.versions()
     except Exception as exc:  # a vendor probe may fail in surprising ways; report, do not crash

@@ -3,7 +3,8 @@
 Loading follows the practice of mature plugin systems: entry points are loaded one by one inside
 their own error boundary (a broken plugin is recorded, never fatal), the ``HAL_PLUGINS`` allow-list
 limits which load, two backends with one name are an error for that name, and a backend's class is
-imported only when it is listed or used, so discovery imports no vendor library.
+imported only when it is listed or used, so discovery imports no vendor library. A backend's probe runs where
+it cannot take this process down (:mod:`hal.probe`).
 """
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pluggy
 
-from hal import hookspecs
+from hal import hookspecs, probe
 from hal.backend import Availability, Backend
 from hal.errors import BackendNotFoundError, BackendUnavailableError, PluginError
 
 __all__ = ["BackendSpec", "BackendEntry", "BrokenPlugin", "Registry", "registry", "register_plugin",
-           "unregister_plugin", "ENTRY_POINT_GROUP"]
+           "unregister_plugin", "instantiate", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "hal.backends"
+IN_PROCESS = "(in-process)"  # the distribution of a plugin registered with register_plugin()
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class BackendEntry:
     error: Optional[str] = None  # set when the backend is unusable as registered (e.g. duplicate name)
     clashing_plugins: List[str] = field(default_factory=list)  # plugins that brought a backend of this name
     _backend: Optional[Backend] = field(default=None, repr=False)
-    _availability: Optional[Availability] = field(default=None, repr=False)
+    _verdict: Optional[probe.Verdict] = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _probe_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
@@ -77,12 +80,7 @@ class BackendEntry:
         with self._lock:
             if self._backend is None:
                 try:
-                    module_name, _, attr = self.spec.factory.partition(":")
-                    cls = getattr(importlib.import_module(module_name), attr)
-                    backend = cls()
-                    if not isinstance(backend, Backend):
-                        raise TypeError(f"{self.spec.factory} is not a hal.backend.Backend")
-                    backend.name = self.spec.name
+                    backend = instantiate(self.spec.name, self.spec.factory)
                 except PluginError as exc:
                     self.error = str(exc)
                     raise
@@ -94,13 +92,29 @@ class BackendEntry:
         return self._backend
 
     def availability(self) -> Availability:
-        """Probe once; a probe that raises is reported as the reason."""
-        if self._availability is None:
-            try:
-                self._availability = self.load().probe()
-            except Exception as exc:
-                self._availability = Availability(False, f"{type(exc).__name__}: {exc}")
-        return self._availability
+        """Probe once (isolated and cached as :mod:`hal.probe` says); a probe that raises, crashes or hangs is
+        reported as the reason."""
+        return self._probed().availability
+
+    @property
+    def contained(self) -> bool:
+        """Whether the probe crashed, hung or failed in its child process: no vendor code of this backend may run
+        here."""
+        return self._probed().contained
+
+    def _probed(self) -> probe.Verdict:
+        if self._verdict is None:
+            with self._probe_lock:
+                if self._verdict is None:
+                    try:
+                        backend = self.load()
+                    except Exception as exc:
+                        self._verdict = probe.Verdict(Availability(False, f"{type(exc).__name__}: {exc}"))
+                    else:
+                        in_process = self.spec.emulated or self.distribution == IN_PROCESS
+                        self._verdict = probe.verdict(backend, self.spec.factory, self.distribution,
+                                                      in_process=in_process)
+        return self._verdict
 
 
 class Registry:
@@ -133,7 +147,7 @@ class Registry:
                 continue
             self.register_plugin(plugin, ep.name, dist)
 
-    def register_plugin(self, plugin: Any, name: str, distribution: str = "(in-process)") -> bool:
+    def register_plugin(self, plugin: Any, name: str, distribution: str = IN_PROCESS) -> bool:
         """Register a plugin object and collect its backends (what discovery does per entry point); whether
         pluggy took it (a refusal is recorded in ``broken``)."""
         try:
@@ -217,6 +231,16 @@ class Registry:
             except PluginError:
                 continue
         return "cpu"
+
+
+def instantiate(name: str, factory: str) -> Backend:
+    """Import and construct the backend class (or factory function) ``factory``, ``"module:attr"``, as ``name``."""
+    module_name, _, attr = factory.partition(":")
+    backend = getattr(importlib.import_module(module_name), attr)()
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{factory} is not a hal.backend.Backend")
+    backend.name = name
+    return backend
 
 
 def _entry_points() -> List[Tuple[Any, str]]:

@@ -224,3 +224,155 @@ def test_hal_info_lists_backends_broken_plugins_and_reasons(site, tmp_path):
     assert by_name["acme"]["versions"] == {"acmelib": "9.9"}
     assert by_name["gone"]["available"] is False and by_name["gone"]["reason"] == "gonelib is not installed"
     assert data["broken_plugins"][0]["plugin"] == "broken"
+
+
+# -- probes that crash or hang (hal.probe) ---------------------------------------------------------------------
+
+def _probing_backend(calls, action: str) -> str:
+    """A backend whose probe records the process it ran in (one line per probe in ``calls``), then runs
+    ``action``."""
+    return f"""
+import ctypes, os, time
+import hal
+class Probed(hal.Backend):
+    device_type = "test"
+    def probe(self):
+        with open({str(calls)!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        {action}
+"""
+
+
+_ACTIONS = {
+    "segv": "ctypes.string_at(0)  # a driver library's segfault",
+    "hang": "time.sleep(600)",
+    "quits": "os._exit(3)",
+    "pid": "return hal.Availability(False, f'probed in process {os.getpid()}')",
+}
+
+
+def _install_probing(site, calls_dir, *names):
+    for name in names:
+        site.install(f"{name}-hal", {name: f"{name}_plugin"}, {
+            f"{name}_plugin": plugin_source(name, f"{name}_backend:Probed", priority=100),
+            f"{name}_backend": _probing_backend(calls_dir / name, _ACTIONS[name])})
+
+
+def _probes(calls_dir, name):
+    """The processes that ran the probe of ``name``, one per probe."""
+    path = calls_dir / name
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture
+def probe_cache(tmp_path, monkeypatch):
+    """A fresh probe cache; probes isolated and cached as by default."""
+    for var in ("HAL_PROBE_ISOLATION", "HAL_PROBE_CACHE", "HAL_PROBE_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def calls_dir(tmp_path, probe_cache):
+    (tmp_path / "calls").mkdir()
+    return tmp_path / "calls"
+
+
+_ROUTED = "import hal; from hal.dispatch import route; print(route(hal.ops.grouped_gemm).backend.name)"
+
+
+def test_probes_that_crash_or_hang_are_unavailable_and_cached(site, tmp_path, calls_dir, probe_cache):
+    _install_probing(site, calls_dir, "segv", "hang", "quits")
+    env = {"PYTHONPATH": os.pathsep.join([str(site.root), os.environ.get("PYTHONPATH", "")]),
+           "XDG_CACHE_HOME": str(probe_cache), "HAL_PROBE_TIMEOUT": "2"}
+
+    def python(code, **extra):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, **env, **extra}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    # the CPU chosen explicitly: no other backend is probed
+    assert python(_ROUTED, HAL_BACKEND="cpu") == "cpu"
+    assert [_probes(calls_dir, n) for n in ("segv", "hang", "quits")] == [[], [], []]
+
+    text = _run_hal("info", env_extra=env, cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "status:   unavailable: the probe of backend 'segv' crashed with SIGSEGV" in text.stdout
+    assert "status:   unavailable: the probe of backend 'hang' hung for more than 2 s (HAL_PROBE_TIMEOUT)" \
+        in text.stdout
+    assert "status:   unavailable: the probe of backend 'quits' failed in its child process (exit code 3)" \
+        in text.stdout
+    assert [len(_probes(calls_dir, n)) for n in ("segv", "hang", "quits")] == [1, 1, 1]
+
+    # later processes: served from the cache, the vendor code is never run in-process
+    data = json.loads(_run_hal("info", "--json", env_extra=env, cwd=tmp_path).stdout)
+    by_name = {b["name"]: b for b in data["backends"]}
+    assert by_name["segv"]["available"] is False and "crashed with SIGSEGV" in by_name["segv"]["reason"]
+    assert by_name["segv"]["operators"] == {} and by_name["segv"]["versions"] == {}
+    assert python(_ROUTED) == "cpu"  # auto-detection falls back to the CPU
+    assert [len(_probes(calls_dir, n)) for n in ("segv", "hang", "quits")] == [1, 1, 1]
+
+
+def test_a_probe_runs_in_a_child_process_unless_it_need_not(site, calls_dir, monkeypatch):
+    _install_probing(site, calls_dir, "pid")
+    site.install("emu-hal", {"emu": "emu_plugin"}, {
+        "emu_plugin": plugin_source("emu", "emu_backend:Probed", emulated=True),
+        "emu_backend": _probing_backend(calls_dir / "emu", _ACTIONS["pid"])})
+    site.install("safe-hal", {"safe": "safe_plugin"}, {
+        "safe_plugin": plugin_source("safe", "safe_backend:Safe"),
+        "safe_backend": _probing_backend(calls_dir / "safe", _ACTIONS["pid"]) +
+        "class Safe(Probed):\n    isolate_probe = False\n"})
+
+    class Plugin:  # registered in-process: a child process could not find it
+        @hal.hookimpl
+        def hal_backends(self):
+            return [hal.BackendSpec(name="inproc", factory="safe_backend:Probed")]
+
+    hal.register_plugin(Plugin(), "inproc-plugin")
+    here = f"probed in process {os.getpid()}"
+    assert registry().entry("pid").availability().reason != here
+    assert _probes(calls_dir, "pid")[0] != os.getpid()
+    with pytest.raises(hal.BackendUnavailableError, match="probed in process"):
+        registry().backend("pid")
+    # an emulated test double, a backend that declares its probe safe, a plugin registered in-process: here
+    assert [registry().entry(n).availability().reason for n in ("emu", "safe", "inproc")] == [here] * 3
+    monkeypatch.setenv("HAL_PROBE_ISOLATION", "0")  # for debugging: every probe here
+    hal.registry.reset()
+    assert registry().entry("pid").availability().reason == here
+
+
+def test_shipped_backends_probe_in_isolation_their_twins_in_process(probe_cache):
+    ascend, twin = registry().entry("ascend"), registry().entry("ascend-emulated")
+    assert ascend.availability().reason.startswith("torch_npu is not installed") and not ascend.contained
+    cached = probe_cache / "xpu-hal" / "probes.json"
+    assert len(json.loads(cached.read_text())) == 1  # isolated probes' verdicts are cached
+    assert twin.availability().available
+    assert len(json.loads(cached.read_text())) == 1  # the twin's probe ran in this process
+
+
+def test_probe_cache_is_keyed_by_the_environment_and_can_be_bypassed(site, calls_dir, monkeypatch):
+    _install_probing(site, calls_dir, "pid")
+
+    def probe():
+        hal.registry.reset()
+        registry().entry("pid").availability()
+        return len(_probes(calls_dir, "pid"))
+
+    assert probe() == 1
+    assert probe() == 1  # a new registry (a new process): the cached verdict
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "1")
+    assert probe() == 2  # other devices visible: probed again
+    assert probe() == 2
+    site.install("other-hal", {}, {})
+    assert probe() == 3  # another distribution installed: probed again
+    monkeypatch.setenv("HAL_PROBE_CACHE", "0")
+    assert probe() == 4  # the cache bypassed
+
+
+def test_bad_probe_timeout_is_a_config_error(site, calls_dir, monkeypatch):
+    _install_probing(site, calls_dir, "pid")
+    monkeypatch.setenv("HAL_PROBE_TIMEOUT", "soon")
+    with pytest.raises(hal.ConfigError, match="HAL_PROBE_TIMEOUT: expected a positive number of seconds"):
+        registry().backend("pid")
