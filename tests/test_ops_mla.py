@@ -14,6 +14,7 @@ import torch
 
 import hal
 from hal.numerics import assert_within, compare
+from test_cpu_native import native_variant  # noqa: F401 (a fixture: each native kernel variant this CPU runs)
 
 PREFILL = hal.ops.mla_prefill
 DECODE = hal.ops.mla_decode
@@ -705,11 +706,12 @@ def test_error_n_admits_probabilities_rounded_to_bf16():
 
 @pytest.fixture(params=("bf16-matrix-instructions", "flash-without-native-kernel", "fp32-only"))
 def cpu_paths(request, monkeypatch):
-    """The CPU kernel paths (bf16 matrix instructions: the native AMX decode kernel where it runs, PyTorch's
-    flash attention; and fp32), whatever this CPU has."""
+    """The CPU kernel paths (bf16 matrix instructions: the native decode kernel's best variant where it runs,
+    PyTorch's flash attention; and fp32, without the native kernel), whatever this CPU has. Every variant of the
+    native kernel: the ``native_variant`` tests below."""
     from hal.backends.cpu import kernels
     monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: request.param != "fp32-only")
-    if request.param == "flash-without-native-kernel":
+    if request.param != "bf16-matrix-instructions":
         monkeypatch.setattr(kernels.native, "serves_mla_decode", lambda *args: False)
 
 
@@ -833,16 +835,17 @@ def test_sinks_scale_a_batched_sequence_as_they_do_alone():
                                               (100, (1000, 257)), (1, (40,))])
 @pytest.mark.parametrize("hq, d, dv", [(16, 576, 512), (3, 64, 32), (1, 32, 32)])
 @pytest.mark.parametrize("sinks, selection", [(False, None), (True, None), (False, "window"), (True, "topk")])
-def test_native_amx_decode_within_tolerance_of_oracle(monkeypatch, block_size, lens, hq, d, dv, sinks, selection):
-    # the native kernel (AMX tiles, online softmax, pages read in place or copied where a block of 32 keys
-    # crosses a page or the end; a window's or a top-k list's keys gathered first) on the shapes it serves,
-    # against the float64 oracle
+def test_native_decode_within_tolerance_of_oracle(monkeypatch, native_variant, block_size, lens, hq, d, dv, sinks,
+                                                  selection):
+    # each variant of the native kernel (AMX tiles, vdpbf16ps, or fp32 FMAs; online softmax, pages read in place
+    # or copied where a block of 32 keys crosses a page or the end; a window's or a top-k list's keys gathered
+    # first) on the shapes it serves, against the float64 oracle
     from hal.backends.cpu import kernels
-    if not kernels.native.serves_mla_decode(hq, d, dv, torch.empty(1, 1, d, dtype=torch.bfloat16)):
-        pytest.skip(f"the native kernel does not run here: {kernels.native.status()}")
+    monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: True)  # (window and top-k steps: bf16 paths only)
+    assert kernels.native.serves_mla_decode(hq, d, dv, torch.empty(1, 1, d, dtype=torch.bfloat16))
     calls = []
-    kernel = kernels.native.mla_decode_amx
-    monkeypatch.setattr(kernels.native, "mla_decode_amx", lambda *args: calls.append(1) or kernel(*args))
+    kernel = kernels.native.mla_decode
+    monkeypatch.setattr(kernels.native, "mla_decode", lambda *args: calls.append(1) or kernel(*args))
     q, keys, idx, sink_logits = decode_inputs(torch.bfloat16, lens=lens, sq=1, hq=hq, d=d, seed=len(lens) + d,
                                               topk=40)
     q = q * 0.5
@@ -861,12 +864,11 @@ def test_native_amx_decode_within_tolerance_of_oracle(monkeypatch, block_size, l
     assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
 
 
-def test_native_amx_decode_of_a_sequence_is_the_same_alone_in_a_batch_and_on_any_number_of_threads():
+def test_native_decode_of_a_sequence_is_the_same_alone_in_a_batch_and_on_any_number_of_threads(native_variant):
     # long sequences are attended in two halves shared out among the threads: the split depends only on the
     # sequence's length, so its result does not depend on the batch around it or on the threads
     from hal.backends.cpu import kernels
-    if not kernels.native.serves_mla_decode(16, 64, 64, torch.empty(1, 1, 64, dtype=torch.bfloat16)):
-        pytest.skip(f"the native kernel does not run here: {kernels.native.status()}")
+    assert kernels.native.serves_mla_decode(16, 64, 64, torch.empty(1, 1, 64, dtype=torch.bfloat16))
     q, keys, _, _ = decode_inputs(torch.bfloat16, lens=(1500, 700, 511, 3000, 40), sq=1, hq=16, d=64, seed=9)
     cache, table, lens = page(keys, 64, dtype=torch.bfloat16)
     batch = DECODE(q, cache, table, lens, softmax_scale=0.125, head_dim_v=64)
@@ -883,12 +885,11 @@ def test_native_amx_decode_of_a_sequence_is_the_same_alone_in_a_batch_and_on_any
 
 
 @pytest.mark.parametrize("where", ["query", "key, latent dims", "key, value dims"])
-def test_native_amx_decode_propagates_nan_as_the_reference_does(where):
+def test_native_decode_propagates_nan_as_the_reference_does(native_variant, where):
     # a NaN among the attended numbers makes out and lse NaN where the reference's are (compare: "NaN where
     # NaN"); the kernel's exponential must not turn a NaN logit into a zero probability
     from hal.backends.cpu import kernels
-    if not kernels.native.serves_mla_decode(4, 64, 32, torch.empty(1, 1, 64, dtype=torch.bfloat16)):
-        pytest.skip(f"the native kernel does not run here: {kernels.native.status()}")
+    assert kernels.native.serves_mla_decode(4, 64, 32, torch.empty(1, 1, 64, dtype=torch.bfloat16))
     q, keys, _, _ = decode_inputs(torch.bfloat16, lens=(600, 40), sq=1, hq=4, d=64, seed=5)
     if where == "query":
         q[0, 0, 2, 7] = float("nan")

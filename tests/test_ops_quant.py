@@ -14,6 +14,7 @@ import hal
 from hal.formats import unpack_fp4
 from hal.numerics import assert_within, compare, ulp_distance
 from hal.ops.grouped_gemm import GEMM_TOLERANCE
+from test_cpu_native import native_variant  # noqa: F401 (a fixture: each native kernel variant this CPU runs)
 
 Q8 = hal.ops.quantize_fp8
 Q8W = hal.ops.quantize_fp8_weight
@@ -782,17 +783,41 @@ def test_quantisers_of_many_rows_are_the_reference_bit_for_bit(op, args):
 @pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
 @pytest.mark.parametrize("amax", [3.7, 448.0, 1.0, 0.01, 1e-5, 7e4])
 def test_bf16_quantisation_is_the_reference_bit_for_bit_over_every_bf16_value(scale_fmt, amax):
-    # every finite bf16 value up to amax, in groups led by amax (one scale): the CPU backend (on this machine
-    # its native kernel: quotients by the reciprocal, the division where one lies near an e4m3 midpoint)
-    # against the reference's division
+    # every finite bf16 value up to amax, in groups led by amax (one scale): the CPU backend (where it runs, the
+    # best variant of its native kernel: quotients by the reciprocal, the division where one lies near an e4m3
+    # midpoint; every variant: the test above) against the reference's division
+    x = every_bf16_value_below(amax)
+    q, s = Q8(x, 128, scale_fmt)
+    q_ref, s_ref = Q8.reference_impl(x, 128, scale_fmt)
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+
+
+def every_bf16_value_below(amax: float) -> torch.Tensor:
+    """Every finite bf16 value up to ``amax``, in rows of 128 led by amax (each row one group of one scale)."""
     every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     top = torch.tensor(amax).bfloat16()
     values = every[torch.isfinite(every) & (every.abs() <= top)]
     values = values[:values.numel() // 127 * 127].view(-1, 127)
-    x = torch.cat([top.expand(values.shape[0], 1), values], dim=1)
-    q, s = Q8(x, 128, scale_fmt)
-    q_ref, s_ref = Q8.reference_impl(x, 128, scale_fmt)
-    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    return torch.cat([top.expand(values.shape[0], 1), values], dim=1)
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_each_native_fp8_variant_is_the_reference_bit_for_bit(native_variant, scale_fmt):
+    # each variant of the native quantiser (AVX-512 k-masks, or vector extensions on AVX2 / NEON) called directly:
+    # every finite bf16 value below six group maxima, groups with inf / NaN / only zeros / values below 2^-6 of
+    # the scale, and group sizes from 16 to 256
+    from hal.backends.cpu import native
+    odd = spread((6, 768), torch.bfloat16, seed=3, group=16)
+    odd[0, 5], odd[1, 17], odd[2, 40], odd[3] = float("nan"), float("inf"), -float("inf"), 0
+    odd[4, :16] = torch.tensor([1e-30, -3e-8, 2.0] * 5 + [0.0])  # quotients below e4m3's normal range
+    cases = [(every_bf16_value_below(amax), 128) for amax in (3.7, 448.0, 1.0, 0.01, 1e-5, 7e4)]
+    cases += [(odd, group) for group in (16, 48, 128, 256)]
+    for x, group in cases:
+        assert native.serves_quantize_fp8(x, group)
+        q, s = native.quantize_fp8_bf16(x, group, scale_fmt == "ue8m0")
+        q_ref, s_ref = Q8.reference_impl(x, group, scale_fmt)
+        assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s.nan_to_num(), s_ref.nan_to_num()), group
+        assert torch.equal(s.isnan(), s_ref.isnan())
 
 
 def test_int8_gemm_accumulates_exactly_and_scales_per_token_and_channel():

@@ -15,8 +15,9 @@ accumulate in fp32, as the contracts allow; elsewhere it is computed in fp32. Wh
   queries, each over only the keys some query of the chunk attends, with the rest masked. Decode attends
   all heads' rows in one pass over the sequence's keys, a view of the cache when its pages are in order, a
   batch of equal-length sequences in one call (a core each), and only the keys a window or a top-k list
-  selects (a one-token decode step then needs no mask). On CPUs with AMX, a bf16 step whose rows attend all
-  their keys takes the native kernel of :mod:`hal.backends.cpu.native` instead. Other cases: fp32, per
+  selects (a one-token decode step then needs no mask). Where the native kernels of
+  :mod:`hal.backends.cpu.native` run (AMX, AVX-512, AVX2, NEON), a bf16 step whose rows attend all their keys
+  takes them instead. Other cases: fp32, per
   sequence, two matrix products shared by all heads, masked only when something is.
 * :func:`quantize_fp8`, :func:`quantize_int8`: the same fp32 operations as the reference, applied to row
   chunks that stay in cache, in place, instead of full-size passes through memory; bf16 FP8 quantisation
@@ -211,9 +212,10 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     fast = _cpu_bf16_attention(q)
     lengths = seq_lens.tolist()
     pages = checked_pages(kv_cache, block_table, lengths, sq, causal)  # read anyway: bad ids would go unseen
-    if fast and not masked and native.serves_mla_decode(sq * hq, d, head_dim_v, kv_cache):
-        # the native AMX kernel: each sequence's pages read in place, all heads' rows at once
-        out, lse = native.mla_decode_amx(q.reshape(b, sq * hq, d), kv_cache, block_table, seq_lens, softmax_scale,
+    if not masked and q.dtype == torch.bfloat16 and native.serves_mla_decode(sq * hq, d, head_dim_v, kv_cache):
+        # the native kernel (also without bf16 matrix instructions: it sums in fp32 there): each sequence's pages
+        # read in place, all heads' rows at once
+        out, lse = native.mla_decode(q.reshape(b, sq * hq, d), kv_cache, block_table, seq_lens, softmax_scale,
                                          head_dim_v)
         out, lse = out.view(b, sq, hq, head_dim_v), lse.view(b, sq, hq)
     elif fast and not masked and b and lengths[0] > 0 and lengths.count(lengths[0]) == b:
@@ -253,7 +255,7 @@ def _attend_all(rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float,
     length, d = keys.shape
     if keys.is_contiguous() and native.serves_mla_decode(rows.shape[1], d, head_dim_v, keys[None]):
         one_page = torch.zeros(1, 1, dtype=torch.int32)
-        return native.mla_decode_amx(rows, keys[None], one_page, torch.tensor([length], dtype=torch.int32),
+        return native.mla_decode(rows, keys[None], one_page, torch.tensor([length], dtype=torch.int32),
                                      softmax_scale, head_dim_v)
     out, lse = _flash_rows(rows, keys[None], softmax_scale)
     return out[..., :head_dim_v], lse
