@@ -1,8 +1,10 @@
-"""Run the conformance suite under pytest: ``pytest --pyargs hal.conformance --hal-backend NAME``.
+"""Run the conformance suite under pytest: ``pytest -p hal.conformance.plugin --pyargs hal.conformance
+--hal-backend NAME`` (or ``PYTEST_PLUGINS=hal.conformance.plugin``, pytest's own switch).
 
-Registered as a pytest plugin (entry point ``pytest11``) so that the options exist before pytest
-resolves ``--pyargs``; it imports nothing heavy until the conformance tests are collected. Each cell is one test item. A cell the backend declares unsupported is skipped with that reason (shown
-by ``-rs``), a waived cell is an expected failure with its reason, anything else must pass.
+Loaded only when asked for (``-p``: early enough that its options exist before pytest resolves
+``--pyargs``), so pytest sessions of an environment that merely has xpu-hal installed never see it. Each
+cell is one test item. A cell the backend declares unsupported is skipped with that reason (shown by
+``-rs``), a waived cell is an expected failure with its reason, anything else must pass.
 """
 from __future__ import annotations
 
@@ -25,8 +27,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config):
-    if not any("conformance" in str(arg) for arg in config.args):
-        return None  # some other test run in an environment where xpu-hal is installed
     from hal.registry import registry
     entry = registry().entry(config.getoption("--hal-backend"))
     label = registry().emulated_label(entry.name)

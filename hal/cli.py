@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # (an option's type may import an extra: --timeout)
         return args.func(args)
     except Exception as exc:  # the HAL's own errors read as messages, not tracebacks
         from hal.errors import HalError

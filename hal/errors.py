@@ -53,3 +53,12 @@ class PluginError(HalError):
 
 class ConfigError(HalError, ValueError):
     """A setting (argument, environment variable or config file) has a value the HAL cannot use."""
+
+
+class MissingExtraError(HalError, ImportError):
+    """A part of the HAL that needs an optional extra was used without it; the message names the install."""
+
+    def __init__(self, part: str, extra: str, missing: str):
+        self.part, self.extra, self.missing = part, extra, missing
+        super().__init__(f"{part} needs the '{extra}' extra ({missing} is not installed): "
+                         f"pip install 'xpu-hal[{extra}]'")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import hal.cli
 import hal.numerics
@@ -207,14 +208,40 @@ def test_cli_exit_status(on_path, tmp_path):
     assert missing.returncode == 2 and "no backend named 'nonesuch'" in missing.stderr
 
 
-def test_pytest_entry_point(on_path, tmp_path):
+def test_pytest_plugin_when_asked_for(on_path, tmp_path):
     on_path.install("acme-hal", {"acme": "acme_plugin"}, {"acme_plugin": ACME_PLUGIN, "acme_backend": ACME_BACKEND})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "hal.conformance", "--hal-backend", "acme",
-                           "--hal-ops", "grouped_gemm", "--hal-profile", "quick", "-q", "-rs", "-p",
-                           "no:cacheprovider"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "hal.conformance.plugin", "--pyargs", "hal.conformance",
+                           "--hal-backend", "acme", "--hal-ops", "grouped_gemm", "--hal-profile", "quick", "-q", "-rs",
+                           "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "2 passed, 22 skipped" in proc.stdout
     assert "declared unsupported by 'acme'" in proc.stdout
+
+
+def test_pytest_sessions_do_not_load_the_plugin_unasked(tmp_path):
+    """Installing xpu-hal adds nothing to other projects' pytest sessions: no option, no hook."""
+    help_text = subprocess.run([sys.executable, "-m", "pytest", "--help", "-p", "no:cacheprovider"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "--hal-backend" not in help_text and "--help" in help_text
+
+
+BLOCKED = "import sys; sys.modules.update(pytest=None, hypothesis=None); "  # as if not installed
+
+
+def test_the_operators_and_the_model_need_no_suite_stack():
+    code = BLOCKED + ("import torch, hal, hal.model; from hal.model import tiny; "
+                      "print(hal.ops.quantize_fp8(torch.ones(2, 128))[1].tolist())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    expected = torch.full((2, 1), 1 / 448).tolist()  # (fp32 scales)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(expected), proc.stderr[-2000:]
+
+
+def test_conformance_without_its_extra_names_the_install():
+    code = BLOCKED + "from hal.cli import main; sys.exit(main(['conformance', '--backend', 'cpu', '--timeout', '9']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "needs the 'conformance' extra (hypothesis is not installed): pip install 'xpu-hal[conformance]'" \
+        in proc.stderr
 
 
 def test_workers_import_the_same_hal_from_a_source_checkout(tmp_path, monkeypatch):
