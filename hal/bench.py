@@ -413,6 +413,8 @@ def bench_dispatch(size: Size) -> List[Figure]:
 def _dispatch_figure(name: str, op: Op, args: tuple, kwargs: dict, size: Size) -> Figure:
     with hal.use_backend(_NULL):
         impl = route(op).impl
+        if impl is None:
+            raise RuntimeError(f"hal bench: the null backend does not serve {op.name}")
         call_s, direct_s = _paired(lambda: op(*args, **kwargs), lambda: impl(*args, **kwargs), size)
     with hal.use_backend(_NULL, checked=True):
         checked_s, _ = _paired(lambda: op(*args, **kwargs), lambda: None, size)
@@ -471,7 +473,7 @@ def bench_model(size: Size, backend: str, notes: List[str], arch: str = "deepsee
         transformers.logging.set_verbosity_error()
         from transformers import AutoModelForCausalLM
     except ImportError:
-        transformers = None
+        transformers = None  # type: ignore[assignment]
         notes.append(f"transformers is not installed: the {name} peer comparison is skipped")
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny(arch, tmp)
@@ -485,7 +487,7 @@ def bench_model(size: Size, backend: str, notes: List[str], arch: str = "deepsee
                              "the peer comparison is skipped")
     prompt = torch.randint(2, ours.args.vocab_size, (1, size.model_context), generator=torch.Generator().manual_seed(0))
     steps = size.decode_steps
-    runs: Dict[str, List[Tuple[List[int], float, float]]] = {"hal": [], "transformers": []}
+    runs: Dict[str, List[Tuple[Any, ...]]] = {"hal": [], "transformers": []}  # (tokens, prefill s, decode s)
     for rep in range(1 + size.reps // 2):  # the first repetition is the warm-up
         runs["hal"].append(_hal_run(ours, prompt, steps))
         if peer is not None:
@@ -501,7 +503,7 @@ def bench_model(size: Size, backend: str, notes: List[str], arch: str = "deepsee
         return figures
     same = all(h[0] == p[0] for h, p in zip(runs["hal"], runs["transformers"]))
     # where they first part (repetition, step, hal's token, transformers'), for a reader to follow up
-    parted = {} if same else {"first_difference": next(
+    parted: Dict[str, Any] = {} if same else {"first_difference": next(
         ((rep, step, a, b) for rep, (h, p) in enumerate(zip(runs["hal"], runs["transformers"]))
          for step, (a, b) in enumerate(zip(h[0], p[0])) if a != b), None)}
     for phase, i in (("prefill", 1), ("decode", 2)):

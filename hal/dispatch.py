@@ -129,7 +129,7 @@ def call_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable
         return _any_call_key(args, kwargs)
     if not kwargs:
         return key
-    return (*key, *_options(args, kwargs)) if _scalar_keywords(kwargs) else _any_call_key(args, kwargs)
+    return (*key, _options(args, kwargs)) if _scalar_keywords(kwargs) else _any_call_key(args, kwargs)
 
 
 def _options(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Hashable:
@@ -173,8 +173,9 @@ def _tensor_guard_factory() -> Optional[Callable[[Tuple[torch.Tensor, ...]], Any
         from torch._C._dynamo.guards import TensorGuards
 
         def guard(tensors: Tuple[torch.Tensor, ...]) -> Any:
-            return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
-                                dynamic_dims_strides=[list(t.stride()) for t in tensors])
+            sizes: Any = [list(t.shape) for t in tensors]  # (its stubs want SymInts; plain ints are what it reads)
+            strides: Any = [list(t.stride()) for t in tensors]
+            return TensorGuards(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides)
 
         def zeros(*shape: int, **options: Any) -> torch.Tensor:  # whatever torch's defaults are set to
             return torch.zeros(*shape, **{"dtype": torch.float32, "device": "cpu", **options})

@@ -11,9 +11,12 @@ existing plugins (an implementation may accept fewer arguments than the spec).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import TYPE_CHECKING, List
 
 import pluggy
+
+if TYPE_CHECKING:
+    from hal.registry import BackendSpec
 
 PROJECT = "hal"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -21,9 +24,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def hal_backends() -> "List[hal.registry.BackendSpec]":  # type: ignore[name-defined]  # noqa: F821
+def hal_backends() -> List[BackendSpec]:
     """Return the backends this plugin provides, as :class:`hal.registry.BackendSpec` descriptors.
 
     Keep it cheap: import no vendor library here. Each spec names its backend class as a
     ``"module:Class"`` string, imported only when the backend is listed or used.
     """
+    raise NotImplementedError  # a specification: plugins implement it

@@ -159,7 +159,8 @@ class Registry:
             if impl.plugin_name != name:
                 continue
             try:
-                specs = list(impl.function())
+                returned: Any = impl.function()
+                specs = list(returned)
                 for spec in specs:
                     if not isinstance(spec, BackendSpec):
                         raise TypeError(f"hal_backends returned {type(spec).__name__}, not BackendSpec")
