@@ -4,7 +4,8 @@
  * One source, compiled into a variant per instruction set by the -m flags alone (native.py picks the best the
  * CPU runs): AMX (tile unit), AVX-512 BF16, AVX-512 (F, BW, VL), AVX2 with FMA, and aarch64 NEON. The code is
  * GCC vector extensions over the variant's vector width (VL floats), plus intrinsics only where an instruction
- * set has something the extensions do not express (tiles, bf16 pair dot products, a test of any lane).
+ * set has something the extensions do not express (tiles, bf16 pair dot products, a test of any lane) or where
+ * GCC expresses it poorly (widening bf16; the quantiser's masks, compares, selects and narrowing).
  *
  * Absorbed MLA decode: each sequence's query rows (up to 16: one per head) attend its latent keys, which are
  * also its values (their first Dv dims). Keys go in blocks of 32, read in place from the paged cache: the
@@ -38,13 +39,10 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define VL 16
-#define any_lane(m) (_mm512_test_epi32_mask((__m512i)(m), (__m512i)(m)) != 0)
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VL 8
-#define any_lane(m) (!_mm256_testz_si256((__m256i)(m), (__m256i)(m)))
 #elif defined(__ARM_NEON) && defined(__aarch64__)
 #define VL 4
-#define any_lane(m) (vmaxvq_u32((uint32x4_t)(m)) != 0)
 #else
 #error "native.c is built for AVX-512, AVX2 with FMA, or aarch64 NEON"
 #endif
@@ -73,8 +71,14 @@ INLINE vu select_u(vi mask, vu a, vu b) { return (a & (vu)mask) | (b & ~(vu)mask
 INLINE hf select_h(hi mask, hf a, hf b) { return (hf)(((hi)a & mask) | ((hi)b & ~mask)); }
 INLINE hf max_h(hf a, hf b) { return select_h(a > b, a, b); }  /* b where either is NaN, as maxps */
 
-INLINE vf bf16_to_ps(const uint16_t *x) {  /* VL bf16 values to fp32 (exact) */
+INLINE vf bf16_to_ps(const uint16_t *x) {  /* VL bf16 values to fp32 (exact; GCC widens in halves on x86) */
+#if VL == 16
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16);
+#elif VL == 8
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x)), 16);
+#else
     return (vf)(__builtin_convertvector(*(const vh_u *)x, vu) << 16);
+#endif
 }
 
 INLINE void store_bf16(uint16_t *out, vf x) {  /* VL fp32 values to bf16: to nearest, ties to even; NaN quiet */
@@ -300,34 +304,45 @@ static void add_values(const sequence *sq, const uint16_t *rows, const float *p)
     for (int n = 0; n < sq->dim_v / 16; n++) dot_pairs(sq->out + 16 * n, sq->dim_v, probs, KEYS, v_pairs + n * 512, 16);
 }
 #else
-#define NV (16 / VL)              /* vectors a row of 16 */
-#define MR (VL == 16 ? 16 : 4)    /* rows a pass: the accumulators fit the registers (32 zmm, 16 ymm, 32 q) */
+#define NV (16 / VL)  /* vectors a row of 16 */
 
-/* C[16][16] += sum over k < depth of A[m][k] B[k][0..15] in fp32: A[m][k] at a + m * a_row + k * a_col, B[k]
- * at b + k * ldb, C rows at c + m * ldc */
-INLINE void fma_rows(float *c, long ldc, const float *a, long a_row, long a_col, const float *b, long ldb, int depth) {
-    for (int m0 = 0; m0 < 16; m0 += MR) {
-        vf acc[MR][NV];
+/* C[m][0..15] += sum over k < depth of A[m][k] B[k][0..15] in fp32 for m < rows (a constant where inlined, so
+ * that the rows * NV accumulators stay in registers): A[m][k] at a + m * a_row + k * a_col, B[k] at b + k * ldb,
+ * C rows at c + m * ldc */
+INLINE void fma_pass(float *c, long ldc, const float *a, long a_row, long a_col, const float *b, long ldb, int depth,
+                     int rows) {
+    vf acc[16][NV];
 #pragma GCC unroll 16
-        for (int m = 0; m < MR; m++)
+    for (int m = 0; m < rows; m++)
 #pragma GCC unroll 4
-            for (int j = 0; j < NV; j++) acc[m][j] = load(c + (m0 + m) * ldc + j * VL);
-        for (int k = 0; k < depth; k++) {
-            vf bk[NV];
+        for (int j = 0; j < NV; j++) acc[m][j] = load(c + m * ldc + j * VL);
+    for (int k = 0; k < depth; k++) {
+        vf bk[NV];
 #pragma GCC unroll 4
-            for (int j = 0; j < NV; j++) bk[j] = load(b + k * ldb + j * VL);
+        for (int j = 0; j < NV; j++) bk[j] = load(b + k * ldb + j * VL);
 #pragma GCC unroll 16
-            for (int m = 0; m < MR; m++) {
-                const float x = a[(m0 + m) * a_row + k * a_col];
+        for (int m = 0; m < rows; m++) {
+            const float x = a[m * a_row + k * a_col];
 #pragma GCC unroll 4
-                for (int j = 0; j < NV; j++) acc[m][j] += x * bk[j];
-            }
+            for (int j = 0; j < NV; j++) acc[m][j] += x * bk[j];
         }
-#pragma GCC unroll 16
-        for (int m = 0; m < MR; m++)
-#pragma GCC unroll 4
-            for (int j = 0; j < NV; j++) store(c + (m0 + m) * ldc + j * VL, acc[m][j]);
     }
+#pragma GCC unroll 16
+    for (int m = 0; m < rows; m++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) store(c + m * ldc + j * VL, acc[m][j]);
+}
+
+/* fma_pass over rows 0..15, in passes whose accumulators fit the registers (32 zmm, 16 ymm, 32 q) */
+INLINE void fma_rows(float *c, long ldc, const float *a, long a_row, long a_col, const float *b, long ldb, int depth) {
+#if VL == 8  /* 12, 10 and 10 accumulators: more than the 8 FMAs in flight that hide their latency */
+    fma_pass(c, ldc, a, a_row, a_col, b, ldb, depth, 6);
+    fma_pass(c + 6 * ldc, ldc, a + 6 * a_row, a_row, a_col, b, ldb, depth, 5);
+    fma_pass(c + 11 * ldc, ldc, a + 11 * a_row, a_row, a_col, b, ldb, depth, 5);
+#else
+    for (int m0 = 0; m0 < 16; m0 += 16 / NV)
+        fma_pass(c + m0 * ldc, ldc, a + m0 * a_row, a_row, a_col, b, ldb, depth, 16 / NV);
+#endif
 }
 
 /* the block's keys in fp32 (kept for add_values), then logits[key][head] = K q */
@@ -508,12 +523,32 @@ void hal_mla_decode(const uint16_t *q, int batch, int heads, int dim, int dim_v,
 #define E4M3_MAX_BITS 0x43E00000  /* 448 */
 #define E4M3_NORMAL_BITS 0x3C800000  /* 2^-6 */
 
-#if VL == 16
-/* AVX-512: k-masks, unsigned compares, byte narrowing in one instruction */
-#define C32(v) _mm512_set1_epi32(v)
+/* The quantiser's primitives per instruction set: `lanes`, a mask of VL lanes (a k-mask on AVX-512, else a
+ * vector); compares of values below 2^31 (so signed compares serve on AVX2, which has no unsigned ones);
+ * select; unsigned min; truncation; the codes narrowed to bytes; and the group's largest and smallest |x|,
+ * as fp32 bits, on the bf16 bits. One algorithm (store_e4m3 and the loops below) is built on them. */
+#if defined(__AVX2__)
+/* 16 lanes of |x| bits, largest and smallest, to the two values (minpos finds the minimum of 8 lanes) */
+INLINE void reduce_range(__m256i hi, __m256i lo, uint32_t *top, uint32_t *bottom) {
+    const __m128i h = _mm_max_epu16(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+    const __m128i l = _mm_min_epu16(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+    *top = (0xFFFFu - (uint32_t)_mm_extract_epi16(_mm_minpos_epu16(_mm_xor_si128(h, _mm_set1_epi16(-1))), 0)) << 16;
+    *bottom = (uint32_t)_mm_extract_epi16(_mm_minpos_epu16(l), 0) << 16;
+}
+#endif
 
-/* The largest and the smallest |x| of the group, as fp32 bits (on the bf16 bits: 32 a vector) */
-INLINE void group_range(const uint16_t *x, int group, uint32_t *top, uint32_t *bottom) {
+#if VL == 16
+typedef __mmask16 lanes;
+#define I(v) ((__m512i)(v))
+INLINE lanes less(vu a, vu b) { return _mm512_cmplt_epu32_mask(I(a), I(b)); }
+INLINE lanes at_most_ps(vf a, vf b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_LE_OQ); }
+INLINE vu pick(lanes m, vu a, vu b) { return (vu)_mm512_mask_mov_epi32(I(b), m, I(a)); }  /* m ? a : b */
+INLINE vu min_u(vu a, vu b) { return (vu)_mm512_min_epu32(I(a), I(b)); }
+INLINE vf trunc_ps(vf x) { return (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
+INLINE int any(lanes m) { return m != 0; }
+INLINE void store_codes(uint8_t *q, vu code) { _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(I(code))); }
+
+INLINE void group_range(const uint16_t *x, int group, uint32_t *top, uint32_t *bottom) {  /* 32 a vector */
     __m512i hi = _mm512_setzero_si512(), lo = _mm512_set1_epi16(-1);
     for (int i = 0; i < group; i += 32) {
         const __mmask32 live = group - i >= 32 ? ~0u : 0xFFFFu;
@@ -521,100 +556,84 @@ INLINE void group_range(const uint16_t *x, int group, uint32_t *top, uint32_t *b
         hi = _mm512_max_epu16(hi, v);
         lo = _mm512_mask_min_epu16(lo, live, lo, v);
     }
-    __m256i h = _mm256_max_epu16(_mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1));
-    __m256i l = _mm256_min_epu16(_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1));
-    __m128i h8 = _mm_max_epu16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    __m128i l8 = _mm_min_epu16(_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1));
-    *top = (0xFFFFu - (uint32_t)_mm_extract_epi16(_mm_minpos_epu16(_mm_xor_si128(h8, _mm_set1_epi16(-1))), 0)) << 16;
-    *bottom = (uint32_t)_mm_extract_epi16(_mm_minpos_epu16(l8), 0) << 16;
+    reduce_range(_mm256_max_epu16(_mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)),
+                 _mm256_min_epu16(_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1)), top, bottom);
+}
+#elif VL == 8
+typedef vi lanes;
+#define I(v) ((__m256i)(v))
+INLINE lanes less(vu a, vu b) { return (vi)_mm256_cmpgt_epi32(I(b), I(a)); }
+INLINE lanes at_most_ps(vf a, vf b) { return (vi)_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_LE_OQ); }
+INLINE vu pick(lanes m, vu a, vu b) { return (vu)_mm256_blendv_ps((__m256)b, (__m256)a, (__m256)m); }
+INLINE vu min_u(vu a, vu b) { return (vu)_mm256_min_epu32(I(a), I(b)); }
+INLINE vf trunc_ps(vf x) { return (vf)_mm256_round_ps((__m256)x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
+INLINE int any(lanes m) { return !_mm256_testz_si256(I(m), I(m)); }
+INLINE void store_codes(uint8_t *q, vu code) {  /* each 32-bit lane's low byte, lanes 0-3 then 4-7 */
+    const __m256i low_bytes = _mm256_shuffle_epi8(I(code), _mm256_set1_epi32(0x0C080400));
+    const __m256i gathered = _mm256_permutevar8x32_epi32(low_bytes, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+    _mm_storel_epi64((__m128i *)q, _mm256_castsi256_si128(gathered));
 }
 
-INLINE __m512 bf16x16(const uint16_t *x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-}
-
-/* codes of 16 quotients y into q; lanes near a midpoint into *near (when `ties`) */
-INLINE void store_e4m3(uint8_t *q, __m512 y, int small, int nan, int ties, __mmask16 *near) {
-    const __m512i bits = _mm512_castps_si512(y), a = _mm512_and_si512(bits, C32(0x7FFFFFFF));
-    const __m512i clamped = _mm512_min_epu32(a, C32(E4M3_MAX_BITS));
-    __m512i code = _mm512_add_epi32(clamped, C32(0x7FFFF - (960 << 20)));  /* (the exponent bias, rebased) */
-    code = _mm512_srli_epi32(_mm512_add_epi32(code, _mm512_and_si512(_mm512_srli_epi32(clamped, 20), C32(1))), 20);
-    if (ties)  /* the bits rounding drops lie near 0x80000 (conservative for the small lanes, checked below) */
-        *near |= _mm512_cmple_epu32_mask(_mm512_sub_epi32(_mm512_and_si512(a, C32(0xFFFFF)), C32(0x7FFF0)), C32(32));
-    if (small) {
-        const __mmask16 below = _mm512_cmplt_epu32_mask(a, C32(E4M3_NORMAL_BITS));
-        const __m512 t = _mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0f));
-        code = _mm512_mask_sub_epi32(code, below, _mm512_castps_si512(_mm512_add_ps(t, _mm512_set1_ps(8388608.0f))),
-                                     C32(0x4B000000));
-        if (ties) {
-            const __m512 frac = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
-            *near |= _mm512_mask_cmp_ps_mask(below, _mm512_abs_ps(_mm512_sub_ps(frac, _mm512_set1_ps(0.5f))),
-                                             _mm512_set1_ps(1.0f / 65536), _CMP_LE_OQ);
-        }
+INLINE void group_range(const uint16_t *x, int group, uint32_t *top, uint32_t *bottom) {  /* 16 a vector */
+    __m256i hi = _mm256_setzero_si256(), lo = _mm256_set1_epi16(-1);
+    for (int i = 0; i < group; i += 16) {
+        const __m256i v = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), _mm256_set1_epi16(0x7FFF));
+        hi = _mm256_max_epu16(hi, v);
+        lo = _mm256_min_epu16(lo, v);
     }
-    if (nan) code = _mm512_mask_mov_epi32(code, _mm512_cmpgt_epu32_mask(a, C32(0x7F800000)), C32(0x7F));
-    code = _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(bits, 24), C32(0x80), 0xF8);  /* code | (sign & 0x80) */
-    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(code));
+    reduce_range(hi, lo, top, bottom);
+}
+#else
+typedef vi lanes;
+INLINE lanes less(vu a, vu b) { return a < b; }
+INLINE lanes at_most_ps(vf a, vf b) { return a <= b; }
+INLINE vu pick(lanes m, vu a, vu b) { return select_u(m, a, b); }
+INLINE vu min_u(vu a, vu b) { return (vu)vminq_u32((uint32x4_t)a, (uint32x4_t)b); }
+INLINE vf trunc_ps(vf x) { return (vf)vrndq_f32((float32x4_t)x); }
+INLINE int any(lanes m) { return vmaxvq_u32((uint32x4_t)m) != 0; }
+INLINE void store_codes(uint8_t *q, vu code) { *(vb_u *)q = __builtin_convertvector(code, vb); }
+
+INLINE void group_range(const uint16_t *x, int group, uint32_t *top, uint32_t *bottom) {  /* 8 a vector */
+    uint16x8_t hi = vdupq_n_u16(0), lo = vdupq_n_u16(0xFFFF);
+    for (int i = 0; i < group; i += 8) {
+        const uint16x8_t v = vandq_u16(vld1q_u16(x + i), vdupq_n_u16(0x7FFF));
+        hi = vmaxq_u16(hi, v);
+        lo = vminq_u16(lo, v);
+    }
+    *top = (uint32_t)vmaxvq_u16(hi) << 16;
+    *bottom = (uint32_t)vminvq_u16(lo) << 16;
+}
+#endif
+
+/* codes of VL quotients y into q; lanes near a midpoint into *near (when `ties`) */
+INLINE void store_e4m3(uint8_t *q, vf y, int small, int nan, int ties, lanes *near) {
+    const vu bits = (vu)y, a = bits & 0x7FFFFFFF;
+    const vu clamped = min_u(a, (vu){} + E4M3_MAX_BITS);
+    vu code = (clamped + (0x7FFFF - (960 << 20)) + ((clamped >> 20) & 1)) >> 20;  /* (the exponent bias, rebased) */
+    if (ties)  /* the bits rounding drops lie near 0x80000 (conservative for the small lanes, checked below) */
+        *near |= less((a - 0x7FFF0) & 0xFFFFF, (vu){} + 33);
+    if (small) {
+        const lanes below = less(a, (vu){} + E4M3_NORMAL_BITS);
+        const vf t = (vf)a * 512.0f;
+        code = pick(below, (vu)(t + 8388608.0f) - 0x4B000000, code);
+        if (ties)
+            *near |= below & at_most_ps((vf)((vu)(t - trunc_ps(t) - 0.5f) & 0x7FFFFFFF), (vf){} + 1.0f / 65536);
+    }
+    if (nan) code = pick(less((vu){} + 0x7F800000, a), (vu){} + 0x7F, code);
+    store_codes(q, code | ((bits >> 24) & 0x80));
 }
 
 /* The group's codes by the reciprocal; whether a quotient lies near a midpoint (when `ties`) */
 INLINE int codes_by_reciprocal(const uint16_t *x, uint8_t *q, int group, float reciprocal, int small, int ties) {
-    const __m512 r = _mm512_set1_ps(reciprocal);
-    __mmask16 near = 0;
-    for (int i = 0; i < group; i += 16) store_e4m3(q + i, _mm512_mul_ps(bf16x16(x + i), r), small, 0, ties, &near);
-    return near != 0;
-}
-
-static void codes_by_division(const uint16_t *x, uint8_t *q, int group, float s) {
-    __mmask16 unused = 0;
-    for (int i = 0; i < group; i += 16)
-        store_e4m3(q + i, _mm512_div_ps(bf16x16(x + i), _mm512_set1_ps(s)), 1, 1, 0, &unused);
-}
-#else
-/* AVX2 and NEON: vector extensions, a VL-lane mask a vector */
-INLINE void group_range(const uint16_t *x, int group, uint32_t *top, uint32_t *bottom) {
-    vu hi = {}, lo = (vu){} + 0x7FFFFFFF;
-    for (int i = 0; i < group; i += VL) {
-        const vu v = (vu)bf16_to_ps(x + i) & 0x7FFFFFFF;
-        hi = select_u(v > hi, v, hi);
-        lo = select_u(v < lo, v, lo);
-    }
-    *top = 0, *bottom = 0x7FFFFFFF;
-    for (int i = 0; i < VL; i++) {
-        *top = hi[i] > *top ? hi[i] : *top;
-        *bottom = lo[i] < *bottom ? lo[i] : *bottom;
-    }
-}
-
-INLINE void store_e4m3(uint8_t *q, vf y, int small, int nan, int ties, vi *near) {
-    const vu bits = (vu)y, a = bits & 0x7FFFFFFF;
-    const vu clamped = select_u(a < E4M3_MAX_BITS, a, (vu){} + E4M3_MAX_BITS);
-    vu code = (clamped + (0x7FFFF - (960 << 20)) + ((clamped >> 20) & 1)) >> 20;
-    if (ties) *near |= (a & 0xFFFFF) - 0x7FFF0 <= 32;
-    if (small) {
-        const vi below = a < E4M3_NORMAL_BITS;
-        const vf t = (vf)a * 512.0f;
-        code = select_u(below, (vu)(t + 8388608.0f) - 0x4B000000, code);
-        if (ties) {
-            const vf frac = t - __builtin_convertvector(__builtin_convertvector(t, vi), vf);  /* t < 8 */
-            *near |= below & ((vf)((vu)(frac - 0.5f) & 0x7FFFFFFF) <= 1.0f / 65536);
-        }
-    }
-    if (nan) code = select_u(a > 0x7F800000, (vu){} + 0x7F, code);
-    *(vb_u *)q = __builtin_convertvector(code | ((bits >> 24) & 0x80), vb);
-}
-
-INLINE int codes_by_reciprocal(const uint16_t *x, uint8_t *q, int group, float reciprocal, int small, int ties) {
-    vi near = {};
+    lanes near = {0};
     for (int i = 0; i < group; i += VL) store_e4m3(q + i, bf16_to_ps(x + i) * reciprocal, small, 0, ties, &near);
-    return any_lane(near);
+    return any(near);
 }
 
 static void codes_by_division(const uint16_t *x, uint8_t *q, int group, float s) {
-    vi unused = {};
+    lanes unused = {0};
     for (int i = 0; i < group; i += VL) store_e4m3(q + i, bf16_to_ps(x + i) / s, 1, 1, 0, &unused);
 }
-#endif
 
 typedef struct {
     const uint16_t *x;
