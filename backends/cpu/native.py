@@ -36,6 +36,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from hal.probe import cache_dir
+
 __all__ = ["VARIANTS", "mla_decode", "quantize_fp8_bf16", "serves_mla_decode", "serves_quantize_fp8", "status",
            "variants"]
 
@@ -194,8 +196,7 @@ def _built(variant: str) -> Path:
     processes building at once never load a partial file."""
     source = resources.files(__package__).joinpath(_SOURCE).read_bytes()
     key = hashlib.sha256(source + " ".join(compile_command(variant, Path(), Path(), [])).encode()).hexdigest()[:16]
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    cache = (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "xpu-hal"  # (XDG: relative = unset)
+    cache = cache_dir()
     target = cache / f"native-{variant}-{key}.so"
     if target.exists():
         return target
