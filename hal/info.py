@@ -1,5 +1,6 @@
 """What ``hal info`` reports: every backend found, whether it can run here and why not, its versions,
-and per operator the feature values (dtypes, layouts, formats) it supports."""
+and per operator the feature values (dtypes, layouts, formats) it supports and, for a vendor backend,
+the vendor operators it maps to and when the reference path serves it instead."""
 from __future__ import annotations
 
 import platform
@@ -12,6 +13,7 @@ from hal import config
 from hal.contract import all_ops
 from hal.errors import HalError
 from hal.registry import BackendEntry, registry
+from hal.vendor import VendorBackend
 
 
 def _backend_info(entry: BackendEntry) -> Dict[str, Any]:
@@ -23,13 +25,14 @@ def _backend_info(entry: BackendEntry) -> Dict[str, Any]:
     try:
         backend = entry.load()
     except HalError as exc:
-        info.update(available=False, reason=str(exc), error=str(exc), versions={}, operators={}, missing=[])
+        info.update(available=False, reason=str(exc), error=str(exc), versions={}, operators={}, missing=[],
+                    mappings={})
         return info
     availability = entry.availability()
     info["available"] = availability.available
     info["reason"] = availability.reason
     if entry.contained:  # its probe crashed or hung in a child process: run none of its vendor code here
-        info.update(versions={}, operators={}, missing=[])
+        info.update(versions={}, operators={}, missing=[], mappings={})
         return info
     try:
         info["versions"] = backend.versions()
@@ -39,6 +42,7 @@ def _backend_info(entry: BackendEntry) -> Dict[str, Any]:
     ops = all_ops()
     info["operators"] = {name: support.as_dict(ops[name]) for name, support in sorted(caps.items())}
     info["missing"] = sorted(set(ops) - set(caps))
+    info["mappings"] = backend.mapping_info() if isinstance(backend, VendorBackend) else {}
     return info
 
 
@@ -94,6 +98,11 @@ def render(data: Dict[str, Any]) -> str:
             lines.append(f"  {op}")
             for axis, values in axes.items():
                 lines.append(f"      {axis:<14} {', '.join(values)}")
+            mapping = b["mappings"].get(op)
+            if mapping:
+                lines.append(f"      {'maps to':<14} "
+                             f"{', '.join(mapping['maps_to']) or 'no vendor operator: the reference path, always'}")
+                lines.extend(f"      {'reference':<14} {f['reason']}" for f in mapping["reference_when"])
         if b["missing"]:
             lines.append("  not implemented: " + ", ".join(b["missing"]))
         lines.append("")

@@ -7,7 +7,13 @@
   version that lacks an operator) through :meth:`VendorBackend.reference_path`: the contract's
   reference semantics on the same device, never a silently different result. Every call records the
   path that served it (:attr:`VendorBackend.paths`), so tests and ``hal bisect`` can tell which vendor
-  operator ran.
+  operator ran, and every reference-path call the condition that sent it there
+  (:attr:`VendorBackend.fallbacks`).
+* :class:`OpMapping` and :class:`Fallback` — what a vendor backend's operator maps to, as data: the
+  vendor operators, the documentation followed, and the named conditions under which the reference
+  path serves instead, each with its reason in plain words. A kernel marked :func:`mapped` never sees
+  a call one of its conditions covers; the same records render the backend's docs table
+  (:mod:`hal.docgen`) and ``hal info``.
 * :class:`EmulatedLibrary` — the base of a **test double**: a CPU stand-in for exactly the vendor
   operators a backend calls, written from the vendor's documentation (signatures, output conventions
   and refusals). A backend built on one is registered with ``emulated=True``: never auto-selected, and
@@ -20,16 +26,98 @@ from __future__ import annotations
 import collections
 import functools
 import importlib
-from typing import Any, Callable, Counter, Iterable, List, Optional, Tuple
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Counter, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from hal.backend import Availability, Backend
+from hal.backend import Availability, Backend, implements
 from hal.contract import get_op
+from hal.errors import PluginError
 
-__all__ = ["VendorBackend", "EmulatedLibrary", "EmulatorRefusal", "emulated_twin", "EMULATED_SUFFIX"]
+__all__ = ["VendorBackend", "EmulatedLibrary", "EmulatorRefusal", "emulated_twin", "EMULATED_SUFFIX", "OpMapping",
+           "Fallback", "always", "given", "row_count", "by_operator", "mapped"]
 
 EMULATED_SUFFIX = "-emulated"
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A named condition under which a vendor kernel does not serve a call: the reference path does.
+
+    ``when(backend, call)`` is true for the calls it covers; ``call`` holds the call's arguments under the
+    contract's parameter names, defaults filled in (``call.x``, ``call.out_dtype``). ``when=None`` covers
+    every call. ``reason`` says why in plain words, citing the vendor's documentation or limit."""
+
+    name: str
+    reason: str
+    when: Optional[Callable[[Any, SimpleNamespace], bool]] = None
+
+
+def always(reason: str) -> Fallback:
+    """The condition of an operator that the reference path always serves."""
+    return Fallback("always", reason)
+
+
+def given(name: str, reason: str, *params: str) -> Fallback:
+    """The condition that the call gives one of the optional parameters ``params`` (not ``None``)."""
+    listed = " or ".join(f"`{p}`" for p in params)
+    return Fallback(name, f"{listed} given: {reason}", lambda b, c: any(getattr(c, p) is not None for p in params))
+
+
+def row_count(t: torch.Tensor) -> int:
+    """The rows of ``t`` flattened to 2-D over its last dimension (a predicate's "no rows")."""
+    return t.shape[:-1].numel()
+
+
+@dataclass(frozen=True)
+class OpMapping:
+    """How a vendor backend serves one operator.
+
+    ``vendor_ops``: the vendor operators its kernel calls (none: the reference path serves every call);
+    ``call`` (how it calls them) and ``translation`` (the conversions at the boundary): markdown for the
+    docs table; ``source``: the documentation the mapping follows; ``fallbacks``: when the reference path
+    serves instead (the first that holds is recorded); ``offered``: where the backend offers the operator,
+    when not wherever it runs (its ``capabilities()`` applies it)."""
+
+    op: str
+    vendor_ops: Tuple[str, ...] = ()
+    call: str = ""
+    translation: str = ""
+    source: str = ""
+    fallbacks: Tuple[Fallback, ...] = ()
+    offered: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.vendor_ops and not any(f.when is None for f in self.fallbacks):
+            raise ValueError(f"{self.op}: a mapping without vendor operators needs an unconditional fallback")
+
+    def as_dict(self) -> Dict[str, Any]:
+        """JSON-ready, for ``hal info --json``."""
+        return {"maps_to": list(self.vendor_ops), "source": self.source, "offered": self.offered or "everywhere",
+                "reference_when": [{"condition": f.name, "reason": f.reason} for f in self.fallbacks]}
+
+
+def by_operator(*records: OpMapping) -> Dict[str, OpMapping]:
+    """A backend's :attr:`VendorBackend.mappings` from its records, one per operator."""
+    table = {r.op: r for r in records}
+    if len(table) != len(records):
+        raise ValueError("two OpMapping records for one operator")
+    return table
+
+
+def mapped(op: str, **axes: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """:func:`~hal.backend.implements` for a :class:`VendorBackend` kernel: a call that one of ``op``'s
+    fallback conditions covers takes the reference path; the kernel serves the others."""
+
+    def mark(kernel: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(kernel)  # the signature registration checks is the kernel's
+        def serve(self: "VendorBackend", *args: Any, **kwargs: Any) -> Any:
+            return self._serve(op, kernel, args, kwargs)
+        return implements(op, **axes)(serve)
+
+    return mark
 
 
 class EmulatorRefusal(RuntimeError):
@@ -73,13 +161,16 @@ class VendorBackend(Backend):
 
     Subclasses set ``library`` (import name), ``install_hint`` and ``native_hint`` (what a user does
     about a missing package or missing native libraries), and implement :meth:`visible_devices`.
-    ``lib`` is the vendor library, or an :class:`EmulatedLibrary` for the emulated twin.
+    ``lib`` is the vendor library, or an :class:`EmulatedLibrary` for the emulated twin. ``mappings``
+    (:func:`by_operator`) holds one :class:`OpMapping` per operator the backend implements: kernels marked
+    :func:`mapped` serve the operators with vendor operators, the reference path the others.
     """
 
     library: str = ""
     install_hint: str = ""
     native_hint: str = ""
     device_name: str = "device"  # in messages: "no NPU is visible"
+    mappings: Mapping[str, OpMapping] = {}
 
     def __init__(self, lib: Optional[Any] = None) -> None:
         self._lib = lib
@@ -88,7 +179,16 @@ class VendorBackend(Backend):
             self.device_type = "cpu"  # the test double computes on CPU tensors
         #: how many calls each (operator, path) served: path = the vendor operator, or "reference"
         self.paths: Counter[Tuple[str, str]] = collections.Counter()
+        #: how many calls each (operator, fallback condition's name) sent to the reference path
+        self.fallbacks: Counter[Tuple[str, str]] = collections.Counter()
         super().__init__()
+        for op, record in self.mappings.items():
+            if not record.vendor_ops:
+                self.add_implementation(op, self._reference_server(op))
+        unmapped = set(self._impls) ^ set(self.mappings)
+        if unmapped:
+            raise PluginError(f"backend '{self.name or type(self).__name__}': {', '.join(sorted(unmapped))}: "
+                              "implemented without an OpMapping record, or recorded without a kernel")
 
     @property
     def lib(self) -> Any:
@@ -129,17 +229,37 @@ class VendorBackend(Backend):
         """Record that ``path`` (a vendor operator's name, or "reference") served one call of ``op``."""
         self.paths[(op, path)] += 1
 
-    def add_reference_implementations(self, ops: Iterable[str]) -> None:
-        """Serve each of ``ops`` by :meth:`reference_path` only (operators the vendor library has no kernel
-        for), so that the backend serves the whole contract set and says which path ran."""
-        for op in ops:
-            self.add_implementation(op, self._reference_server(op))
+    def fallback(self, op: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Fallback]:
+        """The first of ``op``'s fallback conditions that holds for a call, or ``None`` (its kernel serves it)."""
+        call = None
+        for condition in self.mappings[op].fallbacks:
+            if condition.when is None:
+                return condition
+            if call is None:
+                call = _arguments(op, args, kwargs)
+            if condition.when(self, call):
+                return condition
+        return None
+
+    def _serve(self, op: str, kernel: Optional[Callable[..., Any]], args: Tuple[Any, ...],
+               kwargs: Dict[str, Any]) -> Any:
+        condition = self.fallback(op, args, kwargs)
+        if condition is None:
+            assert kernel is not None  # a record without vendor operators has an unconditional fallback
+            return kernel(self, *args, **kwargs)
+        self.fallbacks[(op, condition.name)] += 1
+        return self.reference_path(op, *args, **kwargs)
 
     def _reference_server(self, op: str) -> Callable[..., Any]:
         def serve(*args: Any, **kwargs: Any) -> Any:
-            return self.reference_path(op, *args, **kwargs)
+            return self._serve(op, None, args, kwargs)
         serve.__signature__ = get_op(op).signature  # type: ignore[attr-defined]  # registration checks it
         return serve
+
+    def mapping_info(self) -> Dict[str, Dict[str, Any]]:
+        """Per operator offered here, what it maps to and when the reference path serves it (``hal info``)."""
+        offered = self.capabilities()
+        return {op: self.mappings[op].as_dict() for op in sorted(offered) if op in self.mappings}
 
     def reference_path(self, op: str, *args: Any, **kwargs: Any) -> Any:
         """Serve ``op`` with the contract's reference semantics (fp32 compute, plain PyTorch, on the
@@ -151,6 +271,20 @@ class VendorBackend(Backend):
 @functools.lru_cache(maxsize=None)
 def _reference(op: str) -> Callable[..., Any]:
     return functools.partial(get_op(op).reference_impl, compute_dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(op: str) -> Tuple[Tuple[str, ...], Dict[str, Any]]:
+    """``op``'s positional parameter names and its defaults."""
+    params = get_op(op).signature.parameters.values()
+    positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return positional, {p.name: p.default for p in params if p.default is not p.empty}
+
+
+def _arguments(op: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> SimpleNamespace:
+    """A call's arguments by parameter name, defaults filled in (cheaper than ``Signature.bind``)."""
+    positional, defaults = _parameters(op)
+    return SimpleNamespace(**{**defaults, **dict(zip(positional, args)), **kwargs})
 
 
 def emulated_twin(spec: Any, *, emulator_factory: str, description: str = "") -> List[Any]:

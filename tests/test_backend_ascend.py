@@ -79,6 +79,11 @@ def test_info_lists_the_backend_and_its_emulated_twins(capsys):
     assert backends["ascend-emulated"]["reason"].startswith("EMULATED")
     assert "fp8_gemm" in backends["ascend-950-emulated"]["operators"]
     assert "fp8_gemm" in backends["ascend-emulated"]["missing"]
+    gmm = backends["ascend-emulated"]["mappings"]["grouped_gemm"]
+    assert gmm["maps_to"] == [GMM] and {"condition": "groups", "reason": "> 1024 groups: GMM's group_list limit"} \
+        in gmm["reference_when"]
+    assert "fp8_gemm" not in backends["ascend-emulated"]["mappings"]
+    assert backends["ascend-950-emulated"]["mappings"]["fp8_gemm"]["maps_to"] == []
 
 
 # ------------------------------------------------------------------ norm_type and the double's refusals
@@ -157,7 +162,7 @@ def test_grouped_gemm_maps_to_gmm_with_the_transposed_weight_view():
     xm = torch.randn(3, 4, 32, dtype=torch.bfloat16)
     assert b.grouped_gemm(xm, w, sizes.clamp(max=4), layout="masked").shape == (3, 4, 5)
     b.grouped_gemm(x, w, sizes, out_dtype=torch.float32)  # GMM's output dtype is x's: reference path
-    assert served(b, "grouped_gemm") == {GMM: 2, "reference": 1}
+    assert served(b, "grouped_gemm") == {GMM: 2, "reference": 1} and b.fallbacks == {("grouped_gemm", "out_dtype"): 1}
     assert b.lib.calls == [GMM, GMM]
 
 
@@ -172,6 +177,8 @@ def test_topk_routing_uses_the_kernel_only_where_its_semantics_equal_the_contrac
                   dict(kw, scoring="sqrtsoftplus"), dict(kw, n_group=32, topk_group=8)):  # 32 groups of 2
         b.topk_routing(logits, 6, **other)
     assert served(b, "topk_routing") == {GATING: 1, "reference": 4}
+    assert set(b.fallbacks) == {("topk_routing", why) for why in ("no renormalisation", "softmax", "sqrtsoftplus",
+                                                                  "small groups")}
 
 
 def test_permute_and_combine_map_to_init_routing_v2_and_token_unpermute():

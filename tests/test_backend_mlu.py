@@ -192,6 +192,7 @@ def test_routing_paths(version):
         assert torch.equal(order.values, eorder.values)
         assert torch.allclose(w.gather(-1, order.indices), ew.gather(-1, eorder.indices), rtol=2**-17)
         assert b.paths == {("topk_routing", path): 1}, kwargs
+    assert b.fallbacks == {("topk_routing", "softmax groups"): 1, ("topk_routing", "sqrtsoftplus"): 1}
 
 
 def test_topk_takes_the_reference_path_unless_enabled_and_the_double_breaks_ties_like_torch_topk():
@@ -314,3 +315,4 @@ def test_int8_on_tmo_1_6_quantises_and_multiplies_on_the_reference_path_but_grou
     b.grouped_gemm(q, w_q, torch.tensor([6, 0], dtype=torch.int32), x_scale=s, w_scale=w_s)
     assert b.paths == {("quantize_int8", "reference"): 1, ("int8_gemm", "reference"): 1,
                        ("grouped_gemm", "smooth_quant_group_gemm(int8)"): 1}
+    assert b.fallbacks == {("quantize_int8", "tmo 1.6"): 1, ("int8_gemm", "tmo 1.6"): 1}

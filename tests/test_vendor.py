@@ -9,8 +9,20 @@ import torch
 
 import hal
 from hal.cli import main
+from hal.errors import PluginError
 from hal.registry import BackendSpec
-from hal.vendor import EmulatedLibrary, EmulatorRefusal, VendorBackend, emulated_twin
+from hal.vendor import (
+    EmulatedLibrary,
+    EmulatorRefusal,
+    Fallback,
+    OpMapping,
+    VendorBackend,
+    always,
+    by_operator,
+    emulated_twin,
+    given,
+    mapped,
+)
 
 
 class Npuish(VendorBackend):
@@ -73,6 +85,56 @@ def test_emulated_backend_is_labelled_and_records_paths():
     expected = hal.ops.topk_routing.reference_impl(logits, 2, scoring="sigmoid")
     assert torch.equal(w, expected[0]) and torch.equal(ids, expected[1])
     assert b.paths[("topk_routing", "reference")] == 1
+
+
+class Mapped(Npuish):
+    mappings = by_operator(
+        OpMapping("moe_unpermute", ("npu_combine",), fallbacks=(
+            Fallback("no rows", "no rows", lambda b, c: c.y_sorted.shape[0] == 0),
+            Fallback("fp16", "float16 is not supported", lambda b, c: c.y_sorted.dtype == torch.float16),
+            Fallback("wide", "over 1000 columns", lambda b, c: c.y_sorted.shape[1] > 1000))),
+        OpMapping("hash_routing", fallbacks=(always("no vendor operator"),)),
+        OpMapping("mla_decode", ("npu_attention",), fallbacks=(given("v4", "undocumented", "sinks", "window"),)))
+
+    @mapped("moe_unpermute")
+    def moe_unpermute(self, y_sorted, weights, permutation):
+        self.served("moe_unpermute", "npu_combine")
+        return "kernel"
+
+    @mapped("mla_decode")
+    def mla_decode(self, q, kv_cache, block_table, seq_lens, *, softmax_scale, head_dim_v=512, causal=True,
+                   sinks=None, window=None, topk_indices=None):
+        return "kernel"
+
+
+def test_fallback_conditions_decide_the_path_and_the_first_that_holds_is_recorded():
+    b = Mapped(Lib())
+    ids = torch.tensor([[0], [1]])
+    y, perm = hal.ops.moe_permute.reference_impl(torch.randn(2, 4), ids, 2)
+    assert b.moe_unpermute(y, torch.ones(2, 1), perm) == "kernel"
+    b.implementation("moe_unpermute")(y.half(), torch.ones(2, 1), perm)  # as dispatch calls it
+    b.moe_unpermute(y[:0].half(), torch.ones(0, 1), hal.ops.moe_permute.reference_impl(y[:0], ids[:0], 2)[1])
+    assert b.paths == {("moe_unpermute", "npu_combine"): 1, ("moe_unpermute", "reference"): 2}
+    assert b.fallbacks == {("moe_unpermute", "fp16"): 1, ("moe_unpermute", "no rows"): 1}
+    b.implementation("hash_routing")(torch.tensor([0]), torch.tensor([[1]]), torch.randn(1, 2))
+    assert b.fallbacks[("hash_routing", "always")] == 1 and b.paths[("hash_routing", "reference")] == 1
+    q, cache = torch.zeros(1, 1, 1, 8), torch.zeros(1, 4, 8)
+    args = (q, cache, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    assert b.fallback("mla_decode", args, {"softmax_scale": 1.0, "head_dim_v": 8}) is None
+    assert b.fallback("mla_decode", args, {"softmax_scale": 1.0, "window": 2}).reason == \
+        "`sinks` or `window` given: undocumented"
+    assert b.mapping_info()["moe_unpermute"] == {
+        "maps_to": ["npu_combine"], "source": "", "offered": "everywhere",
+        "reference_when": [{"condition": "no rows", "reason": "no rows"},
+                           {"condition": "fp16", "reason": "float16 is not supported"},
+                           {"condition": "wide", "reason": "over 1000 columns"}]}
+
+
+def test_every_implemented_operator_needs_one_mapping_record():
+    with pytest.raises(PluginError, match="moe_unpermute: implemented without an OpMapping record"):
+        type("Unmapped", (Mapped,), {"mappings": {}})(Lib())
+    with pytest.raises(ValueError, match="needs an unconditional fallback"):
+        OpMapping("hash_routing")
 
 
 def test_emulated_twin_spec():

@@ -3,7 +3,9 @@
 A tmo operator serves a request only where its documented semantics equal the contract's; the index
 conventions are converted at the boundary; every other request takes the correct path
 (:meth:`~hal.vendor.VendorBackend.reference_path`, or dequantise-then-GEMM for FP8 on devices without
-FP8). :attr:`paths` records which served each call; ``docs/backends/mlu.md`` lists the mapping and why.
+FP8). When the reference path serves, and why, is data (:data:`MAPPINGS`, one
+:class:`~hal.vendor.OpMapping` per contract), which the kernels obey and from which the table of
+``docs/backends/mlu.md`` and ``hal info`` are rendered; :attr:`paths` records which path served each call.
 The kernels are device-agnostic torch around the tmo calls: ``mlu`` tensors on hardware, CPU tensors
 over the test double (:mod:`hal.backends.mlu.tmo_double`).
 """
@@ -16,31 +18,17 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from hal.backend import Availability, Support, implements
+from hal.backend import Availability, Support
 from hal.contract import FLOAT_DTYPES
 from hal.errors import ConfigError
 from hal.ops.grouped_gemm import dequantized_operands
 from hal.ops.quant import apply_int8_amax_floor
 from hal.ops.routing import RENORM_EPS, MoePermutation, invert_permutation
-from hal.vendor import VendorBackend
+from hal.vendor import Fallback, OpMapping, VendorBackend, always, by_operator, given, mapped, row_count
 
 from hal.backends.mlu.tmo_api import TmoApi, TmoVersionError, detect
 
-__all__ = ["MluBackend", "REFERENCE_SERVED", "QUANT_SETTINGS"]
-
-#: operators no tmo operator serves at the contract's semantics, and why (see docs/backends/mlu.md)
-REFERENCE_SERVED: Dict[str, str] = {
-    "hash_routing": "moe_softplus_topk(tid2eid=) does not document its score (softplus or its square root) "
-                    "nor its renormalisation",
-    "quantize_fp8": "scaled_quantize does not document the 1e-4 amax floor, the amax / 448 division and the "
-                    "UE8M0 rounding the contract fixes bit for bit",
-    "quantize_fp8_weight": "no tmo operator quantises 128x128 weight blocks",
-    "dequantize_fp8": "an elementwise product: torch on the MLU",
-    "quantize_fp4": "tmo's FP4 (float4_e2m1fn_x2 with MX scales) does not document this packing and rounding",
-    "dequantize_fp4": "an elementwise product: torch on the MLU",
-    "quantize_int8_weight": "run once at load; scaled_quantize's static_per_channel mode takes the scale as an "
-                            "input instead of computing it",
-}
+__all__ = ["MluBackend", "MAPPINGS", "QUANT_SETTINGS"]
 
 #: HAL_MLU_QUANT: how FP8 operands are computed
 QUANT_SETTINGS = {
@@ -53,6 +41,116 @@ _FP8 = torch.float8_e4m3fn
 _DECODE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)  # single_query_cached_kv_attn's documented block sizes
 _HALF_TYPES = (torch.float16, torch.bfloat16)   # tmo's FP8 GEMM outputs
 _FP8_CAPABILITY = 6  # the only public evidence: FlagGems' "_cambricon_supports_fp8: major >= 6"
+_TMO_SOURCE = "torch_mlu_ops 1.12.1 `_ops.py` docstrings"
+_V4_ATTENTION = "DeepSeek V4's attention sinks, windows and sparse top-k have no documented tmo equivalent"
+_NO_SCALED_QUANT = Fallback("tmo 1.6", "tmo 1.6: no `scaled_quantize` / `scaled_matmul` (its "
+                                       "`per_token_smooth_quantize` is not wired)", lambda b, c: not b.api.int8_scaled)
+
+#: How each contract maps to torch_mlu_ops (as vLLM-MLU calls it), and when the reference path (torch on the
+#: MLU) serves it. Index conventions are converted at the boundary; FP8 without FP8 compute is dequantised.
+MAPPINGS = by_operator(
+    OpMapping(
+        "moe_permute", ("moe_gen_idx", "moe_expand_input"),
+        call="`moe_gen_idx` + `moe_expand_input`",
+        translation="`combine_idx` is the contract's `slot_rows`, `sorted_slots` is its inverse (tmo's `expand_idx` "
+                    "holds tokens, not slots); `token_count` = `group_sizes`",
+        source=_TMO_SOURCE),
+    OpMapping(
+        "grouped_gemm", ("group_gemm", "smooth_quant_group_gemm"),
+        call="float: `group_gemm`; FP8 x and w, out bf16/fp16, FP8 device: `smooth_quant_group_gemm` "
+             "\"a_groupwise-b_per_block\"; int8 x and w, out bf16/fp16: `smooth_quant_group_gemm(x, w, counts, ..., "
+             "a_scale (M), b_scale (E, N), out, max_m)` on any capability (1.6 and 1.12.1)",
+        translation="per-expert **counts**, weights `[E, N, K]`, `max_m` = rows (a bound read without a sync); "
+                    "masked layout = `G` groups of `max_m` rows; FP8 `a_scale` transposed to `(k_block, M)`; "
+                    "FP8 without FP8 compute, FP8/FP4 weights with other operands, int8 with an fp32 output: "
+                    "operands dequantised to fp32, `group_gemm` (dequantise-on-load)",
+        source=_TMO_SOURCE),
+    OpMapping(
+        "moe_unpermute", ("moe_combine_result",),
+        call="`moe_combine_result`",
+        translation="`gather_ids` = `slot_rows`, `cusum` = `offsets`, weights as fp32",
+        source=_TMO_SOURCE),
+    OpMapping(
+        "topk_routing", ("moe_sigmoid_topk", "moe_softmax_topk"),
+        call="with `HAL_MLU_TMO_TOPK=1`: `moe_sigmoid_topk` (any grouping; bias only with `n_group > 1`), "
+             "`moe_softmax_topk` (no bias, no groups); `normalize=False`",
+        translation="renormalisation (`sum + 1e-20`: tmo divides by the bare sum) and `scale` applied after",
+        source=_TMO_SOURCE,
+        fallbacks=(
+            Fallback("tie rule", "**by default** (`HAL_MLU_TMO_TOPK` unset): tmo documents no tie rule (its reference "
+                     "uses `torch.topk`), the contract prefers the lower index", lambda b, c: not b.tmo_topk),
+            Fallback("sqrtsoftplus", "`sqrtsoftplus`: undocumented", lambda b, c: c.scoring == "sqrtsoftplus"),
+            Fallback("softmax groups", "softmax with groups: dropped groups filled with 0.0, not -inf",
+                     lambda b, c: c.scoring == "softmax" and c.n_group > 1),
+            Fallback("softmax bias", "softmax with a bias: group max even with a bias",
+                     lambda b, c: c.scoring == "softmax" and c.bias is not None),
+            Fallback("bias one group", "a bias with one group: \"does not support expert_group=1 with score_bias\"",
+                     lambda b, c: c.bias is not None and c.n_group == 1))),
+    OpMapping("hash_routing", fallbacks=(always(
+        "`moe_softplus_topk(tid2eid=)` documents neither its score (softplus or its square root) nor its "
+        "renormalisation"),)),
+    OpMapping(
+        "mla_prefill", ("flash_attention",),
+        call="`flash_attention` packed varlen, `compute_dtype=float`, `out_dtype=q.dtype`",
+        translation="max lengths bounded by the token counts (no device-to-host read); lse `(H, T)` transposed",
+        source=_TMO_SOURCE,
+        fallbacks=(
+            Fallback("cu_seqlens_k", "separate `cu_seqlens_k`: the causal alignment of unequal q / kv lengths is "
+                     "undocumented (chunked prefill, which vLLM-MLU does not run)",
+                     lambda b, c: c.cu_seqlens_k is not None),
+            given("v4 attention", _V4_ATTENTION, "sinks", "window", "topk_indices"))),
+    OpMapping(
+        "mla_decode", ("single_query_cached_kv_attn",),
+        call="`single_query_cached_kv_attn`, shared latent cache: `v_cache=None`, `head_size_v=head_dim_v` (512)",
+        translation="cache viewed as `(blocks, 1, block_size, D)`; empty sequences set to out 0 / lse -inf "
+                    "(tmo does not document them)",
+        source=_TMO_SOURCE,
+        fallbacks=(
+            Fallback("seq_q", "`Sq > 1`: causal alignment inside the new tokens is undocumented",
+                     lambda b, c: c.q.shape[1] != 1),
+            Fallback("block size", "block sizes outside {1, 2, 4, 8, 16, 32, 64}: the documented block sizes",
+                     lambda b, c: c.kv_cache.shape[1] not in _DECODE_BLOCK_SIZES),
+            given("v4 attention", _V4_ATTENTION, "sinks", "window", "topk_indices"))),
+    OpMapping(
+        "paged_cache_write", ("reshape_paged_cache",),
+        call="`reshape_paged_cache`",
+        translation="into the `(blocks, 1, block_size, D)` view (one latent head), slots int32",
+        source=_TMO_SOURCE),
+    OpMapping(
+        "fp8_gemm", ("scaled_matmul", "matmul"),
+        call="FP8 device: `scaled_matmul` per-block (out bf16/fp16); else `matmul`",
+        translation="without FP8 compute (or another output dtype): operands dequantised to fp32, `matmul` "
+                    "(dequantise-on-load)",
+        source=_TMO_SOURCE),
+    OpMapping(
+        "quantize_int8", ("scaled_quantize",),
+        call="tmo 1.12.1: `scaled_quantize(rows, quant_type=int8, quant_mode=\"dynamic_per_token\")`",
+        translation="rows below the contract's `1e-4 / 127` scale (tmo documents no floor) set to the contract's "
+                    "values; the scale is the dequantisation multiplier rowmax / 127",
+        source=_TMO_SOURCE,
+        fallbacks=(_NO_SCALED_QUANT,
+                   Fallback("no rows", "no rows: an empty input is not documented", lambda b, c: row_count(c.x) == 0))),
+    OpMapping(
+        "int8_gemm", ("scaled_matmul",),
+        call="tmo 1.12.1: `scaled_matmul(a, b, a_scale (M), b_scale (N), out)` (out bf16/fp16)",
+        translation="per-token / per-channel scales are multipliers, as the contract's: passed unchanged",
+        source=_TMO_SOURCE,
+        fallbacks=(_NO_SCALED_QUANT,
+                   Fallback("out_dtype", "fp32 output: tmo's scaled GEMMs output bf16/fp16",
+                            lambda b, c: c.out_dtype not in _HALF_TYPES),
+                   Fallback("no rows", "no rows: an empty input is not documented", lambda b, c: row_count(c.a) == 0))),
+    OpMapping("quantize_int8_weight", fallbacks=(always(
+        "runs once at load; `scaled_quantize`'s `static_per_channel` mode takes the scale as an input instead of "
+        "computing it"),)),
+    OpMapping("quantize_fp8", fallbacks=(always(
+        "`scaled_quantize` does not document the 1e-4 amax floor, the `amax / 448` division and the UE8M0 rounding "
+        "the contract fixes bit for bit"),)),
+    OpMapping("quantize_fp8_weight", fallbacks=(always("no tmo operator quantises 128x128 weight blocks"),)),
+    OpMapping("quantize_fp4", fallbacks=(always(
+        "tmo's FP4 (`float4_e2m1fn_x2` with MX scales) does not document this packing and rounding"),)),
+    OpMapping("dequantize_fp8", fallbacks=(always("an elementwise product: torch on the MLU"),)),
+    OpMapping("dequantize_fp4", fallbacks=(always("an elementwise product: torch on the MLU"),)),
+)
 
 
 class MluBackend(VendorBackend):
@@ -63,6 +161,7 @@ class MluBackend(VendorBackend):
     install_hint = ("Cambricon ships torch_mlu and torch_mlu_ops as wheels, not on PyPI; see "
                     "docs/backends/mlu.md")
     native_hint = "set NEUWARE_HOME=/usr/local/neuware and add $NEUWARE_HOME/lib64 to LD_LIBRARY_PATH"
+    mappings = MAPPINGS
 
     def __init__(self, lib: Optional[Any] = None, quant: Optional[str] = None,
                  tmo_topk: Optional[bool] = None) -> None:
@@ -73,7 +172,6 @@ class MluBackend(VendorBackend):
         self.quant = quant or os.environ.get("HAL_MLU_QUANT", "auto")
         if self.quant not in QUANT_SETTINGS:
             raise ConfigError(f"HAL_MLU_QUANT={self.quant!r}: expected one of {', '.join(QUANT_SETTINGS)}")
-        self.add_reference_implementations(REFERENCE_SERVED)
 
     # -- what is installed -----------------------------------------------------------------------
     @functools.cached_property
@@ -148,15 +246,9 @@ class MluBackend(VendorBackend):
         return caps
 
     # -- MoE: routing, permutation, expert GEMM, combine ------------------------------------------
-    @implements("topk_routing")
+    @mapped("topk_routing")
     def topk_routing(self, logits, top_k, *, scoring="softmax", bias=None, n_group=1, topk_group=1,
                      renormalize=False, scale=1.0):
-        if not self.tmo_topk or scoring == "sqrtsoftplus" or \
-                (scoring == "softmax" and (bias is not None or n_group > 1)) or (bias is not None and n_group == 1):
-            # tie rule undocumented (above); softplus: undocumented; softmax: dropped groups filled with 0.0,
-            # group max even with a bias; sigmoid: "does not support expert_group=1 with score_bias"
-            return self.reference_path("topk_routing", logits, top_k, scoring=scoring, bias=bias, n_group=n_group,
-                                       topk_group=topk_group, renormalize=renormalize, scale=scale)
         name = f"moe_{scoring}_topk"
         grouping = {"num_expert_group": n_group, "topk_group": topk_group} if n_group > 1 else {}
         if bias is not None:
@@ -168,7 +260,7 @@ class MluBackend(VendorBackend):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
         return weights * scale, ids
 
-    @implements("moe_permute")
+    @mapped("moe_permute")
     def moe_permute(self, x, ids, num_experts):
         tokens, top_k = ids.shape
         expand_idx, combine_idx, token_count, cusum = self.lib.moe_gen_idx(ids.to(torch.int32).contiguous(),
@@ -180,7 +272,7 @@ class MluBackend(VendorBackend):
         return x_sorted, MoePermutation(token_count, invert_permutation(combine_idx.view(-1)),
                                         combine_idx.view(tokens, top_k))
 
-    @implements("moe_unpermute")
+    @mapped("moe_unpermute")
     def moe_unpermute(self, y_sorted, weights, permutation):
         num_experts = permutation.group_sizes.shape[0]
         out = self.lib.moe_combine_result(y_sorted, weights.float(), permutation.slot_rows.reshape(-1).to(torch.int32),
@@ -188,7 +280,7 @@ class MluBackend(VendorBackend):
         self.served("moe_unpermute", "moe_combine_result")
         return out
 
-    @implements("grouped_gemm")
+    @mapped("grouped_gemm")
     def grouped_gemm(self, x, w, group_sizes, *, layout="contiguous", x_scale=None, w_scale=None, out_dtype=None):
         out = out_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.bfloat16)
         counts = group_sizes.to(torch.int32)
@@ -224,15 +316,9 @@ class MluBackend(VendorBackend):
         return self.lib.group_gemm(x.float(), w.float(), counts, None, None, None, None, max_m).to(out)
 
     # -- MLA --------------------------------------------------------------------------------------
-    @implements("mla_prefill")
+    @mapped("mla_prefill")
     def mla_prefill(self, q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale, causal=True, sinks=None,
                     window=None, topk_indices=None):
-        if cu_seqlens_k is not None or sinks is not None or window is not None or topk_indices is not None:
-            # flash_attention documents neither the causal alignment of unequal q / kv lengths (chunked
-            # prefill, which vLLM-MLU does not run), nor its window and sink semantics
-            return self.reference_path("mla_prefill", q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                       softmax_scale=softmax_scale, causal=causal, sinks=sinks, window=window,
-                                       topk_indices=topk_indices)
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
         # max lengths: the token counts bound them without a device-to-host read
         out, lse = self.lib.flash_attention(q, k, v, out, cu_seqlens_q, cu_seqlens_q, None, None, q.shape[0],
@@ -241,18 +327,11 @@ class MluBackend(VendorBackend):
         self.served("mla_prefill", "flash_attention")
         return out, lse.t().contiguous()  # tmo's packed lse is (H, total_q)
 
-    @implements("mla_decode")
+    @mapped("mla_decode")
     def mla_decode(self, q, kv_cache, block_table, seq_lens, *, softmax_scale, head_dim_v=512, causal=True,
                    sinks=None, window=None, topk_indices=None):
         batch, seq_q, heads, _ = q.shape
         block_size = kv_cache.shape[1]
-        if seq_q != 1 or block_size not in _DECODE_BLOCK_SIZES or sinks is not None or window is not None or \
-                topk_indices is not None:
-            # seq_q > 1: causal alignment inside the new tokens is undocumented; windows, sinks and the
-            # sparse top-k have no documented tmo equivalent here
-            return self.reference_path("mla_decode", q, kv_cache, block_table, seq_lens, softmax_scale=softmax_scale,
-                                       head_dim_v=head_dim_v, causal=causal, sinks=sinks, window=window,
-                                       topk_indices=topk_indices)
         out = q.new_empty(batch, seq_q, heads, head_dim_v)
         # MLA mode: v_cache=None, the value is the first head_size_v dims of the (blocks, 1, block_size, D) cache
         out, lse = self.lib.single_query_cached_kv_attn(
@@ -264,18 +343,16 @@ class MluBackend(VendorBackend):
         empty = (seq_lens == 0)[:, None, None]
         return out.masked_fill(empty[..., None], 0), lse.transpose(1, 2).masked_fill(empty, float("-inf"))
 
-    @implements("paged_cache_write")
+    @mapped("paged_cache_write")
     def paged_cache_write(self, kv_cache, kv, slot_mapping):
         # tmo's cache is (blocks, kv_heads, block_size, D): one latent head, written through a view
         self.lib.reshape_paged_cache(kv.unsqueeze(1), None, kv_cache.unsqueeze(1), None, slot_mapping.to(torch.int32))
         self.served("paged_cache_write", "reshape_paged_cache")
 
     # -- W8A8 int8 ---------------------------------------------------------------------------------
-    @implements("quantize_int8")
+    @mapped("quantize_int8")
     def quantize_int8(self, x):
         rows = x.reshape(-1, x.shape[-1])
-        if not self.api.int8_scaled or rows.shape[0] == 0:
-            return self.reference_path("quantize_int8", x)
         # dynamic per token, no smoothing vector: (q, s) with s the dequantisation multiplier rowmax / 127
         # (the reciprocal convention, dtype_max / input_max, is matmul's for scalar int8 scales only)
         q, s = self.lib.scaled_quantize(rows, quant_type=torch.int8, quant_mode="dynamic_per_token")
@@ -283,18 +360,15 @@ class MluBackend(VendorBackend):
         q, s = apply_int8_amax_floor(rows, q, s)  # tmo documents no amax floor
         return q.view(x.shape), s.view(x.shape[:-1])
 
-    @implements("int8_gemm")
+    @mapped("int8_gemm")
     def int8_gemm(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
-        k = a.shape[-1]
-        rows = a.reshape(-1, k)
-        if not self.api.int8_scaled or out_dtype not in _HALF_TYPES or rows.shape[0] == 0:
-            return self.reference_path("int8_gemm", a, a_scale, b, b_scale, out_dtype=out_dtype)
+        rows = a.reshape(-1, a.shape[-1])
         y = self.lib.scaled_matmul(rows, b, a_scale.reshape(-1), b_scale, out_dtype)
         self.served("int8_gemm", "scaled_matmul")
         return y.view(*a.shape[:-1], b.shape[0])
 
     # -- FP8 GEMM ---------------------------------------------------------------------------------
-    @implements("fp8_gemm")
+    @mapped("fp8_gemm")
     def fp8_gemm(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
         k = a.shape[-1]
         a2, a_scale2 = a.reshape(-1, k), a_scale.reshape(-1, k // 128)
