@@ -203,9 +203,10 @@ class VendorBackend(Backend):
 
     def probe(self) -> Availability:
         if self.emulated:
-            return Availability(True, f"EMULATED: {self._lib.emulates or 'CPU stand-in'} (a test double, not hardware)")
+            emulates = getattr(self._lib, "emulates", "") or "CPU stand-in"
+            return Availability(True, f"EMULATED: {emulates} (a test double, not hardware)")
         try:
-            self.lib
+            _ = self.lib  # the import is the probe
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.split(".")[0] == self.library.split(".")[0]:
                 return Availability(False, f"{self.library} is not installed" + (f" ({self.install_hint})"

@@ -19,14 +19,13 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from hal.backend import Availability, Support
+from hal.backends.mlu.tmo_api import TmoApi, TmoVersionError, detect
 from hal.contract import FLOAT_DTYPES
 from hal.errors import ConfigError
 from hal.ops.grouped_gemm import dequantized_operands
 from hal.ops.quant import apply_int8_amax_floor
 from hal.ops.routing import RENORM_EPS, MoePermutation, invert_permutation
 from hal.vendor import Fallback, OpMapping, VendorBackend, always, by_operator, given, mapped, row_count
-
-from hal.backends.mlu.tmo_api import TmoApi, TmoVersionError, detect
 
 __all__ = ["MluBackend", "MAPPINGS", "QUANT_SETTINGS"]
 
@@ -215,7 +214,7 @@ class MluBackend(VendorBackend):
         if not found.available:
             return found
         try:
-            self.api
+            _ = self.api  # resolving the API checks torch_mlu_ops' version
         except TmoVersionError as exc:
             return Availability(False, str(exc))
         return found
