@@ -1,4 +1,5 @@
-"""The conformance suite as pytest items (see conftest.py in this folder)."""
+"""The conformance suite as pytest items: one ``test_cell`` per operator cell, parametrised by the pytest plugin
+:mod:`hal.conformance.plugin` (``pytest -p hal.conformance.plugin --pyargs hal.conformance``)."""
 from __future__ import annotations
 
 import pytest

@@ -22,16 +22,19 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from hal.errors import DeviceMismatchError, InvalidArgumentError, InvalidDtypeError
 
+if TYPE_CHECKING:
+    from typing import TypeGuard  # Python >= 3.10; annotations are not evaluated at run time
+
 __all__ = [
     "Op", "Request", "Tolerance", "contract", "all_ops", "get_op", "dtype_name", "result",
     "FLOAT_DTYPES", "INDEX_DTYPES",
-    "check", "check_tensor", "check_same_device", "value_checks_enabled",
+    "check", "check_tensor", "check_same_device", "value_checks_enabled", "is_int", "is_number",
 ]
 
 
@@ -125,6 +128,22 @@ class Op:
         assert self._reference is not None, f"{self.name} has no reference"
         return self._reference
 
+    def fp32_reference(self, *, check_values: bool = False) -> Callable[..., Any]:
+        """The reference computing in float32 (``compute_dtype=torch.float32``), the operator's signature
+        otherwise: what the CPU backend runs, and a vendor backend's reference path. With ``check_values``
+        the contract's value checks, if any, run first (where the values index memory and reading them
+        costs no device-to-host sync)."""
+        reference = functools.partial(self.reference_impl, compute_dtype=torch.float32)
+        if not (check_values and self.has_value_checks):
+            return reference
+
+        @functools.wraps(self.reference_impl)
+        def value_checked(*args: Any, **kwargs: Any) -> Any:
+            self.check_values(*args, **kwargs)
+            return reference(*args, **kwargs)
+        value_checked.__signature__ = inspect.signature(reference)  # type: ignore[attr-defined]
+        return value_checked
+
     def validate(self, *args: Any, **kwargs: Any) -> Request:
         """Check the arguments against the contract (their values too in checked mode); return the
         :class:`Request` they make."""
@@ -180,6 +199,16 @@ def get_op(name: str) -> Op:
 
 
 # --------------------------------------------------------------------------- validation helpers
+
+def is_int(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is a Python int, and not a bool (``isinstance(True, int)`` holds)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is a Python int or float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 def check(ok: bool, op: str, argument: str, expected: str, got: object) -> None:
     """Raise :class:`InvalidArgumentError` naming ``argument`` unless ``ok``."""

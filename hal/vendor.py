@@ -271,7 +271,7 @@ class VendorBackend(Backend):
 
 @functools.lru_cache(maxsize=None)
 def _reference(op: str) -> Callable[..., Any]:
-    return functools.partial(get_op(op).reference_impl, compute_dtype=torch.float32)
+    return get_op(op).fp32_reference()
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+from hal.contract import is_number
 from hal.errors import HalError
 
 V3_TYPES = ("deepseek_v3",)  # V3, R1, V3.1 configs all say deepseek_v3
@@ -123,7 +124,7 @@ def _field(cfg: Dict[str, Any], name: str, kind: type, default: Any = None, requ
             raise CheckpointError(f"config.json: missing field '{name}'")
         return default
     value = cfg[name]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, kind)
+    ok = is_number(value) if kind is float else isinstance(value, kind)
     if not ok:
         raise CheckpointError(f"config.json: field '{name}' must be {kind.__name__}, got {value!r}")
     if kind is int and value < 0:

@@ -314,23 +314,28 @@ class MLP:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+#: reads one expert projection: ``(prefix, out_features, in_features) -> (weight, scale or None)``
+ProjectionReader = Callable[[str, int, int], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
 class Experts:
     """The routed experts, laid out once at load for :func:`hal.ops.grouped_gemm`: ``w13`` ``[E, 2I, H]``
     (gate rows then up rows) and ``w2`` ``[E, H, I]``, FP8 with block scales when kept quantised, int8
     with per-channel scales (``[E, 2I]``, ``[E, H]``) when converted to W8A8."""
 
-    def __init__(self, w: Weights, p: str, args: ModelArgs):
-        e, dim, inter = args.n_routed_experts, args.hidden_size, args.moe_intermediate_size
-        # FP8 stays FP8 only where both GEMMs' K and the concatenated gate/up blocks align to 128
-        aligned = dim % FP8_GROUP == 0 and inter % FP8_GROUP == 0
-        fp8 = Weights(w.ckpt, w.args, w.dtype, w.fp8 if w.fp8 != "keep" or aligned else "dequantize")
+    #: the checkpoint names of an expert's gate, up and down projections (``<prefix>.<expert>.<name>``)
+    projections = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, w: Weights, p: str, args: ModelArgs, read: Optional[ProjectionReader] = None):
+        """``read`` reads one projection; by default as a :class:`Linear` of ``w`` (:func:`expert_reader`)."""
+        dim, inter = args.hidden_size, args.moe_intermediate_size
+        read = read or expert_reader(w, args)
+        gate_name, up_name, down_name = self.projections
         w13, w2 = [], []
-        for i in range(e):
-            gate, up, down = (fp8.linear(f"{p}.{i}.{n}", *shape) for n, shape in (
-                ("gate_proj", (inter, dim)), ("up_proj", (inter, dim)), ("down_proj", (dim, inter))))
-            w13.append((torch.cat((gate.weight, up.weight)), None if gate.scale is None else
-                        torch.cat((gate.scale, up.scale))))
-            w2.append((down.weight, down.scale))
+        for i in range(args.n_routed_experts):
+            (gate, gate_scale), (up, up_scale) = (read(f"{p}.{i}.{n}", inter, dim) for n in (gate_name, up_name))
+            w13.append((torch.cat((gate, up)), None if gate_scale is None else torch.cat((gate_scale, up_scale))))
+            w2.append(read(f"{p}.{i}.{down_name}", dim, inter))
         self.w13, self.s13 = torch.stack([t for t, _ in w13]), _stack_scales([s for _, s in w13])
         self.w2, self.s2 = torch.stack([t for t, _ in w2]), _stack_scales([s for _, s in w2])
         self.dtype, self.scale_fmt = w.dtype, args.scale_fmt
@@ -349,6 +354,22 @@ class Experts:
 
 def _stack_scales(scales: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     return None if scales[0] is None else torch.stack(scales)
+
+
+def expert_reader(w: Weights, args: ModelArgs) -> ProjectionReader:
+    """Expert projections read as the weights of ``w``'s :class:`Linear` layers; FP8 stays FP8 only where
+    :func:`expert_k_aligned`, else it is dequantised."""
+    fp8 = Weights(w.ckpt, w.args, w.dtype, w.fp8 if w.fp8 != "keep" or expert_k_aligned(args) else "dequantize")
+
+    def read(prefix: str, out_features: int, in_features: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        linear = fp8.linear(prefix, out_features, in_features)
+        return linear.weight, linear.scale
+    return read
+
+
+def expert_k_aligned(args: ModelArgs) -> bool:
+    """Whether both expert GEMMs' K (and the concatenated gate / up blocks) align to FP8's 128."""
+    return args.hidden_size % FP8_GROUP == 0 and args.moe_intermediate_size % FP8_GROUP == 0
 
 
 class MoE:

@@ -21,8 +21,8 @@ import hal
 from hal.formats import FP8_DTYPE, is_fp4
 from hal.model.checkpoint import SCALE_SUFFIX, Checkpoint
 from hal.model.config import V4Args
-from hal.model.deepseek_v3 import FP8_GROUP, Experts as V3Experts, LayerContext, Rope, Weights as V3Weights, \
-    _on_host, _stack_scales, check_tokens, zeroed_cache
+from hal.model.deepseek_v3 import Experts as V3Experts, LayerContext, Rope, Weights as V3Weights, _on_host, \
+    check_tokens, expert_k_aligned, zeroed_cache
 
 #: what becomes of FP4 expert weights: kept packed for the grouped GEMM, or dequantised on load
 FP4_WEIGHT_MODES = ("keep", "dequantize")
@@ -69,12 +69,7 @@ class Weights(V3Weights):
 def fp4_activation_dtype(args: V4Args, fp8: str, dtype: torch.dtype) -> torch.dtype:
     """What the experts' FP4 GEMMs multiply the weights with: FP8 activations (1x128 groups, DeepGEMM's
     ``fp8_fp4`` GEMMs) when the model keeps its FP8 linears and both GEMMs' K align to 128, else ``dtype``."""
-    return FP8_DTYPE if fp8 == "keep" and _expert_k_aligned(args) else dtype
-
-
-def _expert_k_aligned(args: V4Args) -> bool:
-    """Whether both expert GEMMs' K (and the gate / up blocks) align to FP8's 128."""
-    return args.hidden_size % FP8_GROUP == 0 and args.moe_intermediate_size % FP8_GROUP == 0
+    return FP8_DTYPE if fp8 == "keep" and expert_k_aligned(args) else dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -284,25 +279,11 @@ class Experts(V3Experts):
     (``w13`` uint8 ``[E, 2I, H / 2]``, scales ``[E, 2I, H / 32]``) multiply :func:`fp4_activation_dtype`
     activations."""
 
-    def __init__(self, w: Weights, p: str, args: V4Args):  # not super().__init__: that reads V3 names
-        dim, inter = args.hidden_size, args.moe_intermediate_size
-        if args.fp4_experts:
-            read = w.fp4_expert
-        else:
-            fp8 = V3Weights(w.ckpt, w.args, w.dtype,
-                            w.fp8 if w.fp8 != "keep" or _expert_k_aligned(args) else "dequantize")
+    projections = ("w1", "w3", "w2")
 
-            def read(prefix: str, out_features: int, in_features: int):
-                linear = fp8.linear(prefix, out_features, in_features)
-                return linear.weight, linear.scale
-        w13, w2 = [], []
-        for i in range(args.n_routed_experts):
-            (gate, gate_scale), (up, up_scale) = read(f"{p}.{i}.w1", inter, dim), read(f"{p}.{i}.w3", inter, dim)
-            w13.append((torch.cat((gate, up)), None if gate_scale is None else torch.cat((gate_scale, up_scale))))
-            w2.append(read(f"{p}.{i}.w2", dim, inter))
-        self.w13, self.s13 = torch.stack([t for t, _ in w13]), _stack_scales([s for _, s in w13])
-        self.w2, self.s2 = torch.stack([t for t, _ in w2]), _stack_scales([s for _, s in w2])
-        self.dtype, self.scale_fmt, self.limit = w.dtype, args.scale_fmt, args.swiglu_limit
+    def __init__(self, w: Weights, p: str, args: V4Args):
+        super().__init__(w, p, args, read=w.fp4_expert if args.fp4_experts else None)
+        self.limit = args.swiglu_limit
         self.fp4_x_dtype = fp4_activation_dtype(args, w.fp8, w.dtype)
 
     def _gemm(self, x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hal.backend import Availability, Support
+from hal.ops.grouped_gemm import grouped_gemm_out_dtype
 from hal.ops.mla import attended_keys, gather_paged_keys
 from hal.ops.quant import apply_int8_amax_floor
 from hal.ops.routing import RENORM_EPS, MoePermutation, invert_permutation
@@ -306,7 +307,7 @@ class AscendBackend(VendorBackend):
         self.served("grouped_gemm", "npu_grouped_matmul")
         if int8:
             channel_scales = torch.repeat_interleave(w_scale, counts, dim=0, output_size=rows.shape[0])
-            y = (y.float() * x_scale.reshape(-1, 1) * channel_scales).to(out_dtype or torch.bfloat16)
+            y = (y.float() * x_scale.reshape(-1, 1) * channel_scales).to(grouped_gemm_out_dtype(x, out_dtype))
         return y if layout == "contiguous" else y.view(groups, x.shape[1], n)
 
     # -- W8A8 int8 ---------------------------------------------------------------------------------

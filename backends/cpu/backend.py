@@ -12,16 +12,14 @@ its kernels index with (sizes, offsets, ids, slots) are checked in every mode, n
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import platform
-from typing import Any, Callable, Dict
+from typing import Dict
 
 import torch
 
 from hal.backend import Backend
 from hal.backends.cpu import kernels
-from hal.contract import Op, all_ops
+from hal.contract import all_ops
 
 # each checks the values it reads with the contract's own helpers
 _FAST_KERNELS = {"grouped_gemm": kernels.grouped_gemm, "mla_prefill": kernels.mla_prefill,
@@ -38,7 +36,9 @@ class CpuBackend(Backend):
     def __init__(self) -> None:
         super().__init__()
         for op in all_ops().values():
-            self.add_implementation(op.name, _FAST_KERNELS.get(op.name) or _reference(op))
+            # the reference after the contract's value checks: the values index memory (slots, ids), and on the
+            # CPU checking them costs no device-to-host sync
+            self.add_implementation(op.name, _FAST_KERNELS.get(op.name) or op.fp32_reference(check_values=True))
 
     def versions(self) -> Dict[str, str]:
         return {"torch": torch.__version__, "cpu": platform.machine() or "unknown",
@@ -46,17 +46,3 @@ class CpuBackend(Backend):
                 "bf16-matmul": "native" if kernels.native_bf16_gemm() else "none (bf16 computed in fp32)",
                 "native-kernels": kernels.native.status()}
 
-
-def _reference(op: Op) -> Callable[..., Any]:
-    """``op``'s reference in fp32, after the contract's value checks when it has any: the values index
-    memory (slots, ids), and on the CPU checking them costs no device-to-host sync."""
-    reference = functools.partial(op.reference_impl, compute_dtype=torch.float32)
-    if not op.has_value_checks:
-        return reference
-
-    @functools.wraps(op.reference_impl)
-    def value_checked(*args: Any, **kwargs: Any) -> Any:
-        op.check_values(*args, **kwargs)
-        return reference(*args, **kwargs)
-    value_checked.__signature__ = inspect.signature(reference)  # type: ignore[attr-defined]
-    return value_checked

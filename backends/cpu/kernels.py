@@ -39,7 +39,7 @@ import torch
 
 from hal.backends.cpu import native
 from hal.formats import FP8_DTYPE, FP8_MAX, INT8_MAX
-from hal.ops.grouped_gemm import check_group_sizes
+from hal.ops.grouped_gemm import check_group_sizes, grouped_gemm_out_dtype
 from hal.ops.grouped_gemm import grouped_gemm as _grouped_gemm_op
 from hal.ops.mla import attended_keys, check_cu_seqlens, checked_pages, sink_gate
 from hal.ops.mla import mla_prefill as _mla_prefill_op
@@ -66,7 +66,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
     if x_scale is not None or w_scale is not None:  # FP8 / FP4 / int8 operands: the reference dequantises
         return _grouped_gemm_op.reference_impl(x, w, group_sizes, layout=layout, x_scale=x_scale,
                                                w_scale=w_scale, out_dtype=out_dtype, compute_dtype=_F32)
-    out_dtype = out_dtype or x.dtype
+    out_dtype = grouped_gemm_out_dtype(x, out_dtype)
     if x.dtype == w.dtype == out_dtype == torch.bfloat16 and x.is_cpu and native_bf16_gemm():
         compute, weight = torch.bfloat16, lambda g: w[g]  # oneDNN: fp32 accumulation, one rounding to bf16
     else:

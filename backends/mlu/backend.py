@@ -20,9 +20,8 @@ import torch
 
 from hal.backend import Availability, Support
 from hal.backends.mlu.tmo_api import TmoApi, TmoVersionError, detect
-from hal.contract import FLOAT_DTYPES
 from hal.errors import ConfigError
-from hal.ops.grouped_gemm import dequantized_operands
+from hal.ops.grouped_gemm import dequantized_operands, grouped_gemm_out_dtype
 from hal.ops.quant import apply_int8_amax_floor
 from hal.ops.routing import RENORM_EPS, MoePermutation, invert_permutation
 from hal.vendor import Fallback, OpMapping, VendorBackend, always, by_operator, given, mapped, row_count
@@ -281,7 +280,7 @@ class MluBackend(VendorBackend):
 
     @mapped("grouped_gemm")
     def grouped_gemm(self, x, w, group_sizes, *, layout="contiguous", x_scale=None, w_scale=None, out_dtype=None):
-        out = out_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.bfloat16)
+        out = grouped_gemm_out_dtype(x, out_dtype)
         counts = group_sizes.to(torch.int32)
         if layout == "masked":  # every row of a group is computed; the contract leaves rows past its count open
             groups, max_m = x.shape[0], x.shape[1]

@@ -5,11 +5,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, contract, \
-    dtype_name, result
+from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
+    contract, dtype_name, result
 from hal.formats import FP4_GROUP, FP8_DTYPE, dequantize_values, fp4_dtypes, is_fp4, scale_dtypes, scale_shape
 
-__all__ = ["grouped_gemm", "check_group_sizes"]
+__all__ = ["grouped_gemm", "check_group_sizes", "grouped_gemm_out_dtype"]
 
 INT8_MAX_K = 2**31 // (128 * 128) - 1  # int32 accumulation of int8 products cannot overflow: K * 128 * 128 < 2**31
 INT8_SCALES = (torch.float32,)
@@ -18,13 +18,9 @@ _FP8_ACT_BLOCK = (1, 128)
 _FP8_WEIGHT_BLOCK = (128, 128)
 _FP4_WEIGHT_BLOCK = (1, FP4_GROUP)
 
-# fp32 accumulation: an n-term dot product is within n * 2**-24 * sum|terms| of exact, in any order;
-# the output is then rounded to its dtype: rtol is one ulp at the bottom of a binade (bf16 2**-7,
-# fp16 2**-10, fp32 2**-23), twice the half-ulp of a correct rounding, so that a kernel rounding
-# through an intermediate format (double rounding) still passes.
-# Subnormal operands and products (below 2**-126) may be flushed to zero: bf16 matrix units do (Intel
-# AMX and AVX512-BF16 by definition, accelerator cube units commonly). The bound holds for operands and
-# products in the normal range, which is what the conformance suite draws.
+# fp32 accumulation (an n-term dot product is within n * 2**-24 * sum|terms| of exact, in any order), then one
+# rounding to the output dtype: rtol one ulp at the bottom of a binade (double rounding passes). Subnormals may be
+# flushed to zero. Why: docs/contracts.md#grouped-gemm.
 GEMM_TOLERANCE = {
     "float32": Tolerance(rtol=2**-23, atol=0.0, acc_eps=2**-24),
     "bfloat16": Tolerance(rtol=2**-7, atol=0.0, acc_eps=2**-24),
@@ -72,11 +68,11 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
 
     Semantics: ``y[m, n] = sum_k X[m, k] * W[g(m), n, k]`` where ``X``, ``W`` are the dequantised
     operands (value times block, row or channel scale; subnormal operands and products may be flushed
-    to zero, as bf16 matrix units do), accumulated in at least fp32 (for block-scaled
-    operands, per 128-wide K block then across blocks; for int8 operands an exact int32 sum scaled by
-    ``x_scale[m] * w_scale[g, n]`` is within the tolerance) and rounded once to ``out_dtype``.
-    Tolerance: :data:`GEMM_TOLERANCE` with ``n = K`` (``n = K + 3`` when an operand is scaled:
-    dequantising each operand and scaling per block add up to three fp32 roundings per term).
+    to zero), accumulated in at least fp32 (for block-scaled operands, per 128-wide K block then across
+    blocks; for int8 operands an exact int32 sum scaled by ``x_scale[m] * w_scale[g, n]`` is within the
+    tolerance) and rounded once to ``out_dtype``.
+    Tolerance: :data:`GEMM_TOLERANCE` with ``n = K`` (``n = K + 3`` when an operand is scaled).
+    Why: docs/contracts.md#grouped-gemm.
     """
     op = "grouped_gemm"
     check(layout in ("contiguous", "masked"), op, "layout", "'contiguous' or 'masked'", repr(layout))
@@ -115,10 +111,16 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
         _check_scale(op, "w_scale", w_scale, w.dtype == FP8_DTYPE or w_fp4, expected, "a low-precision w")
     if out_dtype is not None:
         check(out_dtype in FLOAT_DTYPES, op, "out_dtype", "bfloat16, float16 or float32", out_dtype)
-    out = out_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.bfloat16)
+    out = grouped_gemm_out_dtype(x, out_dtype)
     return Request(device, (("layout", layout), ("x_dtype", dtype_name(x.dtype)),
                             ("w_dtype", "fp4_e2m1" if w_fp4 else dtype_name(w.dtype)),
                             ("out_dtype", dtype_name(out))))
+
+
+def grouped_gemm_out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """:func:`grouped_gemm`'s output dtype: ``out_dtype`` when given, else ``x``'s for float ``x`` and
+    bfloat16 for FP8 or int8 ``x``."""
+    return out_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.bfloat16)
 
 
 @grouped_gemm.value_checks
@@ -167,7 +169,7 @@ def _row_scaled(q: torch.Tensor, scale: torch.Tensor, compute_dtype: torch.dtype
 @grouped_gemm.reference
 def _grouped_gemm_reference(x, w, group_sizes, *, layout="contiguous", x_scale=None, w_scale=None,
                             out_dtype=None, compute_dtype=torch.float32):
-    out_dtype = out_dtype or (x.dtype if x.dtype in FLOAT_DTYPES else torch.bfloat16)
+    out_dtype = grouped_gemm_out_dtype(x, out_dtype)
     xd, wd = dequantized_operands(x, w, x_scale, w_scale, compute_dtype)
     if layout == "masked":
         y = torch.bmm(xd, wd.transpose(1, 2))

@@ -15,13 +15,12 @@ Conventions shared by the operators of this family:
 * **Sinks** (V4 / gpt-oss): a per-head logit ``sink[h]`` joins the softmax denominator only, i.e. the output
   is scaled by ``exp(lse) / (exp(lse) + exp(sink[h]))``; the returned ``lse`` excludes the sink (FlashMLA's
   convention).
-* **A query that attends no key** returns ``out = 0`` and ``lse = -inf`` (log of an empty sum). FlashMLA
-  returns ``lse = +inf`` there: a backend mapping to it must convert. FlashMLA's sparse prefill has also
-  returned base-2 lse in some versions; this contract's lse is natural.
-* **No default softmax scale.** DeepSeek's scale is ``qk_head_dim**-0.5 * mscale**2`` with
-  ``qk_head_dim = 192`` (128 nope + 64 rope) and the YaRN ``mscale = 0.1 * ln(rope_factor) + 1``
-  (~0.1352 for V3), while the absorbed decode runs on 576-wide keys: a scale derived from the head dim
-  (FlashMLA's default ``576**-0.5``) is silently wrong, and ``mscale`` cannot be derived from shapes at all.
+* **A query that attends no key** returns ``out = 0`` and ``lse = -inf`` (log of an empty sum; FlashMLA
+  returns ``+inf``: a backend mapping to it must convert).
+* **No default softmax scale.** DeepSeek's is ``192**-0.5 * mscale**2`` (~0.1352 for V3), not derivable from
+  the 576-wide keys of the absorbed decode.
+
+Why: docs/contracts.md#mla-attention.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
-    contract, dtype_name, result
+    contract, dtype_name, is_int, is_number, result
 from hal.errors import InvalidArgumentError
 
 __all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
@@ -50,31 +49,12 @@ _ATTENTION_AXES = {"dtype": _DTYPES, "causal": _BOOL, "sinks": _BOOL, "window": 
 # * ``n = attention_error_n(q, k, softmax_scale=..., num_keys=L)`` (one number per call):
 #       n = 5 * L + 3 * (D + 9) * S + 32 + c_p
 #   L = the largest number of keys any query row attends (its reduction length), D = the q/k head dim,
-#   S = softmax_scale * max_t |q_t|_2 * max_j |k_j|_2 (Cauchy-Schwarz: a bound of every scaled
-#   sum_d |q_d| |k_jd|, hence of every |logit|), and c_p = 2**16 for bf16 q, 2**13 for fp16, 0 for fp32;
+#   S = softmax_scale * max_t |q_t|_2 * max_j |k_j|_2 (a bound of every |logit|), and c_p = 2**16 for bf16 q,
+#   2**13 for fp16, 0 for fp32 (kernels rounding the probabilities to q's dtype before P @ V);
 # * ``magnitude`` for ``out`` = the same attention with the values replaced by ``|v|`` (same logits,
 #   same masks and sinks): ``sum_j p_j |v_j|``; for ``lse`` = ones.
 #
-# Derivation, u = 2**-24 (fp32 unit roundoff), everything computed in fp32 in any order (tiled, online
-# softmax, base-2 exponentials):
-# * a logit is a D-term fp32 dot product, then scaled, shifted by the running max and possibly multiplied
-#   by log2(e): its error is E <= (D + 8) * u * S;
-# * each probability then has relative error <= E + 4u (exp rounding), and normalising turns relative
-#   errors eta_j into an output error <= 2 * max|eta| * sum_j p_j |v_j|; the L-term sums of the numerator
-#   and the denominator and the online-softmax rescalings add <= (3L + 10) * u * magnitude;
-# * lse: error <= E + (2L + 4) * u (sum, log, base change; |lse| <= S + ln L); a sink scales out by
-#   sigmoid(lse - sink), whose relative error is <= that of lse, adding lse's error times magnitude;
-# * c_p * u admits kernels that round the probabilities to q's dtype before the P @ V product (FlashMLA,
-#   FlashAttention do): 2**-8 (bf16) / 2**-11 (fp16) relative per probability (the unit roundoff of 8 and
-#   11 significant bits), i.e. c_p * u * magnitude.
-# Summing: 3E + (5L + 14 + c_p) u <= n * u. The output is then rounded once to its dtype (``rtol``; one ulp
-# for double rounding; ``atol`` = the format's smallest subnormal, for results that underflow it, e.g. a
-# sink-dominated row); lse's ``rtol`` = 4u covers rounding ``|lse|``.
-# Probabilities, operands and products below the smallest normal number (2**-126) may be flushed to zero, as
-# bf16 matrix units do (a probability underflows there when its logit is ~87 below the row's maximum); the
-# bound holds in the normal range, which the conformance suite keeps to (|logit| <= 32).
-# The bound is worst-case, so a correct kernel never trips it, while a wrong mask, scale or sink moves
-# ``out`` by about ``p_j * |v_j - out|`` (~magnitude / L), which small test problems expose.
+# The derivation (fp32 throughout, in any order; subnormals may flush to zero): docs/contracts.md#mla-tolerance.
 MLA_TOLERANCE = {
     "float32": Tolerance(rtol=2**-23, atol=2**-149, acc_eps=2**-24),
     "bfloat16": Tolerance(rtol=2**-7, atol=2**-133, acc_eps=2**-24),
@@ -104,12 +84,10 @@ def attention_error_n(q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float,
 
 def _check_common(op: str, hq: int, softmax_scale: object, causal: object,
                   sinks: Optional[torch.Tensor], window: object) -> None:
-    ok = isinstance(softmax_scale, (int, float)) and not isinstance(softmax_scale, bool) and \
-        math.isfinite(softmax_scale) and softmax_scale > 0
+    ok = is_number(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale > 0
     check(ok, op, "softmax_scale", "a finite float > 0 (DeepSeek: 192**-0.5 * mscale**2)", repr(softmax_scale))
     check(isinstance(causal, bool), op, "causal", "a bool", repr(causal))
-    ok = window is None or (isinstance(window, int) and not isinstance(window, bool) and window >= 1)
-    check(ok, op, "window", "None or an int >= 1", repr(window))
+    check(window is None or (is_int(window) and window >= 1), op, "window", "None or an int >= 1", repr(window))
     if sinks is not None:
         check_tensor(op, "sinks", sinks, ndim=1, dtypes=(torch.float32,))
         check(sinks.shape[0] == hq, op, "sinks", f"shape [Hq={hq}]", f"shape {tuple(sinks.shape)}")
@@ -339,8 +317,7 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     check(block_table.shape[0] == b, op, "block_table", f"shape [B={b}, max_blocks]",
           f"shape {tuple(block_table.shape)}")
     check(seq_lens.shape[0] == b, op, "seq_lens", f"shape [B={b}]", f"shape {tuple(seq_lens.shape)}")
-    ok = isinstance(head_dim_v, int) and not isinstance(head_dim_v, bool) and 1 <= head_dim_v <= d
-    check(ok, op, "head_dim_v", f"an int in [1, D={d}]", repr(head_dim_v))
+    check(is_int(head_dim_v) and 1 <= head_dim_v <= d, op, "head_dim_v", f"an int in [1, D={d}]", repr(head_dim_v))
     if topk_indices is not None:
         check(tuple(topk_indices.shape[:2]) == (b, sq), op, "topk_indices", f"shape [B={b}, Sq={sq}, topk]",
               f"shape {tuple(topk_indices.shape)}")

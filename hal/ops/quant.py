@@ -1,5 +1,5 @@
 """Family 4: low-precision quantisation (FP8 e4m3 block quantisation, FP4 e2m1), dequantisation and the
-block-scaled FP8 GEMM.
+block-scaled FP8 GEMM; W8A8 int8 (per-token / per-channel quantisation and GEMM).
 
 Conventions (:mod:`hal.formats`): a *scale* is the dequantisation multiplier (``x ~= q * scale``, what
 DeepSeek checkpoints call ``weight_scale_inv``); activation groups are ``1 x group_size`` along the last
@@ -9,11 +9,10 @@ stored as float32 values; FP4 is packed two values a byte, lower index in the lo
 The quantisers define *bits*: their reference semantics is the float32 algorithm stated in each
 docstring whatever ``compute_dtype`` the reference is called with (the float64 "oracle" of a quantiser
 returns the same bits). Their tolerances (``ulps`` on quantised values, ``rtol`` on scales) say how far
-another correct formula of the same algorithm may land; see :data:`FP8_QUANT_TOLERANCE`.
+another correct formula of the same algorithm may land.
 
-A note for implementers: divide by a tensor, never by a Python number, on CUDA. PyTorch's CUDA ``div``
-with a CPU-scalar divisor computes ``a * (1 / b)``, which is V3.2's scale formula, not this contract's
-``amax / 448`` (it lands within the fp32-scale tolerance, but is not bit-exact).
+Why (which DeepSeek formula is the reference, the tolerances; on CUDA, divide by a tensor, not by a Python
+number): docs/contracts.md#fp8-and-fp4-quantisation and docs/contracts.md#w8a8-int8.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from hal.contract import FLOAT_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, contract, \
-    dtype_name, result
+    dtype_name, is_int, result
 from hal.formats import AMAX_FLOOR, FP4_GROUP, FP4_MAX, FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_FORMATS, ceil_pow2, \
     by_block, dequantize_values, encode_fp4, fp4_dtypes, scale_dtypes, scale_shape
 from hal.ops.grouped_gemm import GEMM_TOLERANCE, INT8_MAX_K, dequantized_operands
@@ -39,16 +38,9 @@ _FP8_GEMM_BLOCK = 128
 _OUT_DTYPES = ("bfloat16", "float16", "float32")
 _IN_DTYPES = ("bfloat16", "float16", "float32")
 
-# Tolerance keys of the quantisers: "<output dtype>" for fp32 scales (scale_fmt None / "fp32"), and
-# "ue8m0:<output dtype>" for UE8M0 scales, where the contract is bit-exact.
-#
-# fp32 scales: DeepSeek's reference quantisers compute the same algorithm with different roundings:
-# V3 (Triton act_quant) s = amax / 448 and q = x / s; V3.2 (TileLang) s = amax * fl(1/448), then
-# clamp(x / s, +-448); DeepGEMM's test casts q = x * fl(1 / s). The scale can then differ by one fp32 ulp
-# (relative 2**-23 at most: s >= 1e-4/448 is a normal number) and x/s by a few fp32 roundings, which
-# moves a value lying (almost) on an e4m3 rounding midpoint by one e4m3 step: ulps=1 on q.
-# UE8M0 scales: s is a power of two, so x / s == x * (1/s) exactly and the two scale formulas round up
-# to the same power of two (see quantize_fp8): q and s are bit-exact.
+# Tolerance keys of the quantisers: "<output dtype>" for fp32 scales (scale_fmt None / "fp32"): DeepSeek's
+# other scale formulas land one fp32 ulp away, and one e4m3 step on q; "ue8m0:<output dtype>" for UE8M0
+# scales, where the contract is bit-exact (docs/contracts.md#quantize_fp8-quantize_fp8_weight).
 FP8_QUANT_TOLERANCE = {
     "float8_e4m3fn": Tolerance(rtol=0.0, atol=0.0, ulps=1),
     "float32": Tolerance(rtol=2**-23, atol=0.0),
@@ -56,18 +48,16 @@ FP8_QUANT_TOLERANCE = {
     "ue8m0:float32": Tolerance(rtol=0.0, atol=0.0),
 }
 
-# FP4: UE8M0 scales only, x / s exact, round-to-nearest-even onto a fixed grid: bit-exact (compare the
-# decoded values, so that a -0 nibble (0b1000) equals +0; the reference writes +0).
+# FP4: UE8M0 scales only, x / s exact, round-to-nearest-even onto a fixed grid: bit-exact on the decoded
+# values (a -0 nibble 0b1000 equals the reference's +0).
 FP4_QUANT_TOLERANCE = {
     "uint8": Tolerance(rtol=0.0, atol=0.0, ulps=0),
     "float32": Tolerance(rtol=0.0, atol=0.0),
 }
 
-# Dequantisation: y = q * s is exact in float64 and rounded once to out_dtype (half an ulp: 2**-24,
-# 2**-8, 2**-11 relative for fp32, bf16, fp16). rtol is one ulp at the bottom of a binade (2**-23, 2**-7,
-# 2**-10, as GEMM_TOLERANCE), so that an fp32 intermediate (q * s rounded to fp32, then to bf16/fp16:
-# double rounding) passes; atol 2**-24 is fp16's subnormal spacing. Exact products (power-of-two
-# scales, FP4 values) in range come out exact in every out_dtype.
+# Dequantisation: y = q * s, exact, rounded once to out_dtype; rtol one ulp at the bottom of a binade (an fp32
+# intermediate, double rounding, passes), atol fp16's subnormal spacing. Why:
+# docs/contracts.md#dequantize_fp8-dequantize_fp4.
 DEQUANT_TOLERANCE = {
     "float32": Tolerance(rtol=2**-23, atol=0.0),
     "bfloat16": Tolerance(rtol=2**-7, atol=0.0),
@@ -78,14 +68,13 @@ DEQUANT_TOLERANCE = {
 # --------------------------------------------------------------------------- shared validation / math
 
 def _check_size(op: str, name: str, value: object) -> int:
-    check(isinstance(value, int) and not isinstance(value, bool) and value > 0, op, name,
-          "a positive int", repr(value))
+    check(is_int(value) and value > 0, op, name, "a positive int", repr(value))
     return value  # type: ignore[return-value]
 
 
 def _check_block_shape(op: str, block_shape: object) -> Tuple[int, ...]:
     ok = isinstance(block_shape, (tuple, list)) and len(block_shape) in (1, 2) and all(
-        isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_shape)
+        is_int(b) and b > 0 for b in block_shape)
     check(ok, op, "block_shape", "a tuple of 1 or 2 positive ints", repr(block_shape))
     return tuple(block_shape)  # type: ignore[arg-type]
 
@@ -109,8 +98,8 @@ def _check_scale_tensor(op: str, name: str, scale: object, shape: Tuple[int, ...
 
 
 def fp8_scales(amax: torch.Tensor, scale_fmt: Optional[str]) -> torch.Tensor:
-    """float32 amax -> dequantisation scales: max(amax, 1e-4) / 448 (an fp32 division by a *tensor*:
-    see the module docstring), rounded up to a power of two for UE8M0."""
+    """float32 amax -> dequantisation scales: max(amax, 1e-4) / 448 (an fp32 division by a *tensor*, which
+    CUDA does not turn into a reciprocal multiplication), rounded up to a power of two for UE8M0."""
     amax = amax.clamp_min(AMAX_FLOOR)  # NaN stays NaN
     s = amax / torch.full_like(amax, FP8_MAX)
     return ceil_pow2(s) if scale_fmt == "ue8m0" else s
@@ -139,8 +128,7 @@ def quantize_fp8(x: torch.Tensor, group_size: int = 128,
       ``K % group_size == 0``. ``K == 0`` or empty leading dims give empty outputs.
     * ``group_size``: a positive int.
     * ``scale_fmt``: ``None`` or ``"fp32"`` (fp32 scales) or ``"ue8m0"`` (power-of-two scales, DeepSeek
-      V3.1/V3.2 configs ``"scale_fmt": "ue8m0"``). Unlike V3.2's kernel, which treats any non-None
-      string as UE8M0, other strings are rejected.
+      V3.1/V3.2 configs ``"scale_fmt": "ue8m0"``); other strings are rejected.
 
     Returns ``(q, s)``: ``q`` float8_e4m3fn of ``x``'s shape (contiguous) and ``s`` float32
     ``[..., K // group_size]``, the dequantisation multiplier: ``x ~= q * s`` group by group.
@@ -154,26 +142,12 @@ def quantize_fp8(x: torch.Tensor, group_size: int = 128,
     4. ``q = e4m3(clamp(x_g / s, -448, 448))``: an fp32 division, then the cast rounds to nearest, ties
        to even (values below half the smallest subnormal 2**-9 become zero, keeping their sign).
 
-    Why this formula (the reference) among DeepSeek's: V3's ``act_quant`` computes ``amax / 448`` and
-    ``x / s``, each one correctly rounded operation, so the result is a function of the algorithm and
-    not of how a reciprocal was formed; V3.2's TileLang kernel computes ``s = amax * fl(1/448)`` (two
-    roundings) and DeepGEMM's test cast ``q = x * fl(1/s)`` (two roundings), which can land one ulp
-    away. From V3.2 the contract keeps the clamp to +-448: for ``x / s`` it changes nothing in exact
-    arithmetic, but it pins saturation for any formula whose ``|x|/s`` rounds above 448.
+    A group holding NaN or +-inf gets a non-finite scale and unspecified ``q``; other groups are unaffected.
 
-    Tolerance (:data:`FP8_QUANT_TOLERANCE`): with fp32 scales the other formulas are admitted, ``s``
-    within one fp32 ulp (``rtol=2**-23``) and ``q`` within one e4m3 step (``ulps=1``); with ``"ue8m0"``
-    ``q`` and ``s`` are bit-exact (``ulps=0``): a power-of-two ``s`` makes ``x / s == x * (1/s)``
-    exact, and rounding ``amax / 448`` up to a power of two gives the same result as rounding
-    ``amax * fl32(1/448)`` up for every amax (checked exhaustively over the fp32 values). Edge case:
-    a scale formula that rounds *up* across a power of two where ``amax / 448`` is exactly one (an
-    approximate reciprocal instruction, or a reciprocal rounded in another precision, at
-    ``amax = 448 * 2**k``) makes ``ceil_pow2`` jump a whole binade, doubling ``s`` and halving ``q``.
-    The reference defines the division, so such an implementation fails bit-exactness there; that is
-    intended.
+    Tolerance (:data:`FP8_QUANT_TOLERANCE`): fp32 scales: ``s`` within one fp32 ulp, ``q`` within one e4m3
+    step; ``"ue8m0"``: ``q`` and ``s`` bit-exact.
 
-    A group holding NaN or +-inf gets a non-finite scale (NaN, or inf) and unspecified ``q`` values;
-    other groups are unaffected.
+    Why: docs/contracts.md#quantize_fp8-quantize_fp8_weight (V3's ``act_quant`` as the reference, V3.2's clamp).
     """
     op = "quantize_fp8"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
@@ -216,8 +190,7 @@ def quantize_fp8_weight(w: torch.Tensor, block_size: int = 128,
     max ``|w|`` over the block's elements (edge blocks are partial: only the elements that exist
     count, exactly as if the weight were zero-padded), floored at 1e-4; ``s = amax / 448`` (fp32
     division), rounded up to a power of two for ``"ue8m0"``; ``q = e4m3(clamp(w / s, -448, 448))``.
-    Tolerance, the choice of the division form and NaN/inf behaviour (per block): as
-    :func:`quantize_fp8`.
+    Tolerance and NaN/inf behaviour (per block): as :func:`quantize_fp8`.
     """
     op = "quantize_fp8_weight"
     check_tensor(op, "w", w, ndim=2, dtypes=FLOAT_DTYPES)
@@ -268,8 +241,8 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, *, block_shape: Sequenc
     scale[..., m // bm, k // bk]`` (resp. ``scale[..., k // b]``), the product exact, then rounded once
     to ``out_dtype`` (IEEE round-to-nearest-even; beyond its range: +-inf). NaN in ``q`` gives NaN.
 
-    Tolerance (:data:`DEQUANT_TOLERANCE`): half an ulp of ``out_dtype`` for the single rounding, up to
-    one ulp for implementations rounding the product to fp32 first.
+    Tolerance (:data:`DEQUANT_TOLERANCE`): one ulp of ``out_dtype`` at the bottom of a binade (an
+    implementation may round the product to fp32 first).
     """
     op = "dequantize_fp8"
     check_tensor(op, "q", q, dtypes=(FP8_DTYPE,))
@@ -316,13 +289,9 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
 
     over the ``K/128`` blocks ``kb`` of 128 consecutive k, i.e. the exact product of the dequantised
     operands, accumulated in at least fp32 and rounded once to ``out_dtype``. ``K == 0`` gives zeros.
-    The reference dequantises both operands in ``compute_dtype`` and multiplies; DeepSeek's kernel sums
-    the exact fp8 products per block and scales the fp32 partial sums: the same value up to rounding.
 
     Tolerance: :data:`hal.ops.grouped_gemm.GEMM_TOLERANCE` with ``n = K + 3`` and
-    ``magnitude = |A| @ |B|.T`` of the dequantised operands: the K-term fp32 sum plus three roundings
-    per term (in the reference the dequantisation of each operand and the product; in the block-scaled
-    kernel the two scale multiplications of each partial sum).
+    ``magnitude = |A| @ |B|.T`` of the dequantised operands. Why: docs/contracts.md#fp8_gemm.
     """
     op = "fp8_gemm"
     check_tensor(op, "a", a, dtypes=(FP8_DTYPE,))
@@ -374,10 +343,9 @@ def quantize_fp4(w: torch.Tensor, group_size: int = FP4_GROUP) -> Tuple[torch.Te
     sign, ties to the even code (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4,
     5 -> 4). Values that round to zero are written as +0 (nibble 0b0000).
 
+    A group holding NaN or +-inf gets a non-finite scale and unspecified codes.
     Tolerance (:data:`FP4_QUANT_TOLERANCE`): bit-exact, compared on the decoded values
-    (:func:`hal.formats.unpack_fp4`), so an implementation whose conversion keeps the sign of zero
-    (nibble 0b1000, -0) also conforms. A group holding NaN or +-inf gets a non-finite scale and
-    unspecified codes.
+    (:func:`hal.formats.unpack_fp4`: a -0 nibble 0b1000 also conforms). Why: docs/contracts.md#quantize_fp4.
     """
     op = "quantize_fp4"
     check_tensor(op, "w", w, dtypes=FLOAT_DTYPES)
@@ -445,24 +413,15 @@ def _dequantize_fp4_reference(q, scale, *, group_size=FP4_GROUP, out_dtype=torch
 
 # --------------------------------------------------------------------------- symmetric int8 (W8A8)
 
-# Quantisers: "int8" for q (distance in integer steps), "float32" for the scales. The vendors' kernels
-# (npu_dynamic_quant, tmo's per-token quantisers) document s = rowmax|x| / 127 and q = round(x / s) but
-# neither the tie rule nor the division form: a kernel rounding half away from zero, or computing
-# x * fl(1/s), lands one step from the reference on (near-)midpoints (q within 1), and amax * fl(1/127)
-# can move s by one fp32 ulp (rtol 2**-23; s >= 1e-4 / 127 is a normal number). The conformance suite
-# also checks that q is x / s rounded to nearest (up to those fp32 roundings), which a rounding toward
-# zero, or a wrong scale, fails.
+# Quantisers: "int8" for q (within one integer step: other tie rules and x * fl(1/s)), "float32" for the
+# scales (one fp32 ulp: amax * fl(1/127)); docs/contracts.md#quantize_int8-quantize_int8_weight.
 INT8_QUANT_TOLERANCE = {
     "int8": Tolerance(rtol=0.0, atol=0.0, ulps=1),
     "float32": Tolerance(rtol=2**-23, atol=0.0),
 }
 
-# int8_gemm: the int32 accumulation is exact; the result then takes at most four roundings: the
-# accumulator to fp32 (exact below 2**24), the two scale multiplications in fp32 (2**-24 each) and the
-# rounding to out_dtype (half an ulp). The errors are relative (no cancellation happens after the exact
-# sum): rtol is one ulp of out_dtype at the bottom of a binade (2**-7 bf16, 2**-10 fp16), which holds the
-# half-ulp rounding plus 3 * 2**-24; for float32 four fp32 roundings, 2**-22 (rounded up to 2**-21 for
-# a kernel rounding through an intermediate format). atol 2**-24 is fp16's subnormal spacing.
+# int8_gemm: an exact int32 sum, then at most four relative roundings: one ulp of out_dtype at the bottom of a
+# binade, 2**-21 for float32 (docs/contracts.md#int8_gemm); atol 2**-24 is fp16's subnormal spacing.
 INT8_GEMM_TOLERANCE = {
     "float32": Tolerance(rtol=2**-21, atol=0.0),
     "bfloat16": Tolerance(rtol=2**-7, atol=0.0),
@@ -515,17 +474,11 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     1. ``amax = max(max_k |x_k|, 1e-4)``;
     2. ``s = amax / 127``, one correctly rounded fp32 division;
     3. ``q = clamp(round(x / s), -127, 127)``: an fp32 division rounded to the nearest integer, ties to
-       even. -128 is never written (symmetric range: ``-q`` is always representable).
+       even. -128 is never written.
 
-    The choices: both vendors document ``s = rowmax|x| / 127`` and ``q = round(x / s)`` (symmetric,
-    per token), but neither documents a floor nor the tie rule. The floor ``1e-4`` is the HAL's FP8
-    quantisers' (DeepSeek's ``act_quant``): every scale is a positive normal number and an all-zero
-    row gives ``q = 0`` instead of 0 / 0 (:func:`apply_int8_amax_floor` lets a backend over a kernel
-    without it conform). Ties to even is IEEE's default rounding (``torch.round``); a kernel rounding half
-    away from zero differs by one step on exact ties, which the tolerance admits.
-
+    A row holding NaN or +-inf gets a non-finite scale and unspecified ``q``.
     Tolerance (:data:`INT8_QUANT_TOLERANCE`): ``q`` within one step of the reference, ``s`` within one
-    fp32 ulp. A row holding NaN or +-inf gets a non-finite scale and unspecified ``q``.
+    fp32 ulp. Why (the floor, the tie rule): docs/contracts.md#quantize_int8-quantize_int8_weight.
     """
     op = "quantize_int8"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
@@ -600,13 +553,10 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
 
         y[m, n] = (sum_k a[m, k] * b[n, k]) * a_scale[m] * b_scale[n]
 
-    the integer sum exact (int32 accumulation), the scaling and the rounding to ``out_dtype`` as few
-    roundings as the kernel takes; the reference forms the exact sum and applies the scales in
-    ``compute_dtype`` (float64 for the oracle).
+    the integer sum exact (int32 accumulation), then scaled and rounded to ``out_dtype``.
 
     Tolerance (:data:`INT8_GEMM_TOLERANCE`): relative, one ulp of ``out_dtype`` at the bottom of a
-    binade (bf16 2**-7, fp16 2**-10; fp32 2**-21: four fp32 roundings), since after the exact sum only
-    multiplications round.
+    binade (bf16 2**-7, fp16 2**-10; fp32 2**-21). Why: docs/contracts.md#int8_gemm.
     """
     op = "int8_gemm"
     check_tensor(op, "a", a, dtypes=(torch.int8,))

@@ -8,8 +8,7 @@ The routing contract is DeepSeek's ``Gate`` (V3 / V3.2 ``inference/model.py``) w
 3. group-limited selection (``n_group > 1``): the experts form ``n_group`` equal consecutive groups; a
    group's score is the sum of its two largest ``choice`` values when ``bias`` is given, else its largest
    (DeepSeek's rule); the ``topk_group`` best groups are kept and every other expert's choice becomes
-   **-inf** (DeepSeek, not transformers' 0.0: with a negative bias 0.0 can let an expert of a dropped
-   group win);
+   **-inf** (DeepSeek's; not transformers' 0.0);
 4. the ``top_k`` largest ``choice`` values are selected;
 5. ``weights = s`` at the selected experts (no bias), divided by ``sum + 1e-20`` when ``renormalize``
    (transformers' ``norm_topk_prob``; DeepSeek's sigmoid path), times ``scale``
@@ -19,6 +18,8 @@ The routing contract is DeepSeek's ``Gate`` (V3 / V3.2 ``inference/model.py``) w
 preferred; rows come out in descending choice order. A row's ``k`` (id, weight) pairs are a *set*: a
 backend may return them in any order (transformers' ``topk(sorted=False)``, vendor kernels), since
 only the per-token sum over experts depends on them.
+
+Why: docs/contracts.md#moe-routing.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
-    contract, dtype_name, result
+    contract, dtype_name, is_int, is_number, result
 from hal.ops.grouped_gemm import GEMM_TOLERANCE
 
 __all__ = ["topk_routing", "hash_routing", "moe_permute", "moe_unpermute", "MoePermutation",
@@ -83,14 +84,12 @@ def _check_scoring(op: str, scoring: object) -> None:
 
 
 def _check_int(op: str, name: str, value: object, lo: int, hi: int, why: str = "") -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
-    check(ok, op, name, f"an int in [{lo}, {hi}]{why}", repr(value))
+    check(is_int(value) and lo <= value <= hi, op, name, f"an int in [{lo}, {hi}]{why}", repr(value))
     return value  # type: ignore[return-value]
 
 
 def _check_scale(op: str, scale: object) -> None:
-    check(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale), op,
-          "scale", "a finite number", repr(scale))
+    check(is_number(scale) and math.isfinite(scale), op, "scale", "a finite number", repr(scale))
 
 
 def _check_in_range(op: str, name: str, ids: torch.Tensor, upper: int, what: str) -> None:
