@@ -56,7 +56,7 @@ def test_bench_model_compares_tiny_v3_and_v4_with_transformers():
         notes = []
         figures = bench_model(SIZES["tiny"], "cpu", notes, arch)
         assert [f.name for f in figures] == [f"{name} prefill at 32 context", f"{name} decode at 32 context"]
-        assert [f.target for f in figures] == targets  # the issue sets V3's targets; V4 is reported beside
+        assert [f.target for f in figures] == targets  # V3 has stated targets; V4 is reported beside
         for f in figures:
             assert f.limit.startswith("transformers") and arch.replace("_v", "V").replace("deepseek", "Deepseek") \
                 in f.limit, f.limit
