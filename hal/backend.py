@@ -5,6 +5,7 @@ operator and, per feature axis, the values it supports), and publishes a :class:
 through the ``hal.backends`` entry-point group (see :mod:`hal.hookspecs`). Nothing here imports a
 vendor library: a backend imports its vendor package lazily, in :meth:`Backend.probe` and its kernels.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -109,12 +110,15 @@ class Backend:
         declared: Dict[str, FrozenSet[str]] = {}
         for axis, values in axes.items():
             if axis not in op.axes:
-                raise PluginError(f"backend '{who}': {op_name} has no feature axis {axis!r} "
-                                  f"(axes: {', '.join(op.axes)})")
+                raise PluginError(
+                    f"backend '{who}': {op_name} has no feature axis {axis!r} (axes: {', '.join(op.axes)})"
+                )
             unknown = set(values) - set(op.axes[axis])
             if unknown:
-                raise PluginError(f"backend '{who}': {op_name}.{axis} values {sorted(unknown)} are "
-                                  f"not defined by the contract (defined: {', '.join(op.axes[axis])})")
+                raise PluginError(
+                    f"backend '{who}': {op_name}.{axis} values {sorted(unknown)} are "
+                    f"not defined by the contract (defined: {', '.join(op.axes[axis])})"
+                )
             declared[axis] = frozenset(values)
         _check_signature(who, op, fn)
         self._impls[op_name] = fn
@@ -131,9 +135,10 @@ def _check_signature(backend: str, op: Op, fn: Callable[..., Any]) -> None:
     for name, p in op.signature.parameters.items():
         q = impl.get(name)
         if q is None or q.kind != p.kind or q.default != p.default:
-            raise PluginError(f"backend '{backend}': {op.name} implementation's parameter {name!r} does not "
-                              f"match the contract signature {op.name}{op.signature}")
+            raise PluginError(
+                f"backend '{backend}': {op.name} implementation's parameter {name!r} does not "
+                f"match the contract signature {op.name}{op.signature}"
+            )
     for name, q in impl.items():
         if name not in op.signature.parameters and q.default is inspect.Parameter.empty:
-            raise PluginError(f"backend '{backend}': {op.name} implementation has extra required "
-                              f"parameter {name!r}")
+            raise PluginError(f"backend '{backend}': {op.name} implementation has extra required parameter {name!r}")

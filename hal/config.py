@@ -23,6 +23,7 @@ Config file (``hal.toml``; the same keys go under ``[tool.hal]`` in ``pyproject.
     [op_fallback]         # per-operator fallback policy
     topk_routing = "warn"
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,14 +61,15 @@ class Layer:
     def __post_init__(self) -> None:
         for policy in [self.fallback, *dict(self.op_fallback).values()]:
             if policy is not None and policy not in FALLBACK_POLICIES:
-                raise ConfigError(f"{self.source}: fallback policy must be one of "
-                                  f"{', '.join(FALLBACK_POLICIES)}, got {policy!r}")
+                raise ConfigError(
+                    f"{self.source}: fallback policy must be one of {', '.join(FALLBACK_POLICIES)}, got {policy!r}"
+                )
         from hal.contract import all_ops
+
         known = all_ops()
         for op in [*dict(self.ops), *dict(self.op_fallback)]:
             if op not in known:
-                raise ConfigError(f"{self.source}: no operator named {op!r} "
-                                  f"(operators: {', '.join(sorted(known))})")
+                raise ConfigError(f"{self.source}: no operator named {op!r} (operators: {', '.join(sorted(known))})")
 
     def backend_for(self, op: str) -> Optional[str]:
         return dict(self.ops).get(op, self.backend)
@@ -87,9 +89,15 @@ def _layer(source: str, data: Mapping[str, Any]) -> Layer:
     checked = data.get("checked")
     if checked is not None and not isinstance(checked, bool):
         raise ConfigError(f"{source}: 'checked' must be true or false, got {checked!r}")
-    return Layer(source, backend=data.get("backend"), ops=tuple(sorted(data.get("ops", {}).items())),
-                 fallback=data.get("fallback"), op_fallback=tuple(sorted(data.get("op_fallback", {}).items())),
-                 fallback_backend=data.get("fallback_backend"), checked=checked)
+    return Layer(
+        source,
+        backend=data.get("backend"),
+        ops=tuple(sorted(data.get("ops", {}).items())),
+        fallback=data.get("fallback"),
+        op_fallback=tuple(sorted(data.get("op_fallback", {}).items())),
+        fallback_backend=data.get("fallback_backend"),
+        checked=checked,
+    )
 
 
 def _pairs(var: str, text: str) -> Tuple[Optional[str], Dict[str, str]]:
@@ -161,6 +169,7 @@ def reload() -> None:
     global _static
     _static = None
     from hal import dispatch
+
     dispatch.clear_cache()
 
 
@@ -177,17 +186,37 @@ def layers() -> Tuple[Layer, ...]:
 
 
 @contextlib.contextmanager
-def use_backend(backend: Optional[str] = None, *, ops: Optional[Mapping[str, str]] = None,
-                fallback: Optional[str] = None, op_fallback: Optional[Mapping[str, str]] = None,
-                fallback_backend: Optional[str] = None, checked: Optional[bool] = None) -> Iterator[Layer]:
+def use_backend(
+    backend: Optional[str] = None,
+    *,
+    ops: Optional[Mapping[str, str]] = None,
+    fallback: Optional[str] = None,
+    op_fallback: Optional[Mapping[str, str]] = None,
+    fallback_backend: Optional[str] = None,
+    checked: Optional[bool] = None,
+) -> Iterator[Layer]:
     """Run the block with these settings above every other source.
 
     ``backend`` applies to every operator; ``ops`` picks a backend per operator (e.g.
     ``ops={"mla_decode": "cpu"}`` to keep attention on the reference while bisecting).
     """
-    layer = _interned(_layer("use_backend()", {k: v for k, v in dict(
-        backend=backend, ops=dict(ops or {}), fallback=fallback, op_fallback=dict(op_fallback or {}),
-        fallback_backend=fallback_backend, checked=checked).items() if v not in (None, {})}))
+    layer = _interned(
+        _layer(
+            "use_backend()",
+            {
+                k: v
+                for k, v in dict(
+                    backend=backend,
+                    ops=dict(ops or {}),
+                    fallback=fallback,
+                    op_fallback=dict(op_fallback or {}),
+                    fallback_backend=fallback_backend,
+                    checked=checked,
+                ).items()
+                if v not in (None, {})
+            },
+        )
+    )
     token = _context.set((layer,) + _context.get())
     try:
         yield layer

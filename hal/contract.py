@@ -17,6 +17,7 @@ An operator is declared once, in its family module under ``hal/ops``, as a plain
 The :func:`contract` decorator turns that function into an :class:`Op`, which validates, picks the
 backend (see :mod:`hal.dispatch`) and calls its implementation with the caller's arguments unchanged.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,9 +33,22 @@ if TYPE_CHECKING:
     from typing import TypeGuard  # Python >= 3.10; annotations are not evaluated at run time
 
 __all__ = [
-    "Op", "Request", "Tolerance", "contract", "all_ops", "get_op", "dtype_name", "result",
-    "FLOAT_DTYPES", "INDEX_DTYPES",
-    "check", "check_tensor", "check_same_device", "value_checks_enabled", "is_int", "is_number",
+    "Op",
+    "Request",
+    "Tolerance",
+    "contract",
+    "all_ops",
+    "get_op",
+    "dtype_name",
+    "result",
+    "FLOAT_DTYPES",
+    "INDEX_DTYPES",
+    "check",
+    "check_tensor",
+    "check_same_device",
+    "value_checks_enabled",
+    "is_int",
+    "is_number",
 ]
 
 
@@ -90,8 +104,13 @@ _OPS: Dict[str, "Op"] = {}
 class Op:
     """A HAL operator: call it like the function it was declared as."""
 
-    def __init__(self, spec: Callable[..., Request], family: str, axes: Mapping[str, Sequence[str]],
-                 tolerance: Mapping[str, Tolerance]):
+    def __init__(
+        self,
+        spec: Callable[..., Request],
+        family: str,
+        axes: Mapping[str, Sequence[str]],
+        tolerance: Mapping[str, Tolerance],
+    ):
         functools.update_wrapper(self, spec)
         self.name: str = spec.__name__
         self.family = family
@@ -141,6 +160,7 @@ class Op:
         def value_checked(*args: Any, **kwargs: Any) -> Any:
             self.check_values(*args, **kwargs)
             return reference(*args, **kwargs)
+
         value_checked.__signature__ = inspect.signature(reference)  # type: ignore[attr-defined]
         return value_checked
 
@@ -167,15 +187,18 @@ def _dispatch() -> Callable[..., Any]:
     config) and then held in ``_DISPATCH``, so that an operator call does not pay for an import statement."""
     global _DISPATCH
     from hal.dispatch import dispatch
+
     _DISPATCH = dispatch
     return dispatch
 
 
-def contract(*, family: str, axes: Mapping[str, Sequence[str]],
-             tolerance: Mapping[str, Tolerance]) -> Callable[[Callable[..., Request]], Op]:
-    """Declare an operator contract (see the module docstring)."""
+def contract(
+    *, family: str, axes: Mapping[str, Sequence[str]], tolerance: Mapping[str, Tolerance]
+) -> Callable[[Callable[..., Any]], Op]:
+    """Declare an operator contract (see the module docstring). The spec is annotated as the operator is
+    called (its return type the operator's); as a spec it returns the :class:`Request` the call makes."""
 
-    def wrap(spec: Callable[..., Request]) -> Op:
+    def wrap(spec: Callable[..., Any]) -> Op:
         op = Op(spec, family, axes, tolerance)
         if op.name in _OPS:
             raise RuntimeError(f"operator {op.name!r} declared twice")
@@ -188,6 +211,7 @@ def contract(*, family: str, axes: Mapping[str, Sequence[str]],
 def all_ops() -> Dict[str, Op]:
     """Every declared operator, by name (importing :mod:`hal.ops` declares them)."""
     import hal.ops  # noqa: F401  (declares the contracts)
+
     return dict(_OPS)
 
 
@@ -199,6 +223,7 @@ def get_op(name: str) -> Op:
 
 
 # --------------------------------------------------------------------------- validation helpers
+
 
 def is_int(value: object) -> TypeGuard[int]:
     """Whether ``value`` is a Python int, and not a bool (``isinstance(True, int)`` holds)."""
@@ -216,17 +241,18 @@ def check(ok: bool, op: str, argument: str, expected: str, got: object) -> None:
         raise InvalidArgumentError(op, argument, expected, str(got))
 
 
-def check_tensor(op: str, argument: str, value: object, *, ndim: Optional[int] = None,
-                 dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
+def check_tensor(
+    op: str, argument: str, value: object, *, ndim: Optional[int] = None, dtypes: Optional[Sequence[torch.dtype]] = None
+) -> torch.Tensor:
     """Check that ``value`` is a tensor of rank ``ndim`` with one of ``dtypes``; return it."""
     if not isinstance(value, torch.Tensor):
         raise InvalidArgumentError(op, argument, "a torch.Tensor", type(value).__name__)
     if ndim is not None and value.dim() != ndim:
-        raise InvalidArgumentError(op, argument, f"a {ndim}-D tensor",
-                                   f"{value.dim()}-D of shape {tuple(value.shape)}")
+        raise InvalidArgumentError(op, argument, f"a {ndim}-D tensor", f"{value.dim()}-D of shape {tuple(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
-        raise InvalidDtypeError(op, argument, "dtype in {" + ", ".join(dtype_name(d) for d in dtypes) + "}",
-                                dtype_name(value.dtype))
+        raise InvalidDtypeError(
+            op, argument, "dtype in {" + ", ".join(dtype_name(d) for d in dtypes) + "}", dtype_name(value.dtype)
+        )
     return value
 
 
@@ -240,8 +266,9 @@ def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.devic
         if device is None:
             device, first = t.device, name
         elif t.device != device:
-            raise DeviceMismatchError(op, name, f"a tensor on {device} (the device of '{first}')",
-                                      f"a tensor on {t.device}")
+            raise DeviceMismatchError(
+                op, name, f"a tensor on {device} (the device of '{first}')", f"a tensor on {t.device}"
+            )
     assert device is not None
     return device
 
@@ -254,4 +281,5 @@ def value_checks_enabled(device: Optional[torch.device] = None) -> bool:
     for code written when the CPU always checked values)."""
     del device
     from hal.config import checked_mode
+
     return checked_mode()

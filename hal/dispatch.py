@@ -11,6 +11,7 @@ settings lookup, a signature, a set lookup, and the call. Where torch has its C+
 recognise a call's tensors ~5x faster than reading their metadata from Python. In checked mode every
 call is validated, values included (a contract's ``@op.value_checks``, see :class:`hal.contract.Op`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -43,10 +44,10 @@ class Route:
     backend: Backend
     impl: Optional[Callable[..., Any]]
     support: Optional[Support]
-    policy: str           # "error" | "warn"
-    fallback: str         # backend name used under "warn"
-    source: str           # which settings layer chose the backend ("auto-detected" if none)
-    checked: bool         # checked mode: validate every call, values included
+    policy: str  # "error" | "warn"
+    fallback: str  # backend name used under "warn"
+    source: str  # which settings layer chose the backend ("auto-detected" if none)
+    checked: bool  # checked mode: validate every call, values included
     # signatures (see call_key()) of valid calls this route serves: they skip validation next time
     known: Set[Hashable] = field(default_factory=set, compare=False)
     # the most recent of them whose arguments are all tensors, as (options, tensor guard) pairs
@@ -60,8 +61,10 @@ class Route:
             return f"backend '{self.backend.name}' does not implement {self.op}"
         backend = self.backend
         if not backend.portable and request.device.type != backend.device_type:
-            return (f"backend '{backend.name}' computes on '{backend.device_type}' tensors, "
-                    f"the arguments are on '{request.device}'")
+            return (
+                f"backend '{backend.name}' computes on '{backend.device_type}' tensors, "
+                f"the arguments are on '{request.device}'"
+            )
         return self.support.refusal(request.features)
 
 
@@ -105,13 +108,21 @@ def _resolve(op: Op, layers: Tuple[config.Layer, ...]) -> Route:
     policy, _ = first("fallback_for", "error")
     fallback, _ = first("fallback_backend", "cpu")
     checked, _ = first("checked", False)
-    return Route(op.name, backend, backend.implementation(op.name), backend.capabilities().get(op.name),
-                 policy, fallback, source, checked)
+    return Route(
+        op.name,
+        backend,
+        backend.implementation(op.name),
+        backend.capabilities().get(op.name),
+        policy,
+        fallback,
+        source,
+        checked,
+    )
 
 
 _SCALAR_TYPES = frozenset((int, float, bool, str, type(None), torch.dtype))
 _KNOWN_LIMIT = 4096  # signatures kept per route (prefill shapes vary with the prompt): a bound on memory
-_GUARDED_LIMIT = 8   # guarded signatures per route: a decode step alternates a few shapes per operator
+_GUARDED_LIMIT = 8  # guarded signatures per route: a decode step alternates a few shapes per operator
 _REGUARD_EVERY = 16  # a signature recognised without a guard gets one back on every 16th such call
 _tensor_meta = operator.attrgetter("dtype", "shape", "device")
 _keyed_classes: Dict[int, type] = {}  # the classes of the tuples call keys name by identity
@@ -181,8 +192,13 @@ def _tensor_guard_factory() -> Optional[Callable[[Tuple[torch.Tensor, ...]], Any
             return torch.zeros(*shape, **{"dtype": torch.float32, "device": "cpu", **options})
 
         g = guard((zeros(2, 3),))
-        others = (zeros(3, 2), zeros(2, 3, dtype=torch.float64), zeros(3, 2).t(), zeros(2, 3, device="meta"),
-                  zeros(2, 3, requires_grad=True))
+        others = (
+            zeros(3, 2),
+            zeros(2, 3, dtype=torch.float64),
+            zeros(3, 2).t(),
+            zeros(2, 3, device="meta"),
+            zeros(2, 3, requires_grad=True),
+        )
         if g.check(zeros(2, 3)) and not any(g.check(t) for t in others):
             return guard
     except Exception:  # any failure of a private API means: not available here
@@ -207,7 +223,7 @@ def dispatch(op: Op, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     if key not in r.known:  # None (validate every time) is never known
         return _validated(op, r, key, args, kwargs)
     if next(r.unguarded_hits) % _REGUARD_EVERY == 0:  # not on every call: more signatures than guards
-        _remember_guarded(r, args, kwargs)              # would rebuild one per call
+        _remember_guarded(r, args, kwargs)  # would rebuild one per call
     return r.impl(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -237,20 +253,29 @@ def _remember_guarded(r: Route, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -
         del r.guarded[_GUARDED_LIMIT:]
 
 
-def _fall_back(op: Op, r: Route, request: Request, refusal: str, args: Tuple[Any, ...],
-               kwargs: Dict[str, Any]) -> Any:
+def _fall_back(op: Op, r: Route, request: Request, refusal: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     if r.policy == "error" or r.fallback == r.backend.name:
         raise UnsupportedError(op.name, r.backend.name, refusal)
     fb = registry().backend(r.fallback)
-    fb_route = Route(op.name, fb, fb.implementation(op.name), fb.capabilities().get(op.name),
-                     "error", r.fallback, "fallback", r.checked)
+    fb_route = Route(
+        op.name,
+        fb,
+        fb.implementation(op.name),
+        fb.capabilities().get(op.name),
+        "error",
+        r.fallback,
+        "fallback",
+        r.checked,
+    )
     fb_refusal = fb_route.refusal(request)
     if fb_refusal is not None:
-        raise UnsupportedError(op.name, r.backend.name, f"{refusal}; fallback '{fb.name}' cannot either: "
-                                                        f"{fb_refusal}")
+        raise UnsupportedError(op.name, r.backend.name, f"{refusal}; fallback '{fb.name}' cannot either: {fb_refusal}")
     key = (op.name, r.backend.name, refusal)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"{op.name}: {refusal}; running it on '{fb.name}' instead (fallback policy 'warn')",
-                      HalFallbackWarning, stacklevel=3)
+        warnings.warn(
+            f"{op.name}: {refusal}; running it on '{fb.name}' instead (fallback policy 'warn')",
+            HalFallbackWarning,
+            stacklevel=3,
+        )
     return fb_route.impl(*args, **kwargs)  # type: ignore[misc]

@@ -9,6 +9,7 @@
 Regenerate with ``python -m hal.docgen`` from the repository root; ``python -m hal.docgen --check``
 exits 1 naming the files that differ from the code (``tests/test_docgen.py`` runs the same check).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def _vendor_backends() -> Dict[str, Tuple[Type[VendorBackend], str]]:
     """The vendor backends shipped with the HAL: name -> (class, its documentation page)."""
     from hal.backends.ascend.backend import AscendBackend
     from hal.backends.mlu.backend import MluBackend
+
     return {"ascend": (AscendBackend, "docs/backends/ascend.md"), "mlu": (MluBackend, "docs/backends/mlu.md")}
 
 
@@ -52,10 +54,14 @@ def _reference_when(m: OpMapping, always: str = "always: ") -> str:
 def vendor_table(backend: Type[VendorBackend]) -> str:
     """The markdown table of ``backend``'s mappings: per contract, the vendor call, the translation at the
     boundary, when the reference path serves instead, and the documentation the mapping follows."""
-    lines = [_row(("contract", f"{backend.library} call", "translation", "reference path when", "documented in")),
-             _row(("---",) * 5)]
-    lines += [_row((f"`{m.op}`", m.call or "–", m.translation or "–", _reference_when(m), m.source or "–"))
-              for m in backend.mappings.values()]
+    lines = [
+        _row(("contract", f"{backend.library} call", "translation", "reference path when", "documented in")),
+        _row(("---",) * 5),
+    ]
+    lines += [
+        _row((f"`{m.op}`", m.call or "–", m.translation or "–", _reference_when(m), m.source or "–"))
+        for m in backend.mappings.values()
+    ]
     return "\n".join(lines)
 
 
@@ -86,8 +92,9 @@ def _vendor_cell(m: Optional[OpMapping], page: str) -> str:
         return _reference_when(m, always="reference: ")
     ops = ", ".join(f"`{v}`" for v in m.vendor_ops)
     cases = len(m.fallbacks)
-    return ops + (f"; reference in {cases} case{'s' * (cases > 1)} ([table]({Path(page).relative_to('docs')}))"
-                  if cases else "")
+    return ops + (
+        f"; reference in {cases} case{'s' * (cases > 1)} ([table]({Path(page).relative_to('docs')}))" if cases else ""
+    )
 
 
 def operators_page() -> str:
@@ -95,10 +102,12 @@ def operators_page() -> str:
     from hal.backends.cpu import kernels
     from hal.backends.cpu.backend import CpuBackend
     from hal.conformance.core import suites
+
     cpu, found, vendors = CpuBackend(), suites(), _vendor_backends()
     kernel_functions = {id(v) for v in vars(kernels).values()}
-    header = ["operator", "contract", "reference", "tolerance", "conformance suite", "CPU kernel"] + \
-        [f"`{name}` ([mapping]({Path(page).relative_to('docs')}))" for name, (_, page) in vendors.items()]
+    header = ["operator", "contract", "reference", "tolerance", "conformance suite", "CPU kernel"] + [
+        f"`{name}` ([mapping]({Path(page).relative_to('docs')}))" for name, (_, page) in vendors.items()
+    ]
     lines = [
         "# Operators",
         "",
@@ -116,11 +125,19 @@ def operators_page() -> str:
     for name, op in all_ops().items():
         impl = cpu.implementation(name)
         suite = found.get(name)
-        lines.append(_row([
-            f"`{name}`", _link(op, name), _link(op.reference_impl, op.reference_impl.__name__), _tolerance(op),
-            _link(type(suite), type(suite).__name__) if suite else "none",
-            _link(impl, impl.__name__) if id(impl) in kernel_functions else "reference",
-            *(_vendor_cell(cls.mappings.get(name), page) for cls, page in vendors.values())]))
+        lines.append(
+            _row(
+                [
+                    f"`{name}`",
+                    _link(op, name),
+                    _link(op.reference_impl, op.reference_impl.__name__),
+                    _tolerance(op),
+                    _link(type(suite), type(suite).__name__) if suite else "none",
+                    _link(impl, impl.__name__) if id(impl) in kernel_functions else "reference",
+                    *(_vendor_cell(cls.mappings.get(name), page) for cls, page in vendors.values()),
+                ]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 

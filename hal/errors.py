@@ -4,6 +4,7 @@ Every error the HAL raises on purpose derives from :class:`HalError`. Bad input 
 :class:`InvalidArgumentError` (a ``ValueError``) or one of its subclasses, whose message names the
 operator, the argument, what was expected and what came.
 """
+
 from __future__ import annotations
 
 
@@ -60,5 +61,6 @@ class MissingExtraError(HalError, ImportError):
 
     def __init__(self, part: str, extra: str, missing: str):
         self.part, self.extra, self.missing = part, extra, missing
-        super().__init__(f"{part} needs the '{extra}' extra ({missing} is not installed): "
-                         f"pip install 'xpu-hal[{extra}]'")
+        super().__init__(
+            f"{part} needs the '{extra}' extra ({missing} is not installed): pip install 'xpu-hal[{extra}]'"
+        )

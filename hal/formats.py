@@ -12,6 +12,7 @@ Conventions (DeepSeek / DeepGEMM, see docs/contracts.md):
 * Symmetric int8 (W8A8): quantisers write values in ``[-127, 127]`` (never -128) with one float32 scale
   per row (activations: per token; weights: per output channel), ``x ~= q * scale``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,8 @@ _E2M1_CODES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # listed one fp32 step lower. The code of |v| is then the number of these points below it.
 _E2M1_ROUNDING_POINTS = tuple(
     float(torch.tensor(x, dtype=torch.float32).nextafter(torch.tensor(0.0)) if up else x)
-    for x, up in ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False)))
+    for x, up in ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+)
 
 
 def is_fp4(t: torch.Tensor) -> bool:
@@ -110,8 +112,12 @@ def expand_scale(scale: torch.Tensor, shape: Sequence[int], block: Sequence[int]
     return s
 
 
-def by_block(values: torch.Tensor, scale: torch.Tensor, block: Sequence[int],
-             op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.mul) -> torch.Tensor:
+def by_block(
+    values: torch.Tensor,
+    scale: torch.Tensor,
+    block: Sequence[int],
+    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.mul,
+) -> torch.Tensor:
     """``op(values, s)`` where ``s`` holds each value's block scale (``scale`` in ``values``' dtype, over
     blocks of the last ``len(block)`` dims, as :func:`expand_scale` broadcasts it), ``op`` elementwise. When
     the blocks tile those dims exactly, ``scale`` is broadcast over a blocked view of ``values`` instead of
@@ -148,8 +154,9 @@ def _fp8_pairs() -> torch.Tensor:
     return every.view(torch.uint8).view(FP8_DTYPE).float().view(-1, 2)
 
 
-def dequantize_values(q: torch.Tensor, scale: torch.Tensor, block: Sequence[int],
-                      compute_dtype: torch.dtype) -> torch.Tensor:
+def dequantize_values(
+    q: torch.Tensor, scale: torch.Tensor, block: Sequence[int], compute_dtype: torch.dtype
+) -> torch.Tensor:
     """FP8 or packed-FP4 values times their block scales, in ``compute_dtype``."""
     values = unpack_fp4(q) if is_fp4(q) else fp8_values(q) if q.dtype == FP8_DTYPE else q
     return by_block(values.to(compute_dtype), scale, block)

@@ -9,6 +9,7 @@ in the ``hal.backends`` entry-point group of its distribution::
 Hooks are called with keyword arguments only, so later versions can add arguments without breaking
 existing plugins (an implementation may accept fewer arguments than the spec).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, List

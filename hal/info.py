@@ -1,6 +1,7 @@
 """What ``hal info`` reports: every backend found, whether it can run here and why not, its versions,
 and per operator the feature values (dtypes, layouts, formats) it supports and, for a vendor backend,
 the vendor operators it maps to and when the reference path serves it instead."""
+
 from __future__ import annotations
 
 import platform
@@ -19,14 +20,20 @@ from hal.vendor import VendorBackend
 def _backend_info(entry: BackendEntry) -> Dict[str, Any]:
     spec = entry.spec
     info: Dict[str, Any] = {
-        "name": spec.name, "vendor": spec.vendor, "device_type": spec.device_type, "emulated": spec.emulated,
-        "plugin": entry.plugin, "distribution": entry.distribution, "description": spec.description,
+        "name": spec.name,
+        "vendor": spec.vendor,
+        "device_type": spec.device_type,
+        "emulated": spec.emulated,
+        "plugin": entry.plugin,
+        "distribution": entry.distribution,
+        "description": spec.description,
     }
     try:
         backend = entry.load()
     except HalError as exc:
-        info.update(available=False, reason=str(exc), error=str(exc), versions={}, operators={}, missing=[],
-                    mappings={})
+        info.update(
+            available=False, reason=str(exc), error=str(exc), versions={}, operators={}, missing=[], mappings={}
+        )
         return info
     availability = entry.availability()
     info["available"] = availability.available
@@ -53,7 +60,9 @@ def collect(include_emulated: bool = False) -> Dict[str, Any]:
     entries = sorted(reg.entries.values(), key=lambda e: (e.name != "cpu", e.name))
     shown = [e for e in entries if include_emulated or not e.spec.emulated]
     data: Dict[str, Any] = {
-        "hal_version": hal.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "hal_version": hal.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "backends": [_backend_info(e) for e in shown],
         "emulated_hidden": [e.name for e in entries if e not in shown],
         "broken_plugins": [vars(b) for b in reg.broken],
@@ -71,6 +80,7 @@ def collect(include_emulated: bool = False) -> Dict[str, Any]:
 def _selected() -> Dict[str, Any]:
     """Which backend each operator would run on under the settings in force."""
     from hal.dispatch import route
+
     out: Dict[str, Any] = {}
     for name, op in sorted(all_ops().items()):
         try:
@@ -100,8 +110,10 @@ def render(data: Dict[str, Any]) -> str:
                 lines.append(f"      {axis:<14} {', '.join(values)}")
             mapping = b["mappings"].get(op)
             if mapping:
-                lines.append(f"      {'maps to':<14} "
-                             f"{', '.join(mapping['maps_to']) or 'no vendor operator: the reference path, always'}")
+                lines.append(
+                    f"      {'maps to':<14} "
+                    f"{', '.join(mapping['maps_to']) or 'no vendor operator: the reference path, always'}"
+                )
                 lines.extend(f"      {'reference':<14} {f['reason']}" for f in mapping["reference_when"])
         if b["missing"]:
             lines.append("  not implemented: " + ", ".join(b["missing"]))

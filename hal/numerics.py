@@ -1,4 +1,5 @@
 """Comparing a result with the exact reference under a contract's :class:`~hal.contract.Tolerance`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ class Comparison:
 
     ok: bool
     max_abs: float
-    max_rel: float          # over elements whose exact value exceeds their allowed error
-    tolerance_used: float   # max of error / allowed error: <= 1 passes
+    max_rel: float  # over elements whose exact value exceeds their allowed error
+    tolerance_used: float  # max of error / allowed error: <= 1 passes
     mismatched: int
     total: int
     worst_index: Optional[tuple]
@@ -28,13 +29,20 @@ class Comparison:
 
     def __str__(self) -> str:
         head = "within tolerance" if self.ok else f"mismatched elements: {self.mismatched} / {self.total}"
-        worst = (f"; worst at index {self.worst_index}: got {self.worst_actual!r}, exact {self.worst_exact!r}, "
-                 f"allowed error {self.worst_allowed:.3g}") if self.worst_index is not None else ""
+        worst = (
+            (
+                f"; worst at index {self.worst_index}: got {self.worst_actual!r}, exact {self.worst_exact!r}, "
+                f"allowed error {self.worst_allowed:.3g}"
+            )
+            if self.worst_index is not None
+            else ""
+        )
         return f"{head} (max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g}){worst}"
 
 
-def compare(actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int = 0,
-            magnitude: Optional[torch.Tensor] = None) -> Comparison:
+def compare(
+    actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int = 0, magnitude: Optional[torch.Tensor] = None
+) -> Comparison:
     """Compare elementwise: ``|actual - exact| <= atol + rtol*|exact| + acc_eps*n*magnitude``.
 
     ``exact`` is the float64 oracle; ``magnitude`` the same reduction over absolute values (for a
@@ -68,15 +76,29 @@ def compare(actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int
     wa = float(a.flatten()[flat]) if worst is not None else 0.0
     we = float(e.flatten()[flat]) if worst is not None else 0.0
     wl = float(allowed.flatten()[flat]) if worst is not None else 0.0
-    return Comparison(ok=not bool(bad.any()), max_abs=float(err.max()) if a.numel() else 0.0,
-                      max_rel=float(rel[meaningful].max()) if bool(meaningful.any()) else 0.0,
-                      tolerance_used=float(ratio[finite].max()) if bool(finite.any()) else 0.0,
-                      mismatched=int(bad.sum()), total=a.numel(), worst_index=worst, worst_actual=wa,
-                      worst_exact=we, worst_allowed=wl)
+    return Comparison(
+        ok=not bool(bad.any()),
+        max_abs=float(err.max()) if a.numel() else 0.0,
+        max_rel=float(rel[meaningful].max()) if bool(meaningful.any()) else 0.0,
+        tolerance_used=float(ratio[finite].max()) if bool(finite.any()) else 0.0,
+        mismatched=int(bad.sum()),
+        total=a.numel(),
+        worst_index=worst,
+        worst_actual=wa,
+        worst_exact=we,
+        worst_allowed=wl,
+    )
 
 
-def assert_within(actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int = 0,
-                  magnitude: Optional[torch.Tensor] = None, what: str = "result") -> Comparison:
+def assert_within(
+    actual: torch.Tensor,
+    exact: torch.Tensor,
+    tol: Tolerance,
+    *,
+    n: int = 0,
+    magnitude: Optional[torch.Tensor] = None,
+    what: str = "result",
+) -> Comparison:
     """:func:`compare`, raising ``AssertionError`` with the statistics when out of tolerance."""
     c = compare(actual, exact, tol, n=n, magnitude=magnitude)
     if not c.ok:

@@ -16,6 +16,7 @@ the base class's probe (nothing runs), an emulated test double, a plugin registe
 verdicts and probes afresh (after a driver install, or a device became visible); ``HAL_PROBE_TIMEOUT`` is the
 time limit in seconds (default 60).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,7 @@ __all__ = ["Verdict", "verdict", "probe_here", "cache_dir", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 60.0
 _STARTUP_S = 120.0  # the child's start (Python, torch and hal imports) runs before the probe's own time limit
-_CACHE_SIZE = 64    # verdicts kept: one per backend and environment (venv, visible devices ...)
+_CACHE_SIZE = 64  # verdicts kept: one per backend and environment (venv, visible devices ...)
 _CACHE_ENV = ("PYTHONPATH", "LD_LIBRARY_PATH")  # and every *_VISIBLE_DEVICES
 _ALARM = getattr(signal, "SIGALRM", None)  # POSIX: the child's own time limit; elsewhere the parent's only
 
@@ -67,8 +68,12 @@ def verdict(backend: Backend, factory: str, distribution: str, *, in_process: bo
     """Whether ``backend`` (built from ``factory``, brought by ``distribution``) can run here: probed in a child
     process, or served from the cache, unless its probe runs in this process (``in_process``: the registry says
     so, for an emulated backend or a plugin registered in-process; see the module docstring)."""
-    if (in_process or os.environ.get("HAL_PROBE_ISOLATION", "").strip() == "0" or not backend.isolate_probe
-            or type(backend).probe is Backend.probe):
+    if (
+        in_process
+        or os.environ.get("HAL_PROBE_ISOLATION", "").strip() == "0"
+        or not backend.isolate_probe
+        or type(backend).probe is Backend.probe
+    ):
         return Verdict(probe_here(backend))
     key = _cache_key(backend.name, factory, distribution)
     cached = _read_cache().get(key) if os.environ.get("HAL_PROBE_CACHE", "").strip() != "0" else None
@@ -97,8 +102,13 @@ def _probe_in_child(name: str, factory: str, timeout: float) -> Verdict:
     hung = Verdict(Availability(False, f"{who} hung for more than {timeout:g} s (HAL_PROBE_TIMEOUT)"), True)
     request = json.dumps({"name": name, "factory": factory, "timeout": timeout})
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(sys.path)], input=request, text=True,
-                              capture_output=True, timeout=timeout + _STARTUP_S)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, json.dumps(sys.path)],
+            input=request,
+            text=True,
+            capture_output=True,
+            timeout=timeout + _STARTUP_S,
+        )
     except subprocess.TimeoutExpired:  # no SIGALRM here, or the child's start got stuck
         return hung
     if _ALARM is not None and proc.returncode == -_ALARM:
@@ -108,15 +118,22 @@ def _probe_in_child(name: str, factory: str, timeout: float) -> Verdict:
             died = signal.Signals(-proc.returncode).name
         except ValueError:
             died = f"signal {-proc.returncode}"
-        return Verdict(Availability(False, f"{who} crashed with {died} (it ran in a child process; "
-                                           "HAL_PROBE_ISOLATION=0 runs it in this one, e.g. under a debugger)"), True)
+        return Verdict(
+            Availability(
+                False,
+                f"{who} crashed with {died} (it ran in a child process; "
+                "HAL_PROBE_ISOLATION=0 runs it in this one, e.g. under a debugger)",
+            ),
+            True,
+        )
     try:
         found = json.loads(proc.stdout)
         return Verdict(Availability(bool(found["available"]), str(found["reason"])))
     except (ValueError, KeyError, TypeError):
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return Verdict(Availability(False, f"{who} failed in its child process (exit code {proc.returncode}): "
-                                           f"{last}"), True)
+        return Verdict(
+            Availability(False, f"{who} failed in its child process (exit code {proc.returncode}): {last}"), True
+        )
 
 
 def _child() -> None:
@@ -127,6 +144,7 @@ def _child() -> None:
     if _ALARM is not None:  # SIGALRM's default action ends a hung probe, even one that holds the GIL
         signal.setitimer(signal.ITIMER_REAL, request["timeout"])
     from hal.registry import instantiate
+
     found = probe_here(instantiate(request["name"], request["factory"]))
     if _ALARM is not None:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -149,8 +167,14 @@ def _cache_key(name: str, factory: str, distribution: str) -> str:
         except OSError:
             continue
     env = {k: v for k, v in os.environ.items() if k in _CACHE_ENV or k.endswith("_VISIBLE_DEVICES")}
-    key = {"backend": name, "factory": factory, "distribution": distribution, "python": [sys.executable, sys.version],
-           "installed": installed, "env": sorted(env.items())}
+    key = {
+        "backend": name,
+        "factory": factory,
+        "distribution": distribution,
+        "python": [sys.executable, sys.version],
+        "installed": installed,
+        "env": sorted(env.items()),
+    }
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
@@ -172,8 +196,11 @@ def _write_cache(key: str, found: Verdict) -> None:
     with _cache_lock:
         data = _read_cache()
         data.pop(key, None)
-        data[key] = {"available": found.availability.available, "reason": found.availability.reason,
-                     "contained": found.contained}
+        data[key] = {
+            "available": found.availability.available,
+            "reason": found.availability.reason,
+            "contained": found.contained,
+        }
         data = dict(list(data.items())[-_CACHE_SIZE:])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ limits which load, two backends with one name are an error for that name, and a 
 imported only when it is listed or used, so discovery imports no vendor library. A backend's probe runs where
 it cannot take this process down (:mod:`hal.probe`).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,8 +22,17 @@ from hal import hookspecs, probe
 from hal.backend import Availability, Backend
 from hal.errors import BackendNotFoundError, BackendUnavailableError, PluginError
 
-__all__ = ["BackendSpec", "BackendEntry", "BrokenPlugin", "Registry", "registry", "register_plugin",
-           "unregister_plugin", "instantiate", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "BackendSpec",
+    "BackendEntry",
+    "BrokenPlugin",
+    "Registry",
+    "registry",
+    "register_plugin",
+    "unregister_plugin",
+    "instantiate",
+    "ENTRY_POINT_GROUP",
+]
 
 ENTRY_POINT_GROUP = "hal.backends"
 IN_PROCESS = "(in-process)"  # the distribution of a plugin registered with register_plugin()
@@ -85,8 +95,10 @@ class BackendEntry:
                     self.error = str(exc)
                     raise
                 except Exception as exc:  # the plugin's error boundary
-                    self.error = (f"backend '{self.name}' from plugin '{self.plugin}' failed to load "
-                                  f"{self.spec.factory}: {type(exc).__name__}: {exc}")
+                    self.error = (
+                        f"backend '{self.name}' from plugin '{self.plugin}' failed to load "
+                        f"{self.spec.factory}: {type(exc).__name__}: {exc}"
+                    )
                     raise PluginError(self.error) from exc
                 self._backend = backend
         return self._backend
@@ -112,8 +124,9 @@ class BackendEntry:
                         self._verdict = probe.Verdict(Availability(False, f"{type(exc).__name__}: {exc}"))
                     else:
                         in_process = self.spec.emulated or self.distribution == IN_PROCESS
-                        self._verdict = probe.verdict(backend, self.spec.factory, self.distribution,
-                                                      in_process=in_process)
+                        self._verdict = probe.verdict(
+                            backend, self.spec.factory, self.distribution, in_process=in_process
+                        )
         return self._verdict
 
 
@@ -136,14 +149,18 @@ class Registry:
                 self.skipped.append(ep.name)
                 continue
             if self.pm.has_plugin(ep.name):
-                self.broken.append(BrokenPlugin(ep.name, dist, f"a plugin named '{ep.name}' is already "
-                                                "registered; this one was not loaded"))
+                self.broken.append(
+                    BrokenPlugin(
+                        ep.name, dist, f"a plugin named '{ep.name}' is already registered; this one was not loaded"
+                    )
+                )
                 continue
             try:
                 plugin = ep.load()
             except Exception as exc:  # the plugin's error boundary
-                self.broken.append(BrokenPlugin(ep.name, dist, f"import of {ep.value} failed: "
-                                                f"{type(exc).__name__}: {exc}"))
+                self.broken.append(
+                    BrokenPlugin(ep.name, dist, f"import of {ep.value} failed: {type(exc).__name__}: {exc}")
+                )
                 continue
             self.register_plugin(plugin, ep.name, dist)
 
@@ -165,8 +182,9 @@ class Registry:
                     if not isinstance(spec, BackendSpec):
                         raise TypeError(f"hal_backends returned {type(spec).__name__}, not BackendSpec")
             except Exception as exc:
-                self.broken.append(BrokenPlugin(name, distribution, f"hal_backends() failed: "
-                                                f"{type(exc).__name__}: {exc}"))
+                self.broken.append(
+                    BrokenPlugin(name, distribution, f"hal_backends() failed: {type(exc).__name__}: {exc}")
+                )
                 continue
             for spec in specs:
                 self._add(BackendEntry(spec, name, distribution))
@@ -189,9 +207,11 @@ class Registry:
             self.entries[entry.name] = entry
             return
         other.clashing_plugins.append(entry.plugin)
-        other.error = (f"two backends are named '{entry.name}': one from plugin '{other.plugin}' "
-                       f"({other.distribution}), one from plugin '{entry.plugin}' ({entry.distribution}); "
-                       "uninstall one or limit plugins with HAL_PLUGINS")
+        other.error = (
+            f"two backends are named '{entry.name}': one from plugin '{other.plugin}' "
+            f"({other.distribution}), one from plugin '{entry.plugin}' ({entry.distribution}); "
+            "uninstall one or limit plugins with HAL_PLUGINS"
+        )
 
     # -- lookup ----------------------------------------------------------------------------------
     def entry(self, name: str) -> BackendEntry:
@@ -209,8 +229,11 @@ class Registry:
     def emulated_label(self, name: str) -> str:
         """What every output naming backend ``name`` appends to it: an EMULATED warning for a test
         double, nothing otherwise."""
-        return " [EMULATED: a CPU stand-in for the vendor's kernels, not hardware]" \
-            if self.entry(name).spec.emulated else ""
+        return (
+            " [EMULATED: a CPU stand-in for the vendor's kernels, not hardware]"
+            if self.entry(name).spec.emulated
+            else ""
+        )
 
     def backend(self, name: str) -> Backend:
         """The loaded, available backend ``name``; raises with the reason when it cannot be used."""
@@ -280,6 +303,7 @@ def register_plugin(plugin: Any, name: str) -> bool:
     """Register a plugin in-process (tests, notebooks, vendor bring-up) as an entry point would; whether it
     was taken (a refusal, e.g. a name already registered, is listed by ``hal info``)."""
     from hal import dispatch
+
     registered = registry().register_plugin(plugin, name)
     dispatch.clear_cache()
     return registered
@@ -288,6 +312,7 @@ def register_plugin(plugin: Any, name: str) -> bool:
 def unregister_plugin(name: str) -> None:
     """Undo a :func:`register_plugin` that returned True."""
     from hal import dispatch
+
     registry().unregister_plugin(name)
     dispatch.clear_cache()
 
@@ -296,5 +321,6 @@ def reset() -> None:
     """Forget every plugin and rediscover on next use (tests; after installing a plugin)."""
     global _registry
     from hal import dispatch
+
     _registry = None
     dispatch.clear_cache()

@@ -21,6 +21,7 @@
 * :func:`emulated_twin` — the ``BackendSpec`` pair (real backend, emulated twin) a vendor plugin
   returns; ``hal conformance --backend NAME --emulate`` certifies the twin.
 """
+
 from __future__ import annotations
 
 import collections
@@ -36,8 +37,20 @@ from hal.backend import Availability, Backend, implements
 from hal.contract import get_op
 from hal.errors import PluginError
 
-__all__ = ["VendorBackend", "EmulatedLibrary", "EmulatorRefusal", "emulated_twin", "EMULATED_SUFFIX", "OpMapping",
-           "Fallback", "always", "given", "row_count", "by_operator", "mapped"]
+__all__ = [
+    "VendorBackend",
+    "EmulatedLibrary",
+    "EmulatorRefusal",
+    "emulated_twin",
+    "EMULATED_SUFFIX",
+    "OpMapping",
+    "Fallback",
+    "always",
+    "given",
+    "row_count",
+    "by_operator",
+    "mapped",
+]
 
 EMULATED_SUFFIX = "-emulated"
 
@@ -95,8 +108,12 @@ class OpMapping:
 
     def as_dict(self) -> Dict[str, Any]:
         """JSON-ready, for ``hal info --json``."""
-        return {"maps_to": list(self.vendor_ops), "source": self.source, "offered": self.offered or "everywhere",
-                "reference_when": [{"condition": f.name, "reason": f.reason} for f in self.fallbacks]}
+        return {
+            "maps_to": list(self.vendor_ops),
+            "source": self.source,
+            "offered": self.offered or "everywhere",
+            "reference_when": [{"condition": f.name, "reason": f.reason} for f in self.fallbacks],
+        }
 
 
 def by_operator(*records: OpMapping) -> Dict[str, OpMapping]:
@@ -115,6 +132,7 @@ def mapped(op: str, **axes: Any) -> Callable[[Callable[..., Any]], Callable[...,
         @functools.wraps(kernel)  # the signature registration checks is the kernel's
         def serve(self: "VendorBackend", *args: Any, **kwargs: Any) -> Any:
             return self._serve(op, kernel, args, kwargs)
+
         return implements(op, **axes)(serve)
 
     return mark
@@ -187,8 +205,10 @@ class VendorBackend(Backend):
                 self.add_implementation(op, self._reference_server(op))
         unmapped = set(self._impls) ^ set(self.mappings)
         if unmapped:
-            raise PluginError(f"backend '{self.name or type(self).__name__}': {', '.join(sorted(unmapped))}: "
-                              "implemented without an OpMapping record, or recorded without a kernel")
+            raise PluginError(
+                f"backend '{self.name or type(self).__name__}': {', '.join(sorted(unmapped))}: "
+                "implemented without an OpMapping record, or recorded without a kernel"
+            )
 
     @property
     def lib(self) -> Any:
@@ -209,8 +229,9 @@ class VendorBackend(Backend):
             _ = self.lib  # the import is the probe
         except ModuleNotFoundError as exc:
             if exc.name and exc.name.split(".")[0] == self.library.split(".")[0]:
-                return Availability(False, f"{self.library} is not installed" + (f" ({self.install_hint})"
-                                                                                 if self.install_hint else ""))
+                return Availability(
+                    False, f"{self.library} is not installed" + (f" ({self.install_hint})" if self.install_hint else "")
+                )
             return Availability(False, f"{self.library} failed to import: {exc}")
         except (ImportError, OSError) as exc:  # the package is there, its native libraries are not
             hint = f"; {self.native_hint}" if self.native_hint else ""
@@ -242,8 +263,9 @@ class VendorBackend(Backend):
                 return condition
         return None
 
-    def _serve(self, op: str, kernel: Optional[Callable[..., Any]], args: Tuple[Any, ...],
-               kwargs: Dict[str, Any]) -> Any:
+    def _serve(
+        self, op: str, kernel: Optional[Callable[..., Any]], args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Any:
         condition = self.fallback(op, args, kwargs)
         if condition is None:
             assert kernel is not None  # a record without vendor operators has an unconditional fallback
@@ -254,6 +276,7 @@ class VendorBackend(Backend):
     def _reference_server(self, op: str) -> Callable[..., Any]:
         def serve(*args: Any, **kwargs: Any) -> Any:
             return self._serve(op, None, args, kwargs)
+
         serve.__signature__ = get_op(op).signature  # type: ignore[attr-defined]  # registration checks it
         return serve
 
@@ -292,7 +315,15 @@ def emulated_twin(spec: Any, *, emulator_factory: str, description: str = "") ->
     """``[spec, twin]``: a vendor plugin's real backend and its emulated twin (named ``NAME-emulated``,
     ``emulated=True``, built by ``emulator_factory`` = ``"module:Class"``)."""
     from dataclasses import replace
-    twin = replace(spec, name=spec.name + EMULATED_SUFFIX, factory=emulator_factory, emulated=True, priority=-1,
-                   description=description or f"EMULATED test double of '{spec.name}': vendor operators "
-                                              "emulated on the CPU from the vendor's documentation")
+
+    twin = replace(
+        spec,
+        name=spec.name + EMULATED_SUFFIX,
+        factory=emulator_factory,
+        emulated=True,
+        priority=-1,
+        description=description
+        or f"EMULATED test double of '{spec.name}': vendor operators "
+        "emulated on the CPU from the vendor's documentation",
+    )
     return [spec, twin]

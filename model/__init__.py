@@ -6,6 +6,7 @@
 ``model_type`` ``deepseek_v3`` (V3, R1, V3.1 configs) and ``deepseek_v4`` (bf16, FP8 or packed FP4 experts).
 See docs/model.md.
 """
+
 from hal.model.checkpoint import LoadReport
 from hal.model.config import CheckpointError, ModelArgs, ModelNotSupportedError
 from hal.model.generate import generate

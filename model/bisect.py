@@ -3,6 +3,7 @@
 The model runs on the CPU reference; then each operator in turn runs on the chosen backend (all
 layers, then layer by layer for a diverging one) while everything else stays on the reference, and
 the logits of a prefill plus a few teacher-forced decode steps are compared with the reference's."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,20 @@ import hal
 from hal.model.config import CommonArgs
 
 # The operators a forward calls, in the order a layer calls them (quantised linears first).
-FORWARD_OPS = ("quantize_fp8", "fp8_gemm", "quantize_int8", "int8_gemm", "paged_cache_write", "mla_prefill",
-               "mla_decode", "hash_routing", "topk_routing", "moe_permute", "grouped_gemm", "moe_unpermute")
+FORWARD_OPS = (
+    "quantize_fp8",
+    "fp8_gemm",
+    "quantize_int8",
+    "int8_gemm",
+    "paged_cache_write",
+    "mla_prefill",
+    "mla_decode",
+    "hash_routing",
+    "topk_routing",
+    "moe_permute",
+    "grouped_gemm",
+    "moe_unpermute",
+)
 
 _UNIT_ROUNDOFF = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 
@@ -35,15 +48,19 @@ def logits_rtol(args: CommonArgs, dtype: torch.dtype) -> float:
     return (args.rounding_points_per_layer * args.num_hidden_layers + 4) * unit
 
 
-def teacher_forced_logits(model, prompt: torch.Tensor, steps: int,
-                          layer_context: Optional[Callable[[int], contextlib.AbstractContextManager]] = None,
-                          forced: Optional[torch.Tensor] = None) -> torch.Tensor:
+def teacher_forced_logits(
+    model,
+    prompt: torch.Tensor,
+    steps: int,
+    layer_context: Optional[Callable[[int], contextlib.AbstractContextManager]] = None,
+    forced: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Logits ``[B, S + steps, V]`` of a prefill over ``prompt`` ``[B, S]`` then ``steps`` decode steps that
     feed ``forced[:, i]`` (default: the greedy choice), so that runs to compare take the same path."""
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
     logits = [model(prompt, cache, layer_context)]
     for i in range(steps):
-        nxt = logits[-1][:, -1:].argmax(-1) if forced is None else forced[:, i:i + 1]
+        nxt = logits[-1][:, -1:].argmax(-1) if forced is None else forced[:, i : i + 1]
         logits.append(model(nxt, cache, layer_context))
     return torch.cat(logits, dim=1).float()
 
@@ -51,19 +68,24 @@ def teacher_forced_logits(model, prompt: torch.Tensor, steps: int,
 @dataclass
 class Finding:
     op: str
-    status: str             # "ok", "diverges", "unsupported"
-    error: float = 0.0      # max |diff| / max |reference|
+    status: str  # "ok", "diverges", "unsupported"
+    error: float = 0.0  # max |diff| / max |reference|
     layer: Optional[int] = None
     detail: str = ""
 
 
-def bisect(model, backend: str, prompt: Sequence[Sequence[int]] = ((1, 2, 3, 4, 5),), steps: int = 3,
-           ops: Optional[Sequence[str]] = None) -> List[Finding]:
+def bisect(
+    model,
+    backend: str,
+    prompt: Sequence[Sequence[int]] = ((1, 2, 3, 4, 5),),
+    steps: int = 3,
+    ops: Optional[Sequence[str]] = None,
+) -> List[Finding]:
     """One :class:`Finding` per operator: run with that operator on ``backend`` and the rest on the CPU
     reference. ``model`` must have been loaded with ``backend='cpu'``."""
     tokens = torch.tensor([list(p) for p in prompt], dtype=torch.int64)
     reference = teacher_forced_logits(model, tokens, steps)
-    forced = reference[:, tokens.shape[1] - 1:-1].argmax(-1)
+    forced = reference[:, tokens.shape[1] - 1 : -1].argmax(-1)
     tol = logits_rtol(model.args, model.dtype)
     scale = float(reference.abs().max()) or 1.0
 
@@ -71,6 +93,7 @@ def bisect(model, backend: str, prompt: Sequence[Sequence[int]] = ((1, 2, 3, 4, 
         def ctx(layer: int):
             on = only_layer is None or layer == only_layer
             return hal.use_backend(ops={op: backend}) if on else contextlib.nullcontext()
+
         got = teacher_forced_logits(model, tokens, steps, ctx, forced)
         return float((got - reference).abs().max()) / scale
 
@@ -94,10 +117,16 @@ def render(findings: List[Finding], backend: str, tol: float) -> str:
     lines = [f"bisect against backend '{backend}'{label} (tolerance {tol:.3g} of max |logit|):"]
     for f in findings:
         where = f" first at layer {f.layer}" if f.layer is not None else ""
-        text = {"ok": f"ok (error {f.error:.3g})", "unsupported": f"unsupported here: {f.detail}",
-                "diverges": f"DIVERGES (error {f.error:.3g}){where}"}[f.status]
+        text = {
+            "ok": f"ok (error {f.error:.3g})",
+            "unsupported": f"unsupported here: {f.detail}",
+            "diverges": f"DIVERGES (error {f.error:.3g}){where}",
+        }[f.status]
         lines.append(f"  {f.op:<20} {text}")
     bad = sorted((f for f in findings if f.status == "diverges"), key=lambda f: -1 if f.layer is None else f.layer)
-    lines.append(f"first diverging operator: {bad[0].op}" + (f" (layer {bad[0].layer})" if bad[0].layer is not None
-                                                             else "") if bad else "no operator diverges")
+    lines.append(
+        f"first diverging operator: {bad[0].op}" + (f" (layer {bad[0].layer})" if bad[0].layer is not None else "")
+        if bad
+        else "no operator diverges"
+    )
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """Reading a Hugging Face style checkpoint: safetensors shards (with or without an index), every tensor
 checked against the shape the config implies before it is used. Never pickle."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ class LoadReport:
     defaulted: Tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        parts = [named("unexpected tensor", self.skipped) + " skipped" if self.skipped else "",
-                 named("missing tensor", self.defaulted) + " defaulted" if self.defaulted else ""]
+        parts = [
+            named("unexpected tensor", self.skipped) + " skipped" if self.skipped else "",
+            named("missing tensor", self.defaulted) + " defaulted" if self.defaulted else "",
+        ]
         return "; ".join(p for p in parts if p) or "every tensor accounted for"
 
 
@@ -135,8 +138,9 @@ class Checkpoint:
             raise CheckpointError(f"tensor '{name}': expected {what} {list(shape)}, got {list(t.shape)}")
         return t
 
-    def tensor(self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None,
-               default: Optional[float] = None) -> torch.Tensor:
+    def tensor(
+        self, name: str, shape: Sequence[int], dtype: Optional[torch.dtype] = None, default: Optional[float] = None
+    ) -> torch.Tensor:
         """The tensor ``name``, checked to have ``shape``, converted to ``dtype`` (a float dtype). ``default``: the
         neutral value of a tensor a non-strict load may fill in when the files lack it."""
         name = self._file_name(name)
@@ -161,12 +165,14 @@ class Checkpoint:
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise CheckpointError(f"tensor '{name}': expected an integer tensor, got {t.dtype}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
-            raise CheckpointError(f"tensor '{name}': expected values in [0, {upper}), "
-                                  f"got [{int(t.min())}, {int(t.max())}]")
+            raise CheckpointError(
+                f"tensor '{name}': expected values in [0, {upper}), got [{int(t.min())}, {int(t.max())}]"
+            )
         return t.long()
 
-    def weight(self, prefix: str, out_features: int, in_features: int,
-               dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def weight(
+        self, prefix: str, out_features: int, in_features: int, dtype: torch.dtype
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``prefix.weight`` ``[out, in]``: ``(weight in dtype, None)``, or ``(e4m3 weight, float32 scales)``
         when the checkpoint stores it FP8 block-quantised with ``prefix.weight_scale_inv``."""
         name, scale_name = self._weight_names(prefix)
@@ -193,16 +199,20 @@ class Checkpoint:
         Returns ``(uint8 packed weight, float32 scales)``."""
         name, scale_name = self._weight_names(prefix)
         if in_features % FP4_GROUP:
-            raise CheckpointError(f"tensor '{name}': packed FP4 needs in_features divisible by {FP4_GROUP}, "
-                                  f"got {in_features}")
+            raise CheckpointError(
+                f"tensor '{name}': packed FP4 needs in_features divisible by {FP4_GROUP}, got {in_features}"
+            )
         if self._absent(name) is not None:
             self._used.add(scale_name)
-            return (torch.zeros(out_features, in_features // 2, dtype=torch.uint8),
-                    torch.zeros(out_features, in_features // FP4_GROUP))
+            return (
+                torch.zeros(out_features, in_features // 2, dtype=torch.uint8),
+                torch.zeros(out_features, in_features // FP4_GROUP),
+            )
         q = self._shaped(name, (out_features, in_features // 2), "packed FP4 shape [out, in / 2] =")
         if q.dtype not in FP4_STORAGE_DTYPES:
-            raise CheckpointError(f"tensor '{name}': expected packed FP4 (int8, uint8 or float4_e2m1fn_x2), "
-                                  f"got {q.dtype}")
+            raise CheckpointError(
+                f"tensor '{name}': expected packed FP4 (int8, uint8 or float4_e2m1fn_x2), got {q.dtype}"
+            )
         if scale_name not in self._where:
             raise CheckpointError(f"tensor '{name}' is packed FP4 but '{scale_name}' is missing")
         s = self._shaped(scale_name, (out_features, in_features // FP4_GROUP), "one scale per 32 along K, shape")
@@ -227,6 +237,7 @@ class Checkpoint:
         self.check_missing()
         extra = sorted(n for n in self._where if n not in self._used and not expected(n))
         if extra and self.strict:
-            raise CheckpointError(f"{named('unexpected tensor', extra)}: not part of this config's model "
-                                  f"(strict=False skips them)")
+            raise CheckpointError(
+                f"{named('unexpected tensor', extra)}: not part of this config's model (strict=False skips them)"
+            )
         return LoadReport(tuple(extra), tuple(self._defaulted))

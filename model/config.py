@@ -1,4 +1,5 @@
 """``config.json`` of a Hugging Face style DeepSeek checkpoint -> :class:`ModelArgs`."""
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,14 @@ class ModelArgs(CommonArgs, RopeArgs):
 
     @property
     def widest_reduction(self) -> int:
-        return max(self.hidden_size, self.intermediate_size, self.moe_intermediate_size, self.kv_lora_rank,
-                   self.num_attention_heads * self.v_head_dim, self.q_lora_rank or 0)
+        return max(
+            self.hidden_size,
+            self.intermediate_size,
+            self.moe_intermediate_size,
+            self.kv_lora_rank,
+            self.num_attention_heads * self.v_head_dim,
+            self.q_lora_rank or 0,
+        )
 
     @property
     def qk_head_dim(self) -> int:
@@ -108,7 +115,7 @@ class ModelArgs(CommonArgs, RopeArgs):
     @property
     def softmax_scale(self) -> float:
         """DeepSeek's ``qk_head_dim**-0.5 * mscale**2`` (the YaRN mscale of ``mscale_all_dim``)."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         if self.rope_factor > 1 and self.mscale_all_dim:
             m = 0.1 * self.mscale_all_dim * math.log(self.rope_factor) + 1.0
             scale *= m * m
@@ -152,12 +159,15 @@ def _quantization(cfg: Dict[str, Any]) -> tuple:
     if not q:
         return None, None
     if q.get("quant_method") != "fp8":
-        raise CheckpointError(f"config.json: field 'quantization_config.quant_method' must be 'fp8', "
-                              f"got {q.get('quant_method')!r}")
+        raise CheckpointError(
+            f"config.json: field 'quantization_config.quant_method' must be 'fp8', got {q.get('quant_method')!r}"
+        )
     block = tuple(q.get("weight_block_size") or (128, 128))
     if block != (128, 128):
-        raise CheckpointError(f"config.json: field 'quantization_config.weight_block_size' must be [128, 128] "
-                              f"(the HAL's FP8 weight blocks), got {list(block)}")
+        raise CheckpointError(
+            f"config.json: field 'quantization_config.weight_block_size' must be [128, 128] "
+            f"(the HAL's FP8 weight blocks), got {list(block)}"
+        )
     fmt = q.get("scale_fmt", cfg.get("scale_fmt"))
     if fmt not in (None, "ue8m0"):
         raise CheckpointError(f"config.json: field 'scale_fmt' must be 'ue8m0' or absent, got {fmt!r}")
@@ -213,7 +223,6 @@ class V4Args(CommonArgs):
     swiglu_limit: float
     fp4_experts: bool
 
-
     # error sources for logits_rtol (hal.model.bisect): per layer, two sub-layers of about four rounding
     # points each (mHC collapse, the projections, the attention or expert GEMMs, the mHC expansion)
     rounding_points_per_layer = 8
@@ -222,16 +231,29 @@ class V4Args(CommonArgs):
     def widest_reduction(self) -> int:
         """The mHC projection over ``hc_mult * hidden_size``, the attention output over ``heads * head_dim``,
         the grouped output projection, the experts."""
-        return max(self.hc_mult * self.hidden_size, self.num_attention_heads * self.head_dim, self.q_lora_rank,
-                   self.o_groups * self.o_lora_rank, self.moe_intermediate_size)
+        return max(
+            self.hc_mult * self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.q_lora_rank,
+            self.o_groups * self.o_lora_rank,
+            self.moe_intermediate_size,
+        )
+
 
 def _rope_args(rope: Dict[str, Any], rope_dim: int) -> RopeArgs:
     rope = _rope({"rope_parameters": rope})
-    return RopeArgs(qk_rope_head_dim=rope_dim, rope_theta=float(rope["rope_theta"]), rope_factor=float(rope["factor"]),
-                    original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 0)),
-                    beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
-                    mscale=float(rope.get("mscale") or 0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
-                    rope_truncate=bool(rope.get("truncate", True)), rope_interleave=True)
+    return RopeArgs(
+        qk_rope_head_dim=rope_dim,
+        rope_theta=float(rope["rope_theta"]),
+        rope_factor=float(rope["factor"]),
+        original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 0)),
+        beta_fast=float(rope.get("beta_fast") or 32),
+        beta_slow=float(rope.get("beta_slow") or 1),
+        mscale=float(rope.get("mscale") or 0),
+        mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
+        rope_truncate=bool(rope.get("truncate", True)),
+        rope_interleave=True,
+    )
 
 
 def _v4_schedule(cfg: Dict[str, Any], layers: int) -> Tuple[Tuple[str, ...], Tuple[int, ...], Tuple[bool, ...]]:
@@ -245,8 +267,10 @@ def _v4_schedule(cfg: Dict[str, Any], layers: int) -> Tuple[Tuple[str, ...], Tup
     else:
         raise CheckpointError("config.json: missing field 'layer_types' (or 'compress_ratios')")
     if len(kinds) < layers or any(k not in V4_ATTENTION for k in kinds):
-        raise CheckpointError(f"config.json: field 'layer_types' must list {layers} of {list(V4_ATTENTION)} "
-                              f"(or 'compress_ratios' {layers} of {list(V4_ATTENTION.values())}), got {kinds!r}")
+        raise CheckpointError(
+            f"config.json: field 'layer_types' must list {layers} of {list(V4_ATTENTION)} "
+            f"(or 'compress_ratios' {layers} of {list(V4_ATTENTION.values())}), got {kinds!r}"
+        )
     kinds = tuple(kinds[:layers])
     rates = dict(V4_ATTENTION, **(cfg.get("compress_rates") or {}))
     compress = tuple(int(rates[k]) for k in kinds)
@@ -255,8 +279,9 @@ def _v4_schedule(cfg: Dict[str, Any], layers: int) -> Tuple[Tuple[str, ...], Tup
     if cfg.get("mlp_layer_types") is not None:
         mlp_kinds = cfg["mlp_layer_types"]
         if len(mlp_kinds) < layers or any(k not in V4_MLP for k in mlp_kinds):
-            raise CheckpointError(f"config.json: field 'mlp_layer_types' must list {layers} of {list(V4_MLP)}, "
-                                  f"got {mlp_kinds!r}")
+            raise CheckpointError(
+                f"config.json: field 'mlp_layer_types' must list {layers} of {list(V4_MLP)}, got {mlp_kinds!r}"
+            )
         hashed = tuple(k == "hash_moe" for k in mlp_kinds[:layers])
     else:
         n_hash = _field(cfg, "num_hash_layers", int, 0, required=False)
@@ -271,8 +296,9 @@ def _v4_args(cfg: Dict[str, Any]) -> V4Args:
     if rope_dim is None:
         rope_dim = int(head_dim * _field(cfg, "partial_rotary_factor", float, 64 / 512, required=False))
     if not isinstance(rope_dim, int) or rope_dim % 2 or not 0 < rope_dim <= head_dim:
-        raise CheckpointError(f"config.json: field 'qk_rope_head_dim' must be an even int in (0, head_dim], "
-                              f"got {rope_dim!r}")
+        raise CheckpointError(
+            f"config.json: field 'qk_rope_head_dim' must be an even int in (0, head_dim], got {rope_dim!r}"
+        )
     rope = cfg.get("rope_parameters") or {}
     if isinstance(rope.get("main"), dict) and isinstance(rope.get("compress"), dict):
         main, compress = rope["main"], rope["compress"]
@@ -284,16 +310,18 @@ def _v4_args(cfg: Dict[str, Any]) -> V4Args:
     if expert_dtype not in (None, "fp8", "bf16", "fp4"):
         raise CheckpointError(f"config.json: field 'expert_dtype' must be 'fp4', 'fp8' or 'bf16', got {expert_dtype!r}")
     if _field(cfg, "num_key_value_heads", int, 1, required=False) != 1:
-        raise CheckpointError(f"config.json: field 'num_key_value_heads' must be 1 (V4's shared-KV MQA), "
-                              f"got {cfg['num_key_value_heads']!r}")
+        raise CheckpointError(
+            f"config.json: field 'num_key_value_heads' must be 1 (V4's shared-KV MQA), "
+            f"got {cfg['num_key_value_heads']!r}"
+        )
     scoring = cfg.get("scoring_func", "sqrtsoftplus")
     if scoring not in ("sqrtsoftplus", "sigmoid", "softmax"):
-        raise CheckpointError(f"config.json: field 'scoring_func' must be 'sqrtsoftplus', 'sigmoid' or 'softmax', "
-                              f"got {scoring!r}")
+        raise CheckpointError(
+            f"config.json: field 'scoring_func' must be 'sqrtsoftplus', 'sigmoid' or 'softmax', got {scoring!r}"
+        )
     heads, groups = _field(cfg, "num_attention_heads", int), _field(cfg, "o_groups", int)
     if groups < 1 or heads % groups:
-        raise CheckpointError(f"config.json: field 'o_groups' must divide num_attention_heads = {heads}, "
-                              f"got {groups}")
+        raise CheckpointError(f"config.json: field 'o_groups' must divide num_attention_heads = {heads}, got {groups}")
     layer_types, compress_rates, hash_layers = _v4_schedule(cfg, layers)
     return V4Args(
         model_type=cfg["model_type"],
@@ -349,15 +377,17 @@ def read_config(path: Path) -> Union[ModelArgs, V4Args]:
     if model_type in V4_TYPES:
         return _v4_args(cfg)
     if model_type not in V3_TYPES:
-        raise CheckpointError(f"config.json: field 'model_type' must be one of {list(V3_TYPES + V4_TYPES)}, "
-                              f"got {model_type!r}")
+        raise CheckpointError(
+            f"config.json: field 'model_type' must be one of {list(V3_TYPES + V4_TYPES)}, got {model_type!r}"
+        )
     rope = _rope(cfg)
     block, fmt = _quantization(cfg)
     heads = _field(cfg, "num_attention_heads", int)
     kv_heads = cfg.get("num_key_value_heads", heads)
     if kv_heads != heads:
-        raise CheckpointError(f"config.json: field 'num_key_value_heads' must equal num_attention_heads = {heads} "
-                              f"(MLA), got {kv_heads!r}")
+        raise CheckpointError(
+            f"config.json: field 'num_key_value_heads' must equal num_attention_heads = {heads} (MLA), got {kv_heads!r}"
+        )
     scoring = cfg.get("scoring_func", "sigmoid")
     if scoring not in ("sigmoid", "softmax"):
         raise CheckpointError(f"config.json: field 'scoring_func' must be 'sigmoid' or 'softmax', got {scoring!r}")

@@ -1,6 +1,7 @@
 """DeepSeek V3 (also R1 / V3.1) on the HAL: every heavy operator — routing, expert GEMMs, attention, the
 paged latent cache, FP8 linears — goes through :mod:`hal.ops`, so the backend selection decides where
 it runs. Semantics: those of transformers' ``DeepseekV3ForCausalLM`` (the parity target)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ class Linear:
     are then quantised in 1x128 groups and the product is :func:`hal.ops.fp8_gemm`), or int8 with a scale
     per output channel (activations quantised per token, :func:`hal.ops.int8_gemm`)."""
 
-    def __init__(self, weight: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype,
-                 scale_fmt: Optional[str]):
+    def __init__(
+        self, weight: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype, scale_fmt: Optional[str]
+    ):
         self.weight, self.scale, self.dtype, self.scale_fmt = weight, scale, dtype, scale_fmt
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +104,11 @@ class Rope:
             factor = args.rope_factor
 
             def correction_dim(rotations: float) -> float:
-                return dim * math.log(args.original_max_position_embeddings / (rotations * 2 * math.pi)) / \
-                    (2 * math.log(base))
+                return (
+                    dim
+                    * math.log(args.original_max_position_embeddings / (rotations * 2 * math.pi))
+                    / (2 * math.log(base))
+                )
 
             low, high = correction_dim(args.beta_fast), correction_dim(args.beta_slow)
             if args.rope_truncate:
@@ -115,8 +120,11 @@ class Rope:
             def mscale(m: float) -> float:
                 return 0.1 * m * math.log(factor) + 1.0
 
-            self.attention_factor = mscale(args.mscale) / mscale(args.mscale_all_dim) \
-                if args.mscale and args.mscale_all_dim else mscale(1.0)
+            self.attention_factor = (
+                mscale(args.mscale) / mscale(args.mscale_all_dim)
+                if args.mscale and args.mscale_all_dim
+                else mscale(1.0)
+            )
         self.inv_freq = inv_freq
         self.interleave = args.rope_interleave
         self._cos: Optional[torch.Tensor] = None
@@ -174,24 +182,32 @@ def _host_memory() -> Optional[int]:
         return None
 
 
-def zeroed_cache(shapes: Sequence[Tuple[int, ...]], dtype: torch.dtype, batch: int,
-                 capacity: int) -> List[torch.Tensor]:
+def zeroed_cache(
+    shapes: Sequence[Tuple[int, ...]], dtype: torch.dtype, batch: int, capacity: int
+) -> List[torch.Tensor]:
     """Zeroed tensors of ``shapes``, the cache of ``batch`` sequences of ``capacity`` tokens; refused, naming the
     memory it would take, when that is more than the host has (rather than a raw allocator error, or pages
     overcommitted until the process is killed)."""
     need = sum(math.prod(shape) for shape in shapes) * torch.empty(0, dtype=dtype).element_size()
     have = _host_memory()
     if have is not None and need > have:
-        raise hal.InvalidArgumentError("Transformer.new_cache", "capacity",
-                                       f"a cache that fits in host memory ({have / 2**30:.3g} GiB available)",
-                                       f"{capacity} tokens x batch {batch}, a cache of {need / 2**30:.3g} GiB")
+        raise hal.InvalidArgumentError(
+            "Transformer.new_cache",
+            "capacity",
+            f"a cache that fits in host memory ({have / 2**30:.3g} GiB available)",
+            f"{capacity} tokens x batch {batch}, a cache of {need / 2**30:.3g} GiB",
+        )
     return [torch.zeros(shape, dtype=dtype) for shape in shapes]
 
 
 def check_token_ids(tokens, op: str, argument: str) -> None:
     """``tokens`` must be a tensor of integer token ids."""
-    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.is_complex() \
-            or tokens.dtype == torch.bool:
+    if (
+        not isinstance(tokens, torch.Tensor)
+        or tokens.is_floating_point()
+        or tokens.is_complex()
+        or tokens.dtype == torch.bool
+    ):
         got = f"dtype {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise hal.InvalidDtypeError(op, argument, "integer token ids (an integer tensor, e.g. torch.int64)", got)
 
@@ -200,13 +216,18 @@ def check_tokens(tokens, batch: int, vocab_size: int) -> None:
     """``Transformer.forward``'s ``tokens``: integer ids ``[batch, S]`` (the cache's batch) in ``[0, vocab_size)``."""
     check_token_ids(tokens, "Transformer.forward", "tokens")
     if tokens.dim() != 2 or tokens.shape[0] != batch:
-        raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"int shape [B={batch}, S] (the cache's "
-                                       "batch)", f"shape {tuple(tokens.shape)}")
+        raise hal.InvalidArgumentError(
+            "Transformer.forward",
+            "tokens",
+            f"int shape [B={batch}, S] (the cache's batch)",
+            f"shape {tuple(tokens.shape)}",
+        )
     if tokens.numel():
         low, high = (int(t) for t in torch.aminmax(tokens))
         if low < 0 or high >= vocab_size:
-            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"ids in [0, {vocab_size})",
-                                           f"ids in [{low}, {high}]")
+            raise hal.InvalidArgumentError(
+                "Transformer.forward", "tokens", f"ids in [0, {vocab_size})", f"ids in [{low}, {high}]"
+            )
 
 
 class LatentCache:
@@ -217,15 +238,20 @@ class LatentCache:
         blocks_per_seq = max(1, math.ceil(capacity / block_size))
         width = args.kv_lora_rank + args.qk_rope_head_dim
         self.block_size, self.capacity, self.length = block_size, blocks_per_seq * block_size, 0
-        self.kv = zeroed_cache([(batch * blocks_per_seq, block_size, width)] * args.num_hidden_layers, dtype,
-                               batch, capacity)
+        self.kv = zeroed_cache(
+            [(batch * blocks_per_seq, block_size, width)] * args.num_hidden_layers, dtype, batch, capacity
+        )
         self.block_table = torch.arange(batch * blocks_per_seq, dtype=torch.int32).view(batch, blocks_per_seq)
 
     def slots(self, new_tokens: int) -> torch.Tensor:
         """Cache slots of the next ``new_tokens`` positions of every sequence, ``[B * new_tokens]``."""
         if self.length + new_tokens > self.capacity:
-            raise hal.InvalidArgumentError("LatentCache", "new_tokens", f"at most {self.capacity - self.length} "
-                                           f"more tokens (capacity {self.capacity})", str(new_tokens))
+            raise hal.InvalidArgumentError(
+                "LatentCache",
+                "new_tokens",
+                f"at most {self.capacity - self.length} more tokens (capacity {self.capacity})",
+                str(new_tokens),
+            )
         pos = torch.arange(self.length, self.length + new_tokens)
         blocks = self.block_table[:, pos // self.block_size].long()
         return (blocks * self.block_size + pos % self.block_size).reshape(-1)
@@ -260,8 +286,7 @@ class MLA:
             self.wq_a = w.linear(f"{p}.q_a_proj", args.q_lora_rank, args.hidden_size)
             self.q_norm = w.norm(f"{p}.q_a_layernorm.weight", args.q_lora_rank)
             self.wq_b = w.linear(f"{p}.q_b_proj", h * d, args.q_lora_rank)
-        self.wkv_a = w.linear(f"{p}.kv_a_proj_with_mqa", args.kv_lora_rank + args.qk_rope_head_dim,
-                              args.hidden_size)
+        self.wkv_a = w.linear(f"{p}.kv_a_proj_with_mqa", args.kv_lora_rank + args.qk_rope_head_dim, args.hidden_size)
         self.kv_norm = w.norm(f"{p}.kv_a_layernorm.weight", args.kv_lora_rank)
         # the absorbed form needs W_UK / W_UV per head: kept dense, and split once here
         self.wkv_b = w.dense(f"{p}.kv_b_proj", h * (nope + args.v_head_dim), args.kv_lora_rank)
@@ -280,23 +305,36 @@ class MLA:
         kv = self.wkv_a(x)
         latent = rms_norm(kv[..., :rank], self.kv_norm, a.rms_norm_eps)
         k_pe = step.rope(kv[..., None, rank:])  # one rope key shared by all heads
-        hal.ops.paged_cache_write(cache.kv[layer], torch.cat((latent, k_pe[:, :, 0]), dim=-1).view(bsz * seqlen, -1),
-                                  step.slots)
+        hal.ops.paged_cache_write(
+            cache.kv[layer], torch.cat((latent, k_pe[:, :, 0]), dim=-1).view(bsz * seqlen, -1), step.slots
+        )
         tokens = bsz * seqlen
         if step.prefill:  # expand the latent into per-head keys and values
             kv_full = F.linear(latent, self.wkv_b).view(bsz, seqlen, h, nope + a.v_head_dim)
             k_nope, v = kv_full.split([nope, a.v_head_dim], dim=-1)
             k = torch.cat((k_nope, k_pe.expand(-1, -1, h, -1)), dim=-1)
             qk = torch.cat((q_nope, q_pe), dim=-1)
-            out, _ = hal.ops.mla_prefill(qk.reshape(tokens, h, -1), k.reshape(tokens, h, -1),
-                                         v.reshape(tokens, h, -1), step.cu_seqlens, softmax_scale=a.softmax_scale,
-                                         causal=True)
+            out, _ = hal.ops.mla_prefill(
+                qk.reshape(tokens, h, -1),
+                k.reshape(tokens, h, -1),
+                v.reshape(tokens, h, -1),
+                step.cu_seqlens,
+                softmax_scale=a.softmax_scale,
+                causal=True,
+            )
             out = out.view(bsz, seqlen, h * a.v_head_dim)
         else:  # absorbed: q_nope through W_UK into the latent space, W_UV applied after attention
             q_lat = torch.bmm(q_nope.reshape(tokens, h, nope).transpose(0, 1), self.w_uk)  # [H, tokens, rank]
             q_abs = torch.cat((q_lat.transpose(0, 1).view(bsz, seqlen, h, rank), q_pe), dim=-1)
-            out, _ = hal.ops.mla_decode(q_abs, cache.kv[layer], cache.block_table, step.seq_lens,
-                                        softmax_scale=a.softmax_scale, head_dim_v=rank, causal=True)
+            out, _ = hal.ops.mla_decode(
+                q_abs,
+                cache.kv[layer],
+                cache.block_table,
+                step.seq_lens,
+                softmax_scale=a.softmax_scale,
+                head_dim_v=rank,
+                causal=True,
+            )
             out = torch.bmm(out.view(tokens, h, rank).transpose(0, 1), self.w_uv_t)  # [H, tokens, v]
             out = out.transpose(0, 1).reshape(bsz, seqlen, h * a.v_head_dim)
         return self.wo(out)
@@ -340,8 +378,9 @@ class Experts:
         self.w2, self.s2 = torch.stack([t for t, _ in w2]), _stack_scales([s for _, s in w2])
         self.dtype, self.scale_fmt = w.dtype, args.scale_fmt
 
-    def _gemm(self, x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],
-              group_sizes: torch.Tensor) -> torch.Tensor:
+    def _gemm(
+        self, x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], group_sizes: torch.Tensor
+    ) -> torch.Tensor:
         if scale is None:
             return hal.ops.grouped_gemm(x, w, group_sizes)
         q, s = quantized_activations(x, w, self.scale_fmt)
@@ -364,6 +403,7 @@ def expert_reader(w: Weights, args: ModelArgs) -> ProjectionReader:
     def read(prefix: str, out_features: int, in_features: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         linear = fp8.linear(prefix, out_features, in_features)
         return linear.weight, linear.scale
+
     return read
 
 
@@ -384,16 +424,26 @@ class MoE:
         # zeros, as transformers does
         self.bias = w.ckpt.tensor(f"{p}.gate.e_score_correction_bias", (e,), torch.float32, default=0.0)
         self.experts = Experts(w, f"{p}.experts", args)
-        self.shared = MLP(w, f"{p}.shared_experts", args.hidden_size,
-                          args.moe_intermediate_size * args.n_shared_experts) if args.n_shared_experts else None
+        self.shared = (
+            MLP(w, f"{p}.shared_experts", args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+            if args.n_shared_experts
+            else None
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         a = self.args
         flat = x.reshape(-1, x.shape[-1])
         logits = F.linear(flat.float(), self.gate)
-        weights, ids = hal.ops.topk_routing(logits, a.num_experts_per_tok, scoring=a.scoring_func, bias=self.bias,
-                                            n_group=a.n_group, topk_group=a.topk_group,
-                                            renormalize=a.norm_topk_prob, scale=a.routed_scaling_factor)
+        weights, ids = hal.ops.topk_routing(
+            logits,
+            a.num_experts_per_tok,
+            scoring=a.scoring_func,
+            bias=self.bias,
+            n_group=a.n_group,
+            topk_group=a.topk_group,
+            renormalize=a.norm_topk_prob,
+            scale=a.routed_scaling_factor,
+        )
         x_sorted, perm = hal.ops.moe_permute(flat, ids, a.n_routed_experts)
         out = hal.ops.moe_unpermute(self.experts(x_sorted, perm.group_sizes), weights, perm).view_as(x)
         return out if self.shared is None else out + self.shared(x)
@@ -405,8 +455,11 @@ class Block:
         self.attn_norm = w.norm(f"{p}.input_layernorm.weight", args.hidden_size)
         self.attn = MLA(w, f"{p}.self_attn", args)
         self.ffn_norm = w.norm(f"{p}.post_attention_layernorm.weight", args.hidden_size)
-        self.ffn = MoE(w, f"{p}.mlp", args) if args.is_moe_layer(layer) else \
-            MLP(w, f"{p}.mlp", args.hidden_size, args.intermediate_size)
+        self.ffn = (
+            MoE(w, f"{p}.mlp", args)
+            if args.is_moe_layer(layer)
+            else MLP(w, f"{p}.mlp", args.hidden_size, args.intermediate_size)
+        )
         self.eps = args.rms_norm_eps
 
     def __call__(self, x: torch.Tensor, step: Step, cache: LatentCache, layer: int) -> torch.Tensor:
@@ -430,16 +483,20 @@ class Transformer:
         self.embed = w.ckpt.tensor("model.embed_tokens.weight", (args.vocab_size, args.hidden_size), w.dtype)
         self.layers = [Block(w, i, args) for i in range(args.num_hidden_layers)]
         self.norm = w.norm("model.norm.weight", args.hidden_size)
-        self.head = self.embed if args.tie_word_embeddings else \
-            w.ckpt.tensor("lm_head.weight", (args.vocab_size, args.hidden_size), w.dtype)
+        self.head = (
+            self.embed
+            if args.tie_word_embeddings
+            else w.ckpt.tensor("lm_head.weight", (args.vocab_size, args.hidden_size), w.dtype)
+        )
         self.rope = Rope(args)
 
     def new_cache(self, batch: int, capacity: int) -> LatentCache:
         return LatentCache(self.args, batch, capacity, self.dtype)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: LatentCache,
-                layer_context: Optional[LayerContext] = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: LatentCache, layer_context: Optional[LayerContext] = None
+    ) -> torch.Tensor:
         """``tokens`` int ``[B, S]`` (the first call on an empty cache is the prefill) -> logits
         ``[B, S, vocab]`` in the model dtype. ``layer_context(i)`` (bisection) wraps layer ``i``."""
         check_tokens(tokens, cache.block_table.shape[0], self.args.vocab_size)

@@ -8,6 +8,7 @@ Attention of one layer, for the query at position ``t``: keys are the token keys
 (``W = sliding_window``) and, in compressed layers, the pooled entries ``e`` whose window has closed
 (``e < (t + 1) // rate``): all of them (HCA), or the ``index_topk`` the lightning indexer scores best (CSA).
 Key and value are the same vector; a per-head sink joins the softmax."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,9 @@ import hal
 from hal.formats import FP8_DTYPE, is_fp4
 from hal.model.checkpoint import SCALE_SUFFIX, Checkpoint
 from hal.model.config import V4Args
-from hal.model.deepseek_v3 import Experts as V3Experts, LayerContext, Rope, Weights as V3Weights, _on_host, \
-    check_tokens, expert_k_aligned, zeroed_cache
+from hal.model.deepseek_v3 import Experts as V3Experts
+from hal.model.deepseek_v3 import LayerContext, Rope, _on_host, check_tokens, expert_k_aligned, zeroed_cache
+from hal.model.deepseek_v3 import Weights as V3Weights
 
 #: what becomes of FP4 expert weights: kept packed for the grouped GEMM, or dequantised on load
 FP4_WEIGHT_MODES = ("keep", "dequantize")
@@ -102,8 +104,9 @@ class Cache:
     def __init__(self, args: V4Args, batch: int, capacity: int, dtype: torch.dtype, block_size: int = 64):
         self.block_size, self.length = block_size, 0
         self.tokens = max(1, math.ceil(capacity / block_size)) * block_size
-        blocks = [math.ceil((self.tokens + (capacity // rate if rate else 0)) / block_size)
-                  for rate in args.compress_rates]
+        blocks = [
+            math.ceil((self.tokens + (capacity // rate if rate else 0)) / block_size) for rate in args.compress_rates
+        ]
         self.kv = zeroed_cache([(batch * n, block_size, args.head_dim) for n in blocks], dtype, batch, capacity)
         self.block_table = [torch.arange(batch * n, dtype=torch.int32).view(batch, n) for n in blocks]
         self.entries = [0] * args.num_hidden_layers
@@ -137,19 +140,19 @@ class Compressor:
         if "kv" in pending:
             kv, gate = torch.cat((pending["kv"], kv), dim=1), torch.cat((pending["gate"], gate), dim=1)
         b, n, r, d = kv.shape[0], kv.shape[1] // self.rate, self.rate, self.width
-        win = kv[:, :n * r].view(b, n, r, kv.shape[-1])
-        score = gate[:, :n * r].view(b, n, r, kv.shape[-1]) + self.ape  # float32
+        win = kv[:, : n * r].view(b, n, r, kv.shape[-1])
+        score = gate[:, : n * r].view(b, n, r, kv.shape[-1]) + self.ape  # float32
         if self.overlap:  # window 0 has no predecessor: its first half gets weight 0
             prev_kv = torch.cat((torch.zeros_like(win[:, :1, :, :d]), win[:, :-1, :, :d]), dim=1)
             prev_score = torch.cat((torch.full_like(score[:, :1, :, :d], float("-inf")), score[:, :-1, :, :d]), dim=1)
             win, score = torch.cat((prev_kv, win[..., d:]), dim=2), torch.cat((prev_score, score[..., d:]), dim=2)
         pooled = (win * score.softmax(dim=2, dtype=torch.float32).to(win.dtype)).sum(dim=2)
         first = start // r  # the window pending[0] starts
-        new = rms_norm(pooled[:, emitted - first:], self.norm, self.eps)
+        new = rms_norm(pooled[:, emitted - first :], self.norm, self.eps)
         new = rope_tail(new[:, :, None], torch.arange(emitted, first + n) * r, self.rope)[:, :, 0]
         count = first + n
         keep = (count - 1 if self.overlap and count else count) * r
-        pending.update(start=keep, count=count, kv=kv[:, keep - start:], gate=gate[:, keep - start:])
+        pending.update(start=keep, count=count, kv=kv[:, keep - start :], gate=gate[:, keep - start :])
         return new
 
 
@@ -164,8 +167,9 @@ class Indexer:
         self.weights_proj = w.linear(f"{p}.weights_proj", args.index_n_heads, args.hidden_size)
         self.args, self.rate, self.rope = args, rate, rope
 
-    def __call__(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, cache: Cache,
-                 layer: int) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, cache: Cache, layer: int
+    ) -> torch.Tensor:
         """int64 ``[B, S, min(index_topk, entries)]``: the chosen entries, -1 where fewer are closed."""
         a = self.args
         b, s, _ = x.shape
@@ -173,8 +177,8 @@ class Indexer:
         old = cache.index_keys[layer]
         keys = cache.index_keys[layer] = new if old is None else torch.cat((old, new), dim=1)
         q = rope_tail(self.wq_b(q_residual).view(b, s, a.index_n_heads, a.index_head_dim), positions, self.rope)
-        scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), keys.float())) * a.index_head_dim ** -0.5
-        head_weights = self.weights_proj(x).float() * a.index_n_heads ** -0.5
+        scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), keys.float())) * a.index_head_dim**-0.5
+        head_weights = self.weights_proj(x).float() * a.index_n_heads**-0.5
         scores = (scores * head_weights[..., None]).sum(dim=2)
         closed = torch.arange(keys.shape[1])[None, :] < ((positions + 1) // self.rate)[:, None]  # [S, entries]
         chosen = scores.masked_fill(~closed, float("-inf")).topk(min(a.index_topk, keys.shape[1]), dim=-1).indices
@@ -206,8 +210,7 @@ class Attention:
             if csa:
                 self.indexer = Indexer(w, f"{p}.indexer", args, self.rate, compress_rope)
 
-    def _compressed(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, cache: Cache,
-                    layer: int):
+    def _compressed(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor, cache: Cache, layer: int):
         """Pool the closed windows into the cache; ``(new entries [B, n, D], chosen entries [B, S, k])``."""
         new = self.compressor(x, cache.pending[layer].setdefault("attention", {}))
         first, cache.entries[layer] = cache.entries[layer], cache.entries[layer] + new.shape[1]
@@ -227,7 +230,7 @@ class Attention:
         q = rope_tail(unit_rms_norm(self.wq_b(q_residual).view(b, s, h, d), eps), positions, self.rope)
         kv = rope_tail(rms_norm(self.wkv(x), self.kv_norm, eps)[:, :, None], positions, self.rope)[:, :, 0]
         hal.ops.paged_cache_write(cache.kv[layer], kv.reshape(b * s, d), cache.slots(layer, positions))
-        common = dict(softmax_scale=d ** -0.5, sinks=self.sinks)
+        common = dict(softmax_scale=d**-0.5, sinks=self.sinks)
         if self.rate:  # attended keys listed explicitly: the window's tokens and the chosen entries
             new, chosen = self._compressed(x, q_residual, positions, cache, layer)
             window = positions[:, None] - torch.arange(a.sliding_window)[None, :]
@@ -249,8 +252,7 @@ class Attention:
         else:  # decode over the paged cache
             used = cache.tokens + cache.entries[layer] if self.rate else cache.length + s
             seq_lens = torch.full((b,), used, dtype=torch.int32)
-            out, _ = hal.ops.mla_decode(q, cache.kv[layer], cache.block_table[layer], seq_lens, head_dim_v=d,
-                                        **common)
+            out, _ = hal.ops.mla_decode(q, cache.kv[layer], cache.block_table[layer], seq_lens, head_dim_v=d, **common)
         # the value carried the key's rotation: rotate the output's rope dims back to the query's frame
         out = rope_tail(out.view(b, s, h, d), -positions, self.rope)
         g = a.o_groups
@@ -286,8 +288,9 @@ class Experts(V3Experts):
         self.limit = args.swiglu_limit
         self.fp4_x_dtype = fp4_activation_dtype(args, w.fp8, w.dtype)
 
-    def _gemm(self, x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],
-              group_sizes: torch.Tensor) -> torch.Tensor:
+    def _gemm(
+        self, x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], group_sizes: torch.Tensor
+    ) -> torch.Tensor:
         if is_fp4(w) and self.fp4_x_dtype != FP8_DTYPE:
             return hal.ops.grouped_gemm(x, w, group_sizes, w_scale=scale, out_dtype=self.dtype)
         return super()._gemm(x, w, scale, group_sizes)
@@ -378,10 +381,12 @@ class Block:
         self.ffn = MoE(w, f"{p}.ffn", args, layer)
         self.eps = args.rms_norm_eps
 
-    def __call__(self, streams: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache,
-                 layer: int) -> torch.Tensor:
-        streams = self.attn_hc(streams, lambda x: self.attn(rms_norm(x, self.attn_norm, self.eps), positions,
-                                                            cache, layer))
+    def __call__(
+        self, streams: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache, layer: int
+    ) -> torch.Tensor:
+        streams = self.attn_hc(
+            streams, lambda x: self.attn(rms_norm(x, self.attn_norm, self.eps), positions, cache, layer)
+        )
         return self.ffn_hc(streams, lambda x: self.ffn(rms_norm(x, self.ffn_norm, self.eps), tokens))
 
 
@@ -410,8 +415,9 @@ class Transformer:
         self.hc_base = w.ckpt.tensor("model.hc_head.hc_base", (n,), torch.float32)
         self.hc_scale = w.ckpt.tensor("model.hc_head.hc_scale", (1,), torch.float32)
         self.norm = w.ckpt.tensor("model.norm.weight", (h,), torch.float32)
-        self.head = self.embed if args.tie_word_embeddings else \
-            w.ckpt.tensor("head.weight", (args.vocab_size, h), w.dtype)
+        self.head = (
+            self.embed if args.tie_word_embeddings else w.ckpt.tensor("head.weight", (args.vocab_size, h), w.dtype)
+        )
 
     def new_cache(self, batch: int, capacity: int) -> Cache:
         return Cache(self.args, batch, capacity, self.dtype)
@@ -423,8 +429,12 @@ class Transformer:
         a = self.args
         check_tokens(tokens, cache.block_table[0].shape[0], a.vocab_size)
         if cache.length + tokens.shape[1] > cache.tokens:
-            raise hal.InvalidArgumentError("Transformer.forward", "tokens", f"at most {cache.tokens - cache.length} "
-                                           f"more tokens (cache capacity {cache.tokens})", str(tokens.shape[1]))
+            raise hal.InvalidArgumentError(
+                "Transformer.forward",
+                "tokens",
+                f"at most {cache.tokens - cache.length} more tokens (cache capacity {cache.tokens})",
+                str(tokens.shape[1]),
+            )
         positions = torch.arange(cache.length, cache.length + tokens.shape[1])
         with hal.use_backend(self.backend) if self.backend else contextlib.nullcontext():
             x = F.embedding(tokens, self.embed)

@@ -1,4 +1,5 @@
 """Greedy generation with the paged latent cache: one prefill, then one decode step per new token."""
+
 from __future__ import annotations
 
 import sys
@@ -23,15 +24,17 @@ def stderr_progress(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             progress: Optional[Progress] = None) -> List[List[int]]:
+def generate(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, progress: Optional[Progress] = None
+) -> List[List[int]]:
     """Greedy (argmax) continuation of each prompt (all the same length) by ``max_new_tokens`` tokens.
 
     Returns the new tokens of each prompt. ``progress(done, total)`` is called after every token."""
     lengths = {len(p) for p in prompts}
     if len(prompts) == 0 or len(lengths) != 1 or 0 in lengths:  # prompts may be a [B, S] tensor
-        raise hal.InvalidArgumentError("generate", "prompts", "one or more non-empty prompts of one length",
-                                       f"lengths {sorted(lengths)}")
+        raise hal.InvalidArgumentError(
+            "generate", "prompts", "one or more non-empty prompts of one length", f"lengths {sorted(lengths)}"
+        )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise hal.InvalidArgumentError("generate", "max_new_tokens", "an int >= 1", repr(max_new_tokens))
     tokens = torch.tensor([list(p) for p in prompts])  # no dtype: float ids are refused, not truncated
@@ -48,8 +51,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     return torch.cat(out, dim=1).tolist()
 
 
-def timed_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                   progress: Optional[Progress] = stderr_progress):
+def timed_generate(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: int, progress: Optional[Progress] = stderr_progress
+):
     """:func:`generate` and the tokens per second it achieved (new tokens of all prompts / wall time)."""
     start = time.perf_counter()
     new = generate(model, prompts, max_new_tokens, progress)

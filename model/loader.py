@@ -1,4 +1,5 @@
 """``hal.model.load``: a checkpoint directory -> a ready :class:`~hal.model.deepseek_v3.Transformer`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,8 @@ import hal
 from hal.contract import FLOAT_DTYPES, Request, dtype_name, get_op
 from hal.dispatch import route
 from hal.formats import FP8_DTYPE
-from hal.model.checkpoint import Checkpoint
 from hal.model import deepseek_v4
+from hal.model.checkpoint import Checkpoint
 from hal.model.config import CommonArgs, V4Args, read_config
 from hal.model.deepseek_v3 import FP8_WEIGHT_MODES, Transformer, Weights
 from hal.registry import registry
@@ -40,8 +41,12 @@ def _backend_serves(dtype: torch.dtype, weights: str) -> bool:
     else:
         requests = {"quantize_int8": (("dtype", out),), "int8_gemm": (("out_dtype", out),)}
     operand = fp8 if weights == "fp8" else "int8"
-    requests["grouped_gemm"] = (("layout", "contiguous"), ("x_dtype", operand), ("w_dtype", operand),
-                                ("out_dtype", out))
+    requests["grouped_gemm"] = (
+        ("layout", "contiguous"),
+        ("x_dtype", operand),
+        ("w_dtype", operand),
+        ("out_dtype", out),
+    )
     return _serves(requests)
 
 
@@ -65,14 +70,28 @@ def choose_fp4(fp4: str, activations: torch.dtype, dtype: torch.dtype) -> Tuple[
     if fp4 != "auto":
         return fp4, "requested"
     x = dtype_name(activations)
-    if _serves({"grouped_gemm": (("layout", "contiguous"), ("x_dtype", x), ("w_dtype", "fp4_e2m1"),
-                                 ("out_dtype", dtype_name(dtype)))}):
+    if _serves(
+        {
+            "grouped_gemm": (
+                ("layout", "contiguous"),
+                ("x_dtype", x),
+                ("w_dtype", "fp4_e2m1"),
+                ("out_dtype", dtype_name(dtype)),
+            )
+        }
+    ):
         return "keep", f"auto: the backend serves grouped GEMMs of {x} activations and FP4 weights"
     return "dequantize", f"auto: the backend serves no grouped GEMM of {x} activations and FP4 weights"
 
 
-def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dtype = torch.bfloat16,
-         fp8: str = "auto", fp4: str = "auto", strict: bool = True) -> Transformer:
+def load(
+    path: Union[str, Path],
+    backend: Optional[str] = None,
+    dtype: torch.dtype = torch.bfloat16,
+    fp8: str = "auto",
+    fp4: str = "auto",
+    strict: bool = True,
+) -> Transformer:
     """Load a Hugging Face style DeepSeek checkpoint directory (``config.json`` + safetensors, sharded with
     ``model.safetensors.index.json`` or not). DeepSeek V4 tensors may be named as the released checkpoints
     name them (``layers.<i>.attn.wq_a.weight``, ``embed.weight``, scales ``<module>.scale``) or as transformers'
@@ -103,8 +122,9 @@ def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dty
     unreadable or unexpected tensors raise :class:`hal.model.CheckpointError` naming them.
     """
     if dtype not in FLOAT_DTYPES:
-        raise hal.InvalidArgumentError("hal.model.load", "dtype", "torch.bfloat16, torch.float16 or torch.float32",
-                                       repr(dtype))
+        raise hal.InvalidArgumentError(
+            "hal.model.load", "dtype", "torch.bfloat16, torch.float16 or torch.float32", repr(dtype)
+        )
     for name, value, modes in (("fp8", fp8, FP8_MODES), ("fp4", fp4, FP4_MODES)):
         if value not in modes:
             raise hal.InvalidArgumentError("hal.model.load", name, " or ".join(repr(m) for m in modes), repr(value))
@@ -114,8 +134,9 @@ def load(path: Union[str, Path], backend: Optional[str] = None, dtype: torch.dty
     fp4_experts = isinstance(args, V4Args) and args.fp4_experts
     with hal.use_backend(backend) if backend else contextlib.nullcontext():
         mode, why = choose_fp8(fp8, dtype) if args.fp8_block is not None else ("dequantize", "")
-        fp4_mode, fp4_why = choose_fp4(fp4, deepseek_v4.fp4_activation_dtype(args, mode, dtype), dtype) \
-            if fp4_experts else (None, "")
+        fp4_mode, fp4_why = (
+            choose_fp4(fp4, deepseek_v4.fp4_activation_dtype(args, mode, dtype), dtype) if fp4_experts else (None, "")
+        )
         ckpt = Checkpoint(Path(path), strict)
         try:
             if isinstance(args, V4Args):
@@ -142,5 +163,7 @@ def _mtp_layer(name: str, args: CommonArgs) -> bool:
     ``mtp.<k>.*``."""
     v4 = isinstance(args, V4Args)
     match = re.match(r"(?:model\.)?mtp\.(\d+)\." if v4 else r"model\.layers\.(\d+)\.", name)
-    return match is not None and 0 <= int(match.group(1)) - (0 if v4 else args.num_hidden_layers) \
-        < args.num_nextn_predict_layers
+    return (
+        match is not None
+        and 0 <= int(match.group(1)) - (0 if v4 else args.num_hidden_layers) < args.num_nextn_predict_layers
+    )

@@ -1,6 +1,7 @@
 """Shared fixtures: isolated HAL settings and registry, and fake installed distributions that expose
 plugins through real ``hal.backends`` entry points (a ``*.dist-info`` folder on ``sys.path`` is exactly
 what pip leaves behind)."""
+
 from __future__ import annotations
 
 import importlib
@@ -47,8 +48,7 @@ class FakeSite:
         monkeypatch.syspath_prepend(str(root))
         self._modules: list = []
 
-    def install(self, dist: str, entry_points: Dict[str, str], modules: Dict[str, str],
-                version: str = "1.0") -> None:
+    def install(self, dist: str, entry_points: Dict[str, str], modules: Dict[str, str], version: str = "1.0") -> None:
         for name, source in modules.items():
             (self.root / f"{name}.py").write_text(textwrap.dedent(source))
             self._modules.append(name)
@@ -69,3 +69,21 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     s = FakeSite(tmp_path / "site", monkeypatch)
     yield s
     s.cleanup()
+
+
+def _native_variants():
+    from hal.backends.cpu import native
+
+    return list(native.VARIANTS)
+
+
+@pytest.fixture(params=_native_variants())
+def native_variant(request, monkeypatch):
+    """Each variant of the CPU backend's native kernels in turn (``HAL_CPU_NATIVE=<name>``), skipped with the
+    reason where this machine cannot run it."""
+    from hal.backends.cpu import native
+
+    monkeypatch.setenv("HAL_CPU_NATIVE", request.param)
+    if not native.status().startswith("native "):
+        pytest.skip(f"the {request.param} kernels do not run here: {native.status()}")
+    return request.param

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: plugin sources for fake installed distributions, input builders."""
+
 from __future__ import annotations
 
 import textwrap
@@ -44,8 +45,9 @@ ACME_BACKEND = """
 """
 
 
-def plugin_source(name: str, factory: str, *, device_type: str = "test", priority: int = 0,
-                  emulated: bool = False) -> str:
+def plugin_source(
+    name: str, factory: str, *, device_type: str = "test", priority: int = 0, emulated: bool = False
+) -> str:
     return f"""
     import hal
     @hal.hookimpl
@@ -57,9 +59,9 @@ def plugin_source(name: str, factory: str, *, device_type: str = "test", priorit
 
 def portable_backend_source(cls: str, probe_reason: Optional[str] = None) -> str:
     """A backend that serves every operator with the reference (so it is selectable for any op)."""
-    probe = (f"    def probe(self):\n        return hal.Availability(False, {probe_reason!r})\n"
-             if probe_reason else "")
-    return textwrap.dedent(f"""
+    probe = f"    def probe(self):\n        return hal.Availability(False, {probe_reason!r})\n" if probe_reason else ""
+    return (
+        textwrap.dedent(f"""
     import functools, torch, hal
     from hal.contract import all_ops
     class {cls}(hal.Backend):
@@ -69,7 +71,9 @@ def portable_backend_source(cls: str, probe_reason: Optional[str] = None) -> str
             super().__init__()
             for op in all_ops().values():
                 self.add_implementation(op.name, functools.partial(op.reference_impl, compute_dtype=torch.float32))
-    """) + probe
+    """)
+        + probe
+    )
 
 
 def register_backend(name: str, cls: type) -> str:

@@ -1,6 +1,7 @@
 """The Ascend backend: availability reasons, SoC detection, the norm_type constant, the torch_npu TEST
 DOUBLE's documented refusals, and which torch_npu operator (or the reference path) serves each request,
 with results checked against the contract's reference under its tolerance."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ from hal.numerics import compare
 from hal.ops.mla import MLA_TOLERANCE, attention_error_n
 from hal.vendor import EmulatorRefusal
 
-GMM, GATING, INIT_ROUTING, UNPERMUTE, FIA = ("npu_grouped_matmul", "npu_moe_gating_top_k", "npu_moe_init_routing_v2",
-                                             "npu_moe_token_unpermute", "npu_fused_infer_attention_score")
+GMM, GATING, INIT_ROUTING, UNPERMUTE, FIA = (
+    "npu_grouped_matmul",
+    "npu_moe_gating_top_k",
+    "npu_moe_init_routing_v2",
+    "npu_moe_token_unpermute",
+    "npu_fused_infer_attention_score",
+)
 
 
 def fake_torch_npu(site, source: str) -> None:
@@ -25,6 +31,7 @@ def fake_torch_npu(site, source: str) -> None:
 
 
 # ------------------------------------------------------------------ availability and detection
+
 
 def test_unavailable_when_torch_npu_is_not_installed():
     a = AscendBackend().probe()
@@ -40,21 +47,33 @@ def test_unavailable_when_cann_libraries_are_missing(site):
 
 
 def test_unavailable_when_no_npu_is_visible(site):
-    fake_torch_npu(site, "from types import SimpleNamespace\n"
-                         "npu = SimpleNamespace(device_count=lambda: 0, get_soc_version=lambda: 223)\n")
+    fake_torch_npu(
+        site,
+        "from types import SimpleNamespace\n"
+        "npu = SimpleNamespace(device_count=lambda: 0, get_soc_version=lambda: 223)\n",
+    )
     a = AscendBackend().probe()
     assert not a.available and a.reason == "torch_npu imported but no NPU is visible"
 
 
 def test_soc_generation_table():
-    assert [soc_generation(v) for v in (220, 225, 250, 255, 260, 202)] == \
-        ["Atlas A2", "Atlas A2", "Atlas A3", "Atlas A3", "Ascend 950", "Atlas 310P"]
+    assert [soc_generation(v) for v in (220, 225, 250, 255, 260, 202)] == [
+        "Atlas A2",
+        "Atlas A2",
+        "Atlas A3",
+        "Atlas A3",
+        "Ascend 950",
+        "Atlas 310P",
+    ]
     assert soc_generation(999) == "unknown SoC 999"
 
 
 def test_detected_soc_decides_availability_and_fp8_capabilities(site):
-    fake_torch_npu(site, "from types import SimpleNamespace\n__version__ = '2.10.0.post4'\n"
-                         "npu = SimpleNamespace(device_count=lambda: 8, get_soc_version=lambda: 253)\n")
+    fake_torch_npu(
+        site,
+        "from types import SimpleNamespace\n__version__ = '2.10.0.post4'\n"
+        "npu = SimpleNamespace(device_count=lambda: 8, get_soc_version=lambda: 253)\n",
+    )
     a3 = AscendBackend()
     assert a3.probe().available and a3.versions()["SoC"] == "Atlas A3 (get_soc_version 253)"
     caps = a3.capabilities()
@@ -80,13 +99,16 @@ def test_info_lists_the_backend_and_its_emulated_twins(capsys):
     assert "fp8_gemm" in backends["ascend-950-emulated"]["operators"]
     assert "fp8_gemm" in backends["ascend-emulated"]["missing"]
     gmm = backends["ascend-emulated"]["mappings"]["grouped_gemm"]
-    assert gmm["maps_to"] == [GMM] and {"condition": "groups", "reason": "> 1024 groups: GMM's group_list limit"} \
-        in gmm["reference_when"]
+    assert (
+        gmm["maps_to"] == [GMM]
+        and {"condition": "groups", "reason": "> 1024 groups: GMM's group_list limit"} in gmm["reference_when"]
+    )
     assert "fp8_gemm" not in backends["ascend-emulated"]["mappings"]
     assert backends["ascend-950-emulated"]["mappings"]["fp8_gemm"]["maps_to"] == []
 
 
 # ------------------------------------------------------------------ norm_type and the double's refusals
+
 
 def test_norm_type_for_sigmoid_is_1_and_the_double_scores_it_with_sigmoid():
     assert NORM_TYPE_SIGMOID == 1
@@ -97,27 +119,58 @@ def test_norm_type_for_sigmoid_is_1_and_the_double_scores_it_with_sigmoid():
     assert ids.dtype == torch.int32
 
 
-@pytest.mark.parametrize("call, why", [
-    (lambda d: d.npu_grouped_matmul([torch.ones(2, 4)], [torch.ones(1, 4, 3, dtype=torch.bfloat16)],
-                                    group_list=torch.tensor([2]), group_type=0, split_item=2), "dtypes"),
-    (lambda d: d.npu_grouped_matmul([torch.ones(2, 4)], [torch.ones(1, 4, 3)], group_list=torch.tensor([2]),
-                                    group_list_type=1, group_type=0, split_item=2, output_dtype=torch.float16),
-     "output_dtype"),
-    (lambda d: d.npu_moe_gating_top_k(torch.randn(2, 16), 2, renorm=1, norm_type=1), "renorm"),
-    (lambda d: d.npu_moe_gating_top_k(torch.randn(2, 16), 2, bias=torch.zeros(16, dtype=torch.bfloat16)),
-     "bias must be"),
-    (lambda d: d.npu_moe_gating_top_k(torch.randn(2, 16), 2, group_count=8, k_group=2), "groups of more than 2"),
-    (lambda d: d.npu_moe_gating_top_k(torch.randn(2, 4096), 2), "<= 2048"),
-    (lambda d: _fia_decode(d, heads=3), "num_heads 3"),
-    (lambda d: _fia_decode(d, block=64), "block_size 128"),
-    (lambda d: _fia_decode(d, softmax_lse_flag=True), "no softmax_lse"),
-    (lambda d: _fia_decode(d, sparse_mode=3, atten_mask=torch.ones(16, 16, dtype=torch.bool).triu(1)), "2048"),
-    (lambda d: d.npu_fused_infer_attention_score(
-        torch.ones(2, 1, 128, dtype=torch.float16), torch.ones(2, 1, 128, dtype=torch.float16),
-        torch.ones(2, 1, 128, dtype=torch.float16), query_rope=torch.ones(2, 1, 64, dtype=torch.float16),
-        key_rope=torch.ones(2, 1, 64, dtype=torch.float16), num_heads=1, input_layout="TND",
-        actual_seq_lengths=[2], actual_seq_lengths_kv=[2]), "bfloat16 only"),
-])
+@pytest.mark.parametrize(
+    "call, why",
+    [
+        (
+            lambda d: d.npu_grouped_matmul(
+                [torch.ones(2, 4)],
+                [torch.ones(1, 4, 3, dtype=torch.bfloat16)],
+                group_list=torch.tensor([2]),
+                group_type=0,
+                split_item=2,
+            ),
+            "dtypes",
+        ),
+        (
+            lambda d: d.npu_grouped_matmul(
+                [torch.ones(2, 4)],
+                [torch.ones(1, 4, 3)],
+                group_list=torch.tensor([2]),
+                group_list_type=1,
+                group_type=0,
+                split_item=2,
+                output_dtype=torch.float16,
+            ),
+            "output_dtype",
+        ),
+        (lambda d: d.npu_moe_gating_top_k(torch.randn(2, 16), 2, renorm=1, norm_type=1), "renorm"),
+        (
+            lambda d: d.npu_moe_gating_top_k(torch.randn(2, 16), 2, bias=torch.zeros(16, dtype=torch.bfloat16)),
+            "bias must be",
+        ),
+        (lambda d: d.npu_moe_gating_top_k(torch.randn(2, 16), 2, group_count=8, k_group=2), "groups of more than 2"),
+        (lambda d: d.npu_moe_gating_top_k(torch.randn(2, 4096), 2), "<= 2048"),
+        (lambda d: _fia_decode(d, heads=3), "num_heads 3"),
+        (lambda d: _fia_decode(d, block=64), "block_size 128"),
+        (lambda d: _fia_decode(d, softmax_lse_flag=True), "no softmax_lse"),
+        (lambda d: _fia_decode(d, sparse_mode=3, atten_mask=torch.ones(16, 16, dtype=torch.bool).triu(1)), "2048"),
+        (
+            lambda d: d.npu_fused_infer_attention_score(
+                torch.ones(2, 1, 128, dtype=torch.float16),
+                torch.ones(2, 1, 128, dtype=torch.float16),
+                torch.ones(2, 1, 128, dtype=torch.float16),
+                query_rope=torch.ones(2, 1, 64, dtype=torch.float16),
+                key_rope=torch.ones(2, 1, 64, dtype=torch.float16),
+                num_heads=1,
+                input_layout="TND",
+                actual_seq_lengths=[2],
+                actual_seq_lengths_kv=[2],
+            ),
+            "bfloat16 only",
+        ),
+    ],
+)
 def test_the_double_refuses_what_the_documentation_rules_out(call, why):
     with pytest.raises(EmulatorRefusal, match=why):
         call(TorchNpuTestDouble())
@@ -127,13 +180,23 @@ def _fia_decode(double, heads=4, block=128, **kw):
     bf = dict(dtype=torch.bfloat16)
     latent = torch.ones(2, block, 512, **bf)
     return double.npu_fused_infer_attention_score(
-        torch.ones(1, 1, heads, 512, **bf), latent, latent,
-        query_rope=torch.ones(1, 1, heads, 64, **bf), key_rope=torch.ones(2, block, 64, **bf), num_heads=heads,
-        num_key_value_heads=1, input_layout="BSND", block_table=torch.zeros(1, 1, dtype=torch.int32),
-        block_size=block, actual_seq_lengths_kv=[3], **kw)
+        torch.ones(1, 1, heads, 512, **bf),
+        latent,
+        latent,
+        query_rope=torch.ones(1, 1, heads, 64, **bf),
+        key_rope=torch.ones(2, block, 64, **bf),
+        num_heads=heads,
+        num_key_value_heads=1,
+        input_layout="BSND",
+        block_table=torch.zeros(1, 1, dtype=torch.int32),
+        block_size=block,
+        actual_seq_lengths_kv=[3],
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------ which path serves which request
+
 
 def served(backend, op):
     return {path: n for (o, path), n in backend.paths.items() if o == op}
@@ -156,9 +219,15 @@ def test_grouped_gemm_maps_to_gmm_with_the_transposed_weight_view():
     b = emulated_a2()
     x, w = torch.randn(7, 32, dtype=torch.bfloat16), torch.randn(3, 5, 32, dtype=torch.bfloat16)
     sizes = torch.tensor([2, 0, 5], dtype=torch.int32)
-    assert_matches_reference("grouped_gemm", b.grouped_gemm(x, w, sizes), (x, w, sizes), {}, "bfloat16", n=32,
-                             magnitude=hal.ops.grouped_gemm.reference_impl(x.abs(), w.abs(), sizes,
-                                                                           compute_dtype=torch.float64))
+    assert_matches_reference(
+        "grouped_gemm",
+        b.grouped_gemm(x, w, sizes),
+        (x, w, sizes),
+        {},
+        "bfloat16",
+        n=32,
+        magnitude=hal.ops.grouped_gemm.reference_impl(x.abs(), w.abs(), sizes, compute_dtype=torch.float64),
+    )
     xm = torch.randn(3, 4, 32, dtype=torch.bfloat16)
     assert b.grouped_gemm(xm, w, sizes.clamp(max=4), layout="masked").shape == (3, 4, 5)
     b.grouped_gemm(x, w, sizes, out_dtype=torch.float32)  # GMM's output dtype is x's: reference path
@@ -170,15 +239,27 @@ def test_topk_routing_uses_the_kernel_only_where_its_semantics_equal_the_contrac
     b = emulated_a2()
     logits, bias = torch.randn(5, 64, dtype=torch.bfloat16), torch.randn(64) - 1.0  # negative choices: -inf masking
     kw = dict(scoring="sigmoid", bias=bias, n_group=8, topk_group=3, renormalize=True, scale=2.5)
-    assert_matches_reference("topk_routing", b.topk_routing(logits, 6, **kw), (logits, 6), kw, "sigmoid", n=7,
-                             magnitude=torch.full((5, 6), 2.5))
+    assert_matches_reference(
+        "topk_routing",
+        b.topk_routing(logits, 6, **kw),
+        (logits, 6),
+        kw,
+        "sigmoid",
+        n=7,
+        magnitude=torch.full((5, 6), 2.5),
+    )
     assert served(b, "topk_routing") == {GATING: 1}
-    for other in (dict(kw, renormalize=False), dict(kw, scoring="softmax", bias=None),
-                  dict(kw, scoring="sqrtsoftplus"), dict(kw, n_group=32, topk_group=8)):  # 32 groups of 2
+    for other in (
+        dict(kw, renormalize=False),
+        dict(kw, scoring="softmax", bias=None),
+        dict(kw, scoring="sqrtsoftplus"),
+        dict(kw, n_group=32, topk_group=8),
+    ):  # 32 groups of 2
         b.topk_routing(logits, 6, **other)
     assert served(b, "topk_routing") == {GATING: 1, "reference": 4}
-    assert set(b.fallbacks) == {("topk_routing", why) for why in ("no renormalisation", "softmax", "sqrtsoftplus",
-                                                                  "small groups")}
+    assert set(b.fallbacks) == {
+        ("topk_routing", why) for why in ("no renormalisation", "softmax", "sqrtsoftplus", "small groups")
+    }
 
 
 def test_permute_and_combine_map_to_init_routing_v2_and_token_unpermute():
@@ -189,9 +270,15 @@ def test_permute_and_combine_map_to_init_routing_v2_and_token_unpermute():
     assert torch.equal(x_sorted, want_x) and all(torch.equal(g, w) for g, w in zip(perm, want_perm))
     y, weights = torch.randn(12, 5, dtype=torch.bfloat16), torch.rand(6, 2)
     out = b.moe_unpermute(y, weights, perm)
-    assert_matches_reference("moe_unpermute", out, (y, weights, perm), {}, "bfloat16", n=2,
-                             magnitude=hal.ops.moe_unpermute.reference_impl(y.abs(), weights, perm,
-                                                                           compute_dtype=torch.float64))
+    assert_matches_reference(
+        "moe_unpermute",
+        out,
+        (y, weights, perm),
+        {},
+        "bfloat16",
+        n=2,
+        magnitude=hal.ops.moe_unpermute.reference_impl(y.abs(), weights, perm, compute_dtype=torch.float64),
+    )
     b.moe_permute(x[:0], ids[:0], 4)  # no tokens: undocumented for the kernel, reference path
     assert served(b, "moe_permute") == {INIT_ROUTING: 1, "reference": 1}
     assert served(b, "moe_unpermute") == {UNPERMUTE: 1}
@@ -222,8 +309,9 @@ def _check_attention(op, output, args, kwargs, keys, values, num_keys):
     assert compare(out.double(), exact_out, MLA_TOLERANCE[str(q.dtype)[6:]], n=n, magnitude=mag).ok
     assert torch.equal(lse.isinf(), exact_lse.isinf())
     finite = ~exact_lse.isinf()
-    assert compare(lse[finite].double(), exact_lse[finite], MLA_TOLERANCE["lse"], n=n,
-                   magnitude=torch.ones_like(exact_lse[finite])).ok
+    assert compare(
+        lse[finite].double(), exact_lse[finite], MLA_TOLERANCE["lse"], n=n, magnitude=torch.ones_like(exact_lse[finite])
+    ).ok
 
 
 def test_mla_decode_pads_heads_and_repages_the_cache_for_fia():
@@ -231,8 +319,15 @@ def test_mla_decode_pads_heads_and_repages_the_cache_for_fia():
     cache, table, lens = _paged([37, 0, 130], block_size=16, d=576, dtype=torch.bfloat16)
     q = torch.randn(3, 2, 3, 576, dtype=torch.bfloat16) * 0.05  # 3 heads -> padded to 4, Sq 2 -> causal mask
     kw = dict(softmax_scale=0.1, causal=True)
-    _check_attention("mla_decode", b.mla_decode(q, cache, table, lens, **kw), (q, cache, table, lens), kw,
-                     cache[:-1], cache[:-1, :, :512], 130)
+    _check_attention(
+        "mla_decode",
+        b.mla_decode(q, cache, table, lens, **kw),
+        (q, cache, table, lens),
+        kw,
+        cache[:-1],
+        cache[:-1, :, :512],
+        130,
+    )
     assert served(b, "mla_decode") == {FIA: 1}
     b.mla_decode(q.float(), cache.float(), table, lens, **kw)  # fp32: FIA takes fp16/bf16 only
     b.mla_decode(q[..., :64], cache[..., :64], table, lens, head_dim_v=32, **kw)  # not DeepSeek's 512 + 64
@@ -262,10 +357,27 @@ def test_reference_only_operators_are_recorded():
 
 
 def test_conformance_cells_through_the_emulated_twin(tmp_path):
-    rc = main(["conformance", "--backend", "ascend", "--emulate", "--profile", "quick", "--in-process", "--seed", "3",
-               "--ops", "topk_routing[scoring=sigmoid,dtype=bfloat16", "moe_permute", "moe_unpermute",
-               "grouped_gemm[layout=masked,x_dtype=bfloat16", "mla_decode[dtype=bfloat16,causal=true,sinks=false",
-               "--report", str(tmp_path / "r")])
+    rc = main(
+        [
+            "conformance",
+            "--backend",
+            "ascend",
+            "--emulate",
+            "--profile",
+            "quick",
+            "--in-process",
+            "--seed",
+            "3",
+            "--ops",
+            "topk_routing[scoring=sigmoid,dtype=bfloat16",
+            "moe_permute",
+            "moe_unpermute",
+            "grouped_gemm[layout=masked,x_dtype=bfloat16",
+            "mla_decode[dtype=bfloat16,causal=true,sinks=false",
+            "--report",
+            str(tmp_path / "r"),
+        ]
+    )
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rc == 0 and report["meta"]["emulated"] and "EMULATED" in (tmp_path / "r" / "report.md").read_text()
     assert report["summary"]["pass"] >= 15
@@ -273,6 +385,7 @@ def test_conformance_cells_through_the_emulated_twin(tmp_path):
 
 
 # ------------------------------------------------------------------ W8A8 int8 (Atlas A2/A3: no FP8)
+
 
 def test_a2_serves_w8a8_int8_on_torch_npu_kernels():
     b = emulated_a2()
@@ -293,12 +406,15 @@ def test_a2_serves_w8a8_int8_on_torch_npu_kernels():
     assert y.shape == (2, 3, 40) and compare(y, exact, hal.ops.int8_gemm.tolerance["bfloat16"]).ok
     rows, sizes = q.view(6, 96), torch.tensor([4, 2])
     y = b.grouped_gemm(rows, w_q, sizes, x_scale=s.view(6), w_scale=w_s)
-    exact = hal.ops.grouped_gemm.reference_impl(rows, w_q, sizes, x_scale=s.view(6), w_scale=w_s,
-                                                 compute_dtype=torch.float64)
-    assert compare(y, exact, hal.ops.grouped_gemm.tolerance["bfloat16"], n=96 + 3,
-                   magnitude=exact.abs()).ok
-    assert b.paths == {("quantize_int8", "npu_dynamic_quant"): 1, ("int8_gemm", "npu_quant_matmul"): 1,
-                       ("grouped_gemm", "npu_grouped_matmul"): 1}
+    exact = hal.ops.grouped_gemm.reference_impl(
+        rows, w_q, sizes, x_scale=s.view(6), w_scale=w_s, compute_dtype=torch.float64
+    )
+    assert compare(y, exact, hal.ops.grouped_gemm.tolerance["bfloat16"], n=96 + 3, magnitude=exact.abs()).ok
+    assert b.paths == {
+        ("quantize_int8", "npu_dynamic_quant"): 1,
+        ("int8_gemm", "npu_quant_matmul"): 1,
+        ("grouped_gemm", "npu_grouped_matmul"): 1,
+    }
     assert b.lib.calls == ["npu_dynamic_quant", "npu_quant_matmul", "npu_grouped_matmul"]
 
 
@@ -306,8 +422,8 @@ def test_int8_requests_outside_the_documented_forms_take_the_reference_path():
     b = emulated_a2()
     q, s = hal.ops.quantize_int8.reference_impl(torch.randn(3, 64))
     w_q, w_s = hal.ops.quantize_int8_weight.reference_impl(torch.randn(8, 64))
-    b.quantize_int8(torch.randn(3, 64))                      # fp32 x: npu_dynamic_quant takes fp16/bf16
-    b.int8_gemm(q, s, w_q, w_s, out_dtype=torch.float32)     # fp32 output: not in the A2/A3 table
+    b.quantize_int8(torch.randn(3, 64))  # fp32 x: npu_dynamic_quant takes fp16/bf16
+    b.int8_gemm(q, s, w_q, w_s, out_dtype=torch.float32)  # fp32 output: not in the A2/A3 table
     assert b.paths == {("quantize_int8", "reference"): 1, ("int8_gemm", "reference"): 1}
     assert b.lib.calls == []
 
@@ -320,5 +436,12 @@ def test_double_refuses_undocumented_w8a8_forms():
     with pytest.raises(EmulatorRefusal, match="float16/bfloat16"):
         lib.npu_dynamic_quant(torch.zeros(2, 8))
     with pytest.raises(EmulatorRefusal, match="int8 x int8 -> int32"):
-        lib.npu_grouped_matmul([a], [a.view(1, 8, 2)], group_list=torch.tensor([2]), group_list_type=1,
-                               group_type=0, split_item=2, output_dtype=torch.bfloat16)
+        lib.npu_grouped_matmul(
+            [a],
+            [a.view(1, 8, 2)],
+            group_list=torch.tensor([2]),
+            group_list_type=1,
+            group_type=0,
+            split_item=2,
+            output_dtype=torch.bfloat16,
+        )

@@ -1,6 +1,7 @@
 """The Cambricon MLU backend over its test double (TmoTestDouble, a CPU stand-in for torch_mlu_ops; the
 results are EMULATED, not hardware): availability reasons, device capability, tmo version drift, the
 double's refusals, the index conversions and which path served each call."""
+
 from __future__ import annotations
 
 import inspect
@@ -30,11 +31,13 @@ def reference(op, *args, **kwargs):
 
 # -- availability -------------------------------------------------------------------------------
 
+
 def test_unavailable_without_torch_mlu_ops():
     a = MluBackend().probe()
     assert not a.available
-    assert a.reason.startswith("torch_mlu_ops is not installed (Cambricon ships torch_mlu and torch_mlu_ops as "
-                               "wheels, not on PyPI")
+    assert a.reason.startswith(
+        "torch_mlu_ops is not installed (Cambricon ships torch_mlu and torch_mlu_ops as wheels, not on PyPI"
+    )
 
 
 def test_unavailable_when_neuware_libraries_are_missing(site):
@@ -67,6 +70,7 @@ def test_emulation_setting_is_checked():
 
 # -- capability and quantisation --------------------------------------------------------------------
 
+
 def fp8_operands(m=3, n=130, k=256):
     torch.manual_seed(0)
     a, a_scale = quantize_fp8.reference_impl(torch.randn(m, k))
@@ -74,11 +78,14 @@ def fp8_operands(m=3, n=130, k=256):
     return a, a_scale, b, b_scale
 
 
-@pytest.mark.parametrize("capability, version, path", [
-    ((5, 0), NEW, "matmul(dequantized)"),     # MLU590: no FP8 compute
-    ((6, 0), NEW, "scaled_matmul"),           # FP8-capable device, 1.12.1 API
-    ((6, 0), OLD, "matmul(dequantized)"),     # FP8-capable device, but 1.6 has no scaled_matmul
-])
+@pytest.mark.parametrize(
+    "capability, version, path",
+    [
+        ((5, 0), NEW, "matmul(dequantized)"),  # MLU590: no FP8 compute
+        ((6, 0), NEW, "scaled_matmul"),  # FP8-capable device, 1.12.1 API
+        ((6, 0), OLD, "matmul(dequantized)"),  # FP8-capable device, but 1.6 has no scaled_matmul
+    ],
+)
 def test_fp8_gemm_path_follows_capability_and_version(capability, version, path):
     b = mlu(version, capability)
     args = fp8_operands()
@@ -112,6 +119,7 @@ def test_fp8_grouped_gemm_converts_activation_scales_for_tmo():
 
 # -- tmo version drift --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("version", TMO_VERSIONS)
 def test_grouped_gemm_with_a_wider_output_adapts_to_each_release(version):
     b = mlu(version)
@@ -134,20 +142,38 @@ def test_release_older_than_vllm_mlu_minimum_is_refused_by_name():
 
 def test_changed_signature_is_refused_naming_version_and_parameter():
     class Drifted(Tmo1_12TestDouble):
-        def single_query_cached_kv_attn(self, q, k_cache, v_cache, out, block_tables, context_lens, k_scale, v_scale,
-                                        alibi, max_len, left, right, softmax_scale, return_lse=False,
-                                        out_dtype=torch.half, compute_dtype=torch.float):
+        def single_query_cached_kv_attn(
+            self,
+            q,
+            k_cache,
+            v_cache,
+            out,
+            block_tables,
+            context_lens,
+            k_scale,
+            v_scale,
+            alibi,
+            max_len,
+            left,
+            right,
+            softmax_scale,
+            return_lse=False,
+            out_dtype=torch.half,
+            compute_dtype=torch.float,
+        ):
             raise AssertionError("never called")
 
     lib = Drifted((5, 0))
     lib.__version__ = "1.13.0"
-    with pytest.raises(TmoVersionError,
-                       match=r"torch_mlu_ops 1.13.0: single_query_cached_kv_attn.*lacks 'head_size_v'"):
+    with pytest.raises(
+        TmoVersionError, match=r"torch_mlu_ops 1.13.0: single_query_cached_kv_attn.*lacks 'head_size_v'"
+    ):
         detect(lib)
     assert "lacks 'head_size_v'" in MluBackend(lib=lib).probe().reason
 
 
 # -- the double's refusals, and the backend routing around them -----------------------------------
+
 
 def test_double_refuses_sigmoid_topk_with_bias_and_one_group_and_backend_takes_reference():
     b = mlu()
@@ -165,8 +191,9 @@ def test_double_refuses_decode_block_sizes_and_fp8_without_fp8_device():
     q, cache = torch.randn(1, 1, 2, 8), torch.randn(2, 1, 3, 8)
     table, lens = torch.zeros(1, 1, dtype=torch.int32), torch.tensor([2], dtype=torch.int32)
     with pytest.raises(EmulatorRefusal, match="block_size must be one of"):
-        lib.single_query_cached_kv_attn(q, cache, None, None, table, lens, None, None, None, 3, -1, -1, 0.5,
-                                        head_size_v=4)
+        lib.single_query_cached_kv_attn(
+            q, cache, None, None, table, lens, None, None, None, 3, -1, -1, 0.5, head_size_v=4
+        )
     with pytest.raises(EmulatorRefusal, match="capability >= 6, this one is 5.x"):
         lib.scaled_matmul(*fp8_operands(), torch.bfloat16)
     with pytest.raises(EmulatorRefusal, match="not in torch_mlu_ops 1.6"):
@@ -214,6 +241,7 @@ def test_renormalisation_keeps_the_contract_epsilon():
 
 # -- index conventions and cache layout ---------------------------------------------------------------
 
+
 def test_permute_and_combine_convert_tmo_indices_to_the_contract():
     b = mlu()
     torch.manual_seed(2)
@@ -244,8 +272,10 @@ def test_decode_uses_the_shared_latent_cache_and_fixes_empty_sequences():
     eout, e_lse = reference("mla_decode", q, cache, table, lens, softmax_scale=0.1, head_dim_v=32)
     assert torch.allclose(out, eout, atol=1e-5) and torch.allclose(lse, e_lse, atol=1e-5)
     assert bool((out[1] == 0).all()) and bool((lse[1] == float("-inf")).all())
-    assert b.paths == {("paged_cache_write", "reshape_paged_cache"): 1,
-                       ("mla_decode", "single_query_cached_kv_attn"): 1}
+    assert b.paths == {
+        ("paged_cache_write", "reshape_paged_cache"): 1,
+        ("mla_decode", "single_query_cached_kv_attn"): 1,
+    }
     b.mla_decode(q.expand(3, 2, 2, 40), cache, table, lens.clamp_min(2), softmax_scale=0.1)  # Sq = 2
     assert b.paths[("mla_decode", "reference")] == 1
 
@@ -264,10 +294,17 @@ def test_prefill_maps_to_flash_attention_and_chunked_prefill_to_reference():
 
 # -- conformance through the emulated twin -----------------------------------------------------------
 
-@pytest.mark.parametrize("emulate, ops", [
-    ("tmo=1.12.1,capability=6.0", ("fp8_gemm", "grouped_gemm", "moe_permute", "moe_unpermute", "paged_cache_write")),
-    ("tmo=1.6.0,capability=5.0", ("topk_routing", "fp8_gemm", "grouped_gemm", "mla_decode")),
-])
+
+@pytest.mark.parametrize(
+    "emulate, ops",
+    [
+        (
+            "tmo=1.12.1,capability=6.0",
+            ("fp8_gemm", "grouped_gemm", "moe_permute", "moe_unpermute", "paged_cache_write"),
+        ),
+        ("tmo=1.6.0,capability=5.0", ("topk_routing", "fp8_gemm", "grouped_gemm", "mla_decode")),
+    ],
+)
 def test_conformance_cells_pass_through_the_emulated_twin(monkeypatch, emulate, ops):
     monkeypatch.setenv("HAL_MLU_EMULATE", emulate)
     for op in ops:
@@ -277,6 +314,7 @@ def test_conformance_cells_pass_through_the_emulated_twin(monkeypatch, emulate, 
 
 
 # -- W8A8 int8 ---------------------------------------------------------------------------------------
+
 
 def int8_operands(m=6, n=40, k=96, groups=2):
     torch.manual_seed(3)
@@ -297,14 +335,18 @@ def test_int8_runs_on_tmo_kernels_on_devices_without_fp8(capability):
     assert (q.int() - ref_q.int()).abs().max() <= 1 and torch.allclose(s, ref_s, rtol=2**-23, atol=0)
     assert float(s[0]) > 0 and not q[0].any()  # the all-zero row: the contract's floored scale
     y = b.int8_gemm(q, s, w_q[0], w_s[0])
-    assert torch.allclose(y.double(), reference("int8_gemm", q, s, w_q[0], w_s[0], compute_dtype=torch.float64),
-                          rtol=2**-7, atol=0)
+    assert torch.allclose(
+        y.double(), reference("int8_gemm", q, s, w_q[0], w_s[0], compute_dtype=torch.float64), rtol=2**-7, atol=0
+    )
     sizes = torch.tensor([2, 4], dtype=torch.int32)
     y = b.grouped_gemm(q, w_q, sizes, x_scale=s, w_scale=w_s)
     expected = reference("grouped_gemm", q, w_q, sizes, x_scale=s, w_scale=w_s, compute_dtype=torch.float64)
     assert torch.allclose(y.double(), expected, rtol=2**-7, atol=1e-6)
-    assert b.paths == {("quantize_int8", "scaled_quantize"): 1, ("int8_gemm", "scaled_matmul"): 1,
-                       ("grouped_gemm", "smooth_quant_group_gemm(int8)"): 1}
+    assert b.paths == {
+        ("quantize_int8", "scaled_quantize"): 1,
+        ("int8_gemm", "scaled_matmul"): 1,
+        ("grouped_gemm", "smooth_quant_group_gemm(int8)"): 1,
+    }
 
 
 def test_int8_on_tmo_1_6_quantises_and_multiplies_on_the_reference_path_but_groups_on_tmo():
@@ -313,6 +355,9 @@ def test_int8_on_tmo_1_6_quantises_and_multiplies_on_the_reference_path_but_grou
     q, s = b.quantize_int8(x)
     b.int8_gemm(q, s, w_q[0], w_s[0])
     b.grouped_gemm(q, w_q, torch.tensor([6, 0], dtype=torch.int32), x_scale=s, w_scale=w_s)
-    assert b.paths == {("quantize_int8", "reference"): 1, ("int8_gemm", "reference"): 1,
-                       ("grouped_gemm", "smooth_quant_group_gemm(int8)"): 1}
+    assert b.paths == {
+        ("quantize_int8", "reference"): 1,
+        ("int8_gemm", "reference"): 1,
+        ("grouped_gemm", "smooth_quant_group_gemm(int8)"): 1,
+    }
     assert b.fallbacks == {("quantize_int8", "tmo 1.6"): 1, ("int8_gemm", "tmo 1.6"): 1}

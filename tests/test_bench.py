@@ -1,5 +1,6 @@
 """``hal bench`` runs end to end on the tiny sizes and writes the figures it prints as JSON. A benchmark,
 not a test of speed: no time is asserted, only that every measurement is there and well-formed."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,15 @@ from hal.cli import main
 from hal.contract import all_ops
 from hal.registry import registry
 
-OPERATOR_FIGURES = ("grouped_gemm", "mla_decode absorbed,", "mla_decode absorbed vs naive", "mla_decode top-k sparse",
-                    "quantize_fp8", "dispatch overhead, quantize_fp8", "dispatch overhead, mla_decode")
+OPERATOR_FIGURES = (
+    "grouped_gemm",
+    "mla_decode absorbed,",
+    "mla_decode absorbed vs naive",
+    "mla_decode top-k sparse",
+    "quantize_fp8",
+    "dispatch overhead, quantize_fp8",
+    "dispatch overhead, mla_decode",
+)
 
 
 def test_bench_tiny_writes_every_figure(tmp_path, capsys):
@@ -51,15 +59,20 @@ def test_bench_skips_what_the_backend_does_not_serve_and_says_why(tmp_path):
 def test_bench_model_compares_tiny_v3_and_v4_with_transformers():
     pytest.importorskip("transformers")
     from hal.bench import SIZES, bench_model
-    for arch, name, targets in (("deepseek_v3", "tiny V3", [">= 3", ">= 10"]),
-                                ("deepseek_v4", "tiny V4", [None, None])):
+
+    for arch, name, targets in (
+        ("deepseek_v3", "tiny V3", [">= 3", ">= 10"]),
+        ("deepseek_v4", "tiny V4", [None, None]),
+    ):
         notes = []
         figures = bench_model(SIZES["tiny"], "cpu", notes, arch)
         assert [f.name for f in figures] == [f"{name} prefill at 32 context", f"{name} decode at 32 context"]
         assert [f.target for f in figures] == targets  # V3 has stated targets; V4 is reported beside
         for f in figures:
-            assert f.limit.startswith("transformers") and arch.replace("_v", "V").replace("deepseek", "Deepseek") \
-                in f.limit, f.limit
+            assert (
+                f.limit.startswith("transformers")
+                and arch.replace("_v", "V").replace("deepseek", "Deepseek") in f.limit
+            ), f.limit
             assert f.ratio_min <= f.ratio <= f.ratio_max and f.ratio > 0
             assert isinstance(f.extra["identical_greedy_tokens"], bool)
             assert f.extra["identical_greedy_tokens"] or len(f.extra["first_difference"]) == 4
@@ -73,6 +86,7 @@ def test_bench_model_without_the_architecture_in_transformers_says_so(monkeypatc
 
     def unknown(*args, **kwargs):
         raise ValueError("model type `deepseek_v4` is not recognised")
+
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", unknown)
     notes = []
     figures = bench_model(SIZES["tiny"], "cpu", notes, "deepseek_v4")

@@ -1,9 +1,10 @@
 """The CPU backend's native kernels (``hal.backends.cpu.native``): every variant this CPU runs (the others
 skipped, saying why), what the backend says where none runs, the build cache, and the aarch64 variant
 cross-compiled (and run under qemu where it is installed). Their numerics, on every variant through the
-``native_variant`` fixture: tests/test_ops_mla.py (``test_native_decode_within_tolerance_of_oracle``, and the
-``cpu_paths`` tests with and without the best variant) and tests/test_ops_quant.py
-(``test_each_native_fp8_variant_is_the_reference_bit_for_bit``)."""
+``native_variant`` fixture (tests/conftest.py): tests/test_ops_mla.py
+(``test_native_decode_within_tolerance_of_oracle``, and the ``cpu_paths`` tests with and without the best
+variant) and tests/test_ops_quant.py (``test_each_native_fp8_variant_is_the_reference_bit_for_bit``)."""
+
 from __future__ import annotations
 
 import os
@@ -22,21 +23,12 @@ from hal.backends.cpu import native
 STATUS = "from hal.backends.cpu import native; print(native.status())"
 
 
-@pytest.fixture(params=list(native.VARIANTS))
-def native_variant(request, monkeypatch):
-    """Each variant of the native kernels in turn (``HAL_CPU_NATIVE=<name>``), skipped with the reason where this
-    machine cannot run it."""
-    monkeypatch.setenv("HAL_CPU_NATIVE", request.param)
-    if not native.status().startswith("native "):
-        pytest.skip(f"the {request.param} kernels do not run here: {native.status()}")
-    return request.param
-
-
 def status_with(tmp_path, **env) -> str:
     """native.status() in a fresh process with ``env`` and an empty kernel cache."""
     environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}
-    done = subprocess.run([sys.executable, "-c", STATUS], env=environment, capture_output=True, text=True,
-                          timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", STATUS], env=environment, capture_output=True, text=True, timeout=120, check=True
+    )
     return done.stdout.strip()
 
 
@@ -51,12 +43,15 @@ def test_each_variant_says_it_serves(tmp_path, native_variant):
     assert status_with(tmp_path, HAL_CPU_NATIVE=native_variant) == f"native {native.VARIANTS[native_variant].label}"
 
 
-@pytest.mark.parametrize("env, why", [
-    ({"HAL_CPU_NATIVE": "0"}, "HAL_CPU_NATIVE=0"),
-    ({"HAL_CPU_NATIVE": "sse2"}, "HAL_CPU_NATIVE=sse2 is none of 0, 1, amx, avx512bf16, avx512, avx2, neon"),
-    ({"CC": "no-such-compiler"}, "no C compiler (no-such-compiler)"),
-    ({"CC": "false"}, "did not build"),
-])
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({"HAL_CPU_NATIVE": "0"}, "HAL_CPU_NATIVE=0"),
+        ({"HAL_CPU_NATIVE": "sse2"}, "HAL_CPU_NATIVE=sse2 is none of 0, 1, amx, avx512bf16, avx512, avx2, neon"),
+        ({"CC": "no-such-compiler"}, "no C compiler (no-such-compiler)"),
+        ({"CC": "false"}, "did not build"),
+    ],
+)
 def test_without_the_native_kernels_the_backend_says_why(tmp_path, env, why):
     if not native.variants() and "HAL_CPU_NATIVE" not in env:
         pytest.skip(f"the native kernels do not run here anyway: {native.status()}")
@@ -168,6 +163,7 @@ def test_the_neon_variant_under_qemu_is_the_reference_bit_for_bit_and_within_tol
     # tolerance (pages of 7 slots, so blocks of 32 keys cross pages; an empty sequence; two halves from 512)
     from test_ops_mla import TOL, decode_as_prefill, decode_inputs, page
     from test_ops_quant import bits, every_bf16_value_below
+
     if shutil.which(QEMU) is None:
         pytest.skip(f"no {QEMU} (Debian: apt-get install qemu-user) to run the NEON variant")
     harness = cross_build(tmp_path, harness=True)
@@ -176,20 +172,22 @@ def test_the_neon_variant_under_qemu_is_the_reference_bit_for_bit_and_within_tol
         for scale_fmt in (None, "ue8m0"):
             got = run_harness(harness, "quant", struct.pack("<4i", *x.shape, 128, scale_fmt == "ue8m0"), x)
             q_ref, s_ref = hal.ops.quantize_fp8.reference_impl(x, 128, scale_fmt)
-            assert got[:x.numel()] == bits(q_ref).numpy().tobytes(), (amax, scale_fmt)
-            assert got[x.numel():] == s_ref.numpy().tobytes(), (amax, scale_fmt)
+            assert got[: x.numel()] == bits(q_ref).numpy().tobytes(), (amax, scale_fmt)
+            assert got[x.numel() :] == s_ref.numpy().tobytes(), (amax, scale_fmt)
     q, keys, _, _ = decode_inputs(torch.bfloat16, lens=(700, 0, 45), sq=1, hq=16, d=96, seed=2)
     cache, table, lens = page(keys, 7, dtype=torch.bfloat16)
     batch, _, heads, dim = q.shape
     header = struct.pack("<7if", batch, heads, dim, 64, cache.shape[1], cache.shape[0], table.shape[1], 0.1)
     got = run_harness(harness, "decode", header, q, cache, table.to(torch.int32), lens.to(torch.int32))
-    out = torch.frombuffer(bytearray(got[:batch * heads * 64 * 2]), dtype=torch.bfloat16).view(batch, 1, heads, 64)
-    lse = torch.frombuffer(bytearray(got[batch * heads * 64 * 2:]), dtype=torch.float32).view(batch, 1, heads)
-    exact_out, exact_lse = hal.ops.mla_decode.reference_impl(q, cache, table, lens, softmax_scale=0.1, head_dim_v=64,
-                                                             compute_dtype=torch.float64)
+    out = torch.frombuffer(bytearray(got[: batch * heads * 64 * 2]), dtype=torch.bfloat16).view(batch, 1, heads, 64)
+    lse = torch.frombuffer(bytearray(got[batch * heads * 64 * 2 :]), dtype=torch.float32).view(batch, 1, heads)
+    exact_out, exact_lse = hal.ops.mla_decode.reference_impl(
+        q, cache, table, lens, softmax_scale=0.1, head_dim_v=64, compute_dtype=torch.float64
+    )
     n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=0.1, num_keys=700)
     args, _ = decode_as_prefill(q, keys, 64)
-    magnitude = hal.ops.mla_prefill.reference_impl(args[0], args[1], args[2].abs(), *args[3:], softmax_scale=0.1,
-                                                   compute_dtype=torch.float64)[0].reshape(exact_out.shape)
+    magnitude = hal.ops.mla_prefill.reference_impl(
+        args[0], args[1], args[2].abs(), *args[3:], softmax_scale=0.1, compute_dtype=torch.float64
+    )[0].reshape(exact_out.shape)
     hal.numerics.assert_within(out, exact_out, TOL["bfloat16"], n=n, magnitude=magnitude, what="out")
     hal.numerics.assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")

@@ -1,5 +1,6 @@
 """The generated documentation (docs/operators.md, the mapping tables of docs/backends/*.md) equals what the
 code generates: regenerate with ``python -m hal.docgen``."""
+
 from __future__ import annotations
 
 from pathlib import Path

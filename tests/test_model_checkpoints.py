@@ -1,5 +1,6 @@
 """Bad checkpoints fail at load with a message naming the tensor or field; the CLI's make-tiny and
 generate; bisect names a deliberately wrong operator (and layer) of a backend registered as a plugin."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import register_backend
 from safetensors.torch import load_file, save_file
 
 import hal.model
@@ -17,7 +19,6 @@ from hal.model.tiny import make_tiny
 from hal.ops.grouped_gemm import grouped_gemm
 from hal.ops.mla import mla_decode
 from hal.registry import registry
-from helpers import register_backend
 
 SHARD = "model-00002-of-00002.safetensors"
 
@@ -48,9 +49,17 @@ def edit_shard(path, fn):
 def test_missing_tensor_is_named(broken):
     name = "model.layers.1.self_attn.o_proj.weight"
     edit_shard(broken, lambda t: t.pop(name))
-    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        n: f for n, f in json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"].items()
-        if n != name}}))
+    (broken / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    n: f
+                    for n, f in json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"].items()
+                    if n != name
+                }
+            }
+        )
+    )
     with pytest.raises(hal.model.CheckpointError, match=f"missing tensor '{name}'"):
         hal.model.load(broken)
 
@@ -130,11 +139,31 @@ class WrongDecodeScale(CpuBackend):
         self.add_implementation("mla_decode", self.wrong)
 
     @staticmethod
-    def wrong(q, kv_cache, block_table, seq_lens, *, softmax_scale, head_dim_v=512, causal=True, sinks=None,
-              window=None, topk_indices=None):
-        return mla_decode.reference_impl(q, kv_cache, block_table, seq_lens, softmax_scale=q.shape[-1] ** -0.5,
-                                         head_dim_v=head_dim_v, causal=causal, sinks=sinks, window=window,
-                                         topk_indices=topk_indices)
+    def wrong(
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        *,
+        softmax_scale,
+        head_dim_v=512,
+        causal=True,
+        sinks=None,
+        window=None,
+        topk_indices=None,
+    ):
+        return mla_decode.reference_impl(
+            q,
+            kv_cache,
+            block_table,
+            seq_lens,
+            softmax_scale=q.shape[-1] ** -0.5,
+            head_dim_v=head_dim_v,
+            causal=causal,
+            sinks=sinks,
+            window=window,
+            topk_indices=topk_indices,
+        )
 
 
 class ExpertGemmDropsLastGroup(CpuBackend):
@@ -146,16 +175,18 @@ class ExpertGemmDropsLastGroup(CpuBackend):
 
     @staticmethod
     def wrong(x, w, group_sizes, *, layout="contiguous", x_scale=None, w_scale=None, out_dtype=None):
-        y = grouped_gemm.reference_impl(x, w, group_sizes, layout=layout, x_scale=x_scale, w_scale=w_scale,
-                                        out_dtype=out_dtype)
+        y = grouped_gemm.reference_impl(
+            x, w, group_sizes, layout=layout, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype
+        )
         last = int(group_sizes[-1])
         if last:
             y[-last:] = 0
         return y
 
 
-@pytest.mark.parametrize("cls,op,layer", [(WrongDecodeScale, "mla_decode", 0),
-                                          (ExpertGemmDropsLastGroup, "grouped_gemm", 1)])
+@pytest.mark.parametrize(
+    "cls,op,layer", [(WrongDecodeScale, "mla_decode", 0), (ExpertGemmDropsLastGroup, "grouped_gemm", 1)]
+)
 def test_bisect_names_the_wrong_operator_and_layer(tiny, cls, op, layer):
     name = register_backend(f"bisect-{op}", cls)
     model = hal.model.load(tiny, backend="cpu", dtype=torch.float32)
@@ -204,8 +235,10 @@ def test_layers_beyond_the_config_are_refused_unless_they_are_its_mtp_layers(bro
     """A config saying fewer layers than the files hold is no shallower model: the extra layer's tensors are
     unexpected (a few named, and the count), unless ``num_nextn_predict_layers`` says they are MTP layers."""
     edit_config(broken, num_hidden_layers=1, num_nextn_predict_layers=0)
-    with pytest.raises(hal.model.CheckpointError,
-                       match=r"^\d+ unexpected tensors: 'model\.layers\.1\.input_layernorm\.weight', .* and \d+ more"):
+    with pytest.raises(
+        hal.model.CheckpointError,
+        match=r"^\d+ unexpected tensors: 'model\.layers\.1\.input_layernorm\.weight', .* and \d+ more",
+    ):
         hal.model.load(broken)
     edit_config(broken, num_nextn_predict_layers=1)
     model = hal.model.load(broken)
@@ -214,8 +247,10 @@ def test_layers_beyond_the_config_are_refused_unless_they_are_its_mtp_layers(bro
 
 def test_a_config_with_more_layers_than_the_files_names_the_missing_tensors(broken):
     edit_config(broken, num_hidden_layers=3)
-    with pytest.raises(hal.model.CheckpointError,
-                       match=r"^\d+ missing tensors: 'model\.layers\.2\.input_layernorm\.weight', .* and \d+ more$"):
+    with pytest.raises(
+        hal.model.CheckpointError,
+        match=r"^\d+ missing tensors: 'model\.layers\.2\.input_layernorm\.weight', .* and \d+ more$",
+    ):
         hal.model.load(broken, strict=False)  # no weights are made up, strict or not
 
 

@@ -2,6 +2,7 @@
 ``DeepseekV3ForCausalLM``s saved with ``save_pretrained``, loaded with ``hal.model.load``, logits compared
 for the prefill and several decode steps through transformers' cache path (teacher-forced: both sides are
 fed the reference's greedy tokens). Tolerance: :func:`hal.model.bisect.logits_rtol` (see docs/model.md)."""
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,65 @@ from hal.model.tiny import make_tiny
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache  # noqa: E402
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 # The config the implementation was brought up with: YaRN, q LoRA, interleaved rope, group-limited routing.
-TUNED = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
-             num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=16,
-             q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=2, topk_group=1,
-             num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256, rope_parameters=YARN)
+TUNED = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    qk_nope_head_dim=16,
+    n_group=2,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=256,
+    rope_parameters=YARN,
+)
 # A config no code was tuned on: no q LoRA (q_proj), rotate-half rope without YaRN, every layer MoE,
 # no group limit, two shared experts, three layers, more heads, odd widths.
-OTHER = dict(vocab_size=50, hidden_size=40, intermediate_size=24, moe_intermediate_size=12, num_hidden_layers=3,
-             num_attention_heads=3, num_key_value_heads=3, n_shared_experts=2, n_routed_experts=6, kv_lora_rank=20,
-             q_lora_rank=None, qk_rope_head_dim=6, v_head_dim=10, qk_nope_head_dim=14, n_group=1, topk_group=1,
-             num_experts_per_tok=3, first_k_dense_replace=0, max_position_embeddings=128, rope_interleave=False,
-             routed_scaling_factor=1.5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+OTHER = dict(
+    vocab_size=50,
+    hidden_size=40,
+    intermediate_size=24,
+    moe_intermediate_size=12,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    num_key_value_heads=3,
+    n_shared_experts=2,
+    n_routed_experts=6,
+    kv_lora_rank=20,
+    q_lora_rank=None,
+    qk_rope_head_dim=6,
+    v_head_dim=10,
+    qk_nope_head_dim=14,
+    n_group=1,
+    topk_group=1,
+    num_experts_per_tok=3,
+    first_k_dense_replace=0,
+    max_position_embeddings=128,
+    rope_interleave=False,
+    routed_scaling_factor=1.5,
+    rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+)
 
 
 def hf_model(settings: dict, dtype: torch.dtype, seed: int = 0) -> DeepseekV3ForCausalLM:
@@ -65,7 +111,7 @@ def reference_logits(model, prompt: torch.Tensor, steps: int):
 
 def our_logits(model, prompt: torch.Tensor, fed: torch.Tensor):
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + fed.shape[1])
-    logits = [model(prompt, cache)] + [model(fed[:, i:i + 1], cache) for i in range(fed.shape[1])]
+    logits = [model(prompt, cache)] + [model(fed[:, i : i + 1], cache) for i in range(fed.shape[1])]
     return torch.cat(logits, dim=1).float()
 
 
@@ -79,21 +125,26 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, flips_allowe
     per_position = (got - ref).abs().amax(dim=-1).flatten() / scale
     bad = int((per_position > rtol).sum())
     allowed = per_position.numel() // 5 if flips_allowed else 0
-    assert bad <= allowed, (f"logits differ by up to {float(per_position.max()):.3g} of max |logit| at {bad} of "
-                            f"{per_position.numel()} positions (tolerance {rtol:.3g}, {allowed} allowed)")
+    assert bad <= allowed, (
+        f"logits differ by up to {float(per_position.max()):.3g} of max |logit| at {bad} of "
+        f"{per_position.numel()} positions (tolerance {rtol:.3g}, {allowed} allowed)"
+    )
 
 
-@pytest.mark.parametrize("settings,dtype", [(TUNED, torch.float32), (TUNED, torch.bfloat16),
-                                            (OTHER, torch.float32), (OTHER, torch.bfloat16)],
-                         ids=["tuned-fp32", "tuned-bf16", "other-fp32", "other-bf16"])
+@pytest.mark.parametrize(
+    "settings,dtype",
+    [(TUNED, torch.float32), (TUNED, torch.bfloat16), (OTHER, torch.float32), (OTHER, torch.bfloat16)],
+    ids=["tuned-fp32", "tuned-bf16", "other-fp32", "other-bf16"],
+)
 def test_prefill_and_decode_match_transformers(tmp_path, settings, dtype):
     ref_model = hf_model(settings, dtype)
     ref_model.save_pretrained(tmp_path)
     prompt = torch.randint(0, settings["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(1))
     ref, fed = reference_logits(ref_model, prompt, steps=4)
     ours = hal.model.load(tmp_path, backend="cpu", dtype=dtype)
-    assert_close(our_logits(ours, prompt, fed), ref, logits_rtol(ours.args, dtype),
-                 flips_allowed=dtype != torch.float32)
+    assert_close(
+        our_logits(ours, prompt, fed), ref, logits_rtol(ours.args, dtype), flips_allowed=dtype != torch.float32
+    )
 
 
 @pytest.mark.parametrize("settings", [TUNED, OTHER], ids=["yarn-interleaved", "default-rotate-half"])
@@ -102,6 +153,7 @@ def test_rope_rounds_like_transformers_bit_for_bit(tmp_path, settings):
     rotation computed in bf16, evens then odds), for a prefill's positions and for a decode step's, sliced
     from the table the prefill grew."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
     from hal.model.config import read_config
     from hal.model.deepseek_v3 import Rope
 
@@ -185,15 +237,16 @@ def test_fp8_checkpoint_kept_quantized_runs_fp8_gemms_close_to_the_dequantized_m
     prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11]])
     ref, fed = reference_logits_ours(plain, prompt, steps=3)
     got = our_logits(kept, prompt, fed)
-    per_position = (((got - ref) ** 2).sum(-1) / (got ** 2 + ref ** 2).sum(-1)).flatten()
+    per_position = (((got - ref) ** 2).sum(-1) / (got**2 + ref**2).sum(-1)).flatten()
     assert float(per_position.min()) > 0  # the FP8 path really ran
     assert int((per_position > 1e-2).sum()) <= per_position.numel() // 3, per_position
 
 
 def reference_logits_ours(model, prompt, steps):
     from hal.model.bisect import teacher_forced_logits
+
     logits = teacher_forced_logits(model, prompt, steps)
-    return logits, logits[:, prompt.shape[1] - 1:-1].argmax(-1)
+    return logits, logits[:, prompt.shape[1] - 1 : -1].argmax(-1)
 
 
 def test_expert_weights_are_laid_out_once_for_the_grouped_gemm(fp8_checkpoints):
@@ -223,19 +276,35 @@ def test_fp8_checkpoint_as_w8a8_int8_runs_int8_gemms_close_to_the_dequantized_mo
     prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11]])
     ref, fed = reference_logits_ours(plain, prompt, steps=3)
     got = our_logits(w8a8, prompt, fed)
-    per_position = (((got - ref) ** 2).sum(-1) / (got ** 2 + ref ** 2).sum(-1)).flatten()
+    per_position = (((got - ref) ** 2).sum(-1) / (got**2 + ref**2).sum(-1)).flatten()
     assert float(per_position.min()) > 0  # the int8 path really ran
     assert int((per_position > 5e-3).sum()) <= per_position.numel() // 3, per_position
 
 
 def test_auto_picks_int8_on_an_atlas_a2_and_generate_reports_it(fp8_checkpoints, capsys):
     from hal.cli import main
+
     fp8, _ = fp8_checkpoints
     model = hal.model.load(fp8, backend="ascend-emulated", dtype=torch.bfloat16)
     assert model.fp8 == "int8" and "not FP8" in model.fp8_reason
     assert hal.model.load(fp8, backend="ascend-950-emulated", dtype=torch.bfloat16).fp8 == "keep"
-    assert main(["generate", "--model", str(fp8), "--backend", "ascend-emulated", "--prompt-ids", "1", "2",
-                 "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(fp8),
+                "--backend",
+                "ascend-emulated",
+                "--prompt-ids",
+                "1",
+                "2",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "FP8 checkpoint weights: int8 (auto:" in capsys.readouterr().err
 
 

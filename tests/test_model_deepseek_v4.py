@@ -4,48 +4,98 @@ decode steps through transformers' cache path (teacher-forced: both sides are fe
 tokens). Every V4 feature is active: hash-routed and top-k routed MoE, sliding-window, CSA (with the
 indexer keeping fewer entries than are closed) and HCA layers, sinks, mHC, the grouped output projection.
 Tolerance: :func:`v4_logits_rtol`."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from helpers import model_tensors
 from safetensors.torch import load_file, save_file
+
+# the V3 harness: transformers' cache path, ours, and the per-position comparison (bf16: a fifth of the
+# positions may flip a near-tie routing or, here, indexer choice)
+from test_model_deepseek_v3 import assert_close, dequantized_copy, our_logits, reference_logits
 
 import hal.model
 from hal.cli import main
 from hal.model.bisect import logits_rtol
 from hal.model.tiny import FP4_SCALE_DTYPE, make_tiny
-from helpers import model_tensors
-# the V3 harness: transformers' cache path, ours, and the per-position comparison (bf16: a fifth of the
-# positions may flip a near-tie routing or, here, indexer choice)
-from test_model_deepseek_v3 import assert_close, dequantized_copy, our_logits, reference_logits
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
 
 # The config the implementation was brought up with: three layers, one of each attention type, a hash layer.
-TUNED = dict(vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
-             head_dim=16, q_lora_rank=24, qk_rope_head_dim=8, num_experts_per_tok=2, n_routed_experts=8,
-             layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
-             compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
-             mlp_layer_types=["hash_moe", "moe", "moe"], hc_mult=3, sliding_window=6, o_groups=2, o_lora_rank=12,
-             index_n_heads=2, index_head_dim=16, index_topk=3, max_position_embeddings=256)
+TUNED = dict(
+    vocab_size=64,
+    hidden_size=32,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    head_dim=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    num_experts_per_tok=2,
+    n_routed_experts=8,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    mlp_layer_types=["hash_moe", "moe", "moe"],
+    hc_mult=3,
+    sliding_window=6,
+    o_groups=2,
+    o_lora_rank=12,
+    index_n_heads=2,
+    index_head_dim=16,
+    index_topk=3,
+    max_position_embeddings=256,
+)
 # A config no code was tuned on: four layers (two hash layers, CSA twice), YaRN on the compressed layers'
 # rope, CSA pooling 2 tokens with a wider indexer top-k, HCA pooling 5 (not a power of two), sigmoid
 # scoring, 4 mHC streams, a short window, more groups, odd widths.
-OTHER = dict(vocab_size=50, hidden_size=40, moe_intermediate_size=12, num_hidden_layers=4, num_attention_heads=6,
-             head_dim=20, q_lora_rank=18, qk_rope_head_dim=6, num_experts_per_tok=3, n_routed_experts=6,
-             layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention",
-                          "compressed_sparse_attention"],
-             compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 5},
-             mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], hc_mult=4, hc_sinkhorn_iters=7,
-             sliding_window=4, o_groups=3, o_lora_rank=10, index_n_heads=3, index_head_dim=10, index_topk=4,
-             scoring_func="sigmoid", routed_scaling_factor=2.0, swiglu_limit=1.5, max_position_embeddings=512,
-             rope_theta=5000.0, compress_rope_theta=40000.0,
-             rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-                              "beta_fast": 32, "beta_slow": 1})
+OTHER = dict(
+    vocab_size=50,
+    hidden_size=40,
+    moe_intermediate_size=12,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    head_dim=20,
+    q_lora_rank=18,
+    qk_rope_head_dim=6,
+    num_experts_per_tok=3,
+    n_routed_experts=6,
+    layer_types=[
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "sliding_attention",
+        "compressed_sparse_attention",
+    ],
+    compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 5},
+    mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+    hc_mult=4,
+    hc_sinkhorn_iters=7,
+    sliding_window=4,
+    o_groups=3,
+    o_lora_rank=10,
+    index_n_heads=3,
+    index_head_dim=10,
+    index_topk=4,
+    scoring_func="sigmoid",
+    routed_scaling_factor=2.0,
+    swiglu_limit=1.5,
+    max_position_embeddings=512,
+    rope_theta=5000.0,
+    compress_rope_theta=40000.0,
+    rope_parameters={
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+)
 PROMPT_LEN, STEPS = 13, 6  # several windows closed at prefill, more during decode
+
 
 def hf_model(settings: dict, seed: int = 0) -> DeepseekV4ForCausalLM:
     """A float32 transformers model with weights large enough that attention, pooling, routing and the mHC
@@ -65,8 +115,10 @@ def hf_model(settings: dict, seed: int = 0) -> DeepseekV4ForCausalLM:
         for layer in model.model.layers:
             gate = layer.mlp.gate
             if hasattr(gate, "tid2eid"):
-                table = [torch.randperm(config.n_routed_experts)[:config.num_experts_per_tok]
-                         for _ in range(config.vocab_size)]
+                table = [
+                    torch.randperm(config.n_routed_experts)[: config.num_experts_per_tok]
+                    for _ in range(config.vocab_size)
+                ]
                 gate.tid2eid.copy_(torch.stack(table))
             else:
                 gate.e_score_correction_bias.normal_(0.0, 0.1)
@@ -88,8 +140,7 @@ def saved(request, tmp_path_factory):
 def test_every_v4_feature_is_exercised(saved):
     settings, path = saved
     args = hal.model.load(path, backend="cpu", dtype=torch.float32).args
-    assert set(args.layer_types) == {"sliding_attention", "compressed_sparse_attention",
-                                     "heavily_compressed_attention"}
+    assert set(args.layer_types) == {"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"}
     assert any(args.hash_layers) and not all(args.hash_layers)
     csa = min(r for t, r in zip(args.layer_types, args.compress_rates) if t == "compressed_sparse_attention")
     assert (PROMPT_LEN + STEPS) // csa > args.index_topk  # the indexer really drops entries
@@ -103,18 +154,24 @@ def test_prefill_and_decode_match_transformers(saved, dtype):
     ref_model = DeepseekV4ForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
     ref, fed = reference_logits(ref_model, prompt_for(settings), STEPS)
     ours = hal.model.load(path, backend="cpu", dtype=dtype)
-    assert_close(our_logits(ours, prompt_for(settings), fed), ref, logits_rtol(ours.args, dtype),
-                 flips_allowed=dtype != torch.float32)
+    assert_close(
+        our_logits(ours, prompt_for(settings), fed),
+        ref,
+        logits_rtol(ours.args, dtype),
+        flips_allowed=dtype != torch.float32,
+    )
 
 
-@pytest.mark.parametrize("change", [{"sliding_window": 7}, {"hc_sinkhorn_iters": 2}, {"index_topk": 2}],
-                         ids=["window", "sinkhorn", "topk"])
+@pytest.mark.parametrize(
+    "change", [{"sliding_window": 7}, {"hc_sinkhorn_iters": 2}, {"index_topk": 2}], ids=["window", "sinkhorn", "topk"]
+)
 def test_the_tolerance_catches_a_model_bug(saved, tmp_path, change):
     """The fp32 tolerance sees a one-off in the window or the indexer's top-k, or a Sinkhorn stopped early
     (our side reads the edited config, the reference keeps the saved one)."""
     settings, path = saved
-    ref, fed = reference_logits(DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
-                                prompt_for(settings), STEPS)
+    ref, fed = reference_logits(
+        DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), prompt_for(settings), STEPS
+    )
     for file in path.iterdir():
         (tmp_path / file.name).write_bytes(file.read_bytes())
     config = json.loads((path / "config.json").read_text())
@@ -158,7 +215,7 @@ def test_make_tiny_fp8_kept_quantized_runs_fp8_gemms_close_to_the_dequantized_mo
     prompt = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 200, 11, 12]])
     ref = our_logits(plain, prompt, torch.tensor([[1, 2, 3]]))
     got = our_logits(kept, prompt, torch.tensor([[1, 2, 3]]))
-    per_position = (((got - ref) ** 2).sum(-1) / (got ** 2 + ref ** 2).sum(-1)).flatten()
+    per_position = (((got - ref) ** 2).sum(-1) / (got**2 + ref**2).sum(-1)).flatten()
     assert float(per_position.min()) > 0  # the FP8 path really ran
     assert int((per_position > 1e-2).sum()) <= per_position.numel() // 3, per_position
 
@@ -166,8 +223,24 @@ def test_make_tiny_fp8_kept_quantized_runs_fp8_gemms_close_to_the_dequantized_mo
 def test_cli_make_tiny_and_generate(tmp_path, capsys):
     out = tmp_path / "tiny"
     assert main(["model", "make-tiny", "--arch", "deepseek_v4", str(out)]) == 0
-    assert main(["generate", "--model", str(out), "--prompt-ids", "1", "2", "3", "--max-new-tokens", "4",
-                 "--backend", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--prompt-ids",
+                "1",
+                "2",
+                "3",
+                "--max-new-tokens",
+                "4",
+                "--backend",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     tokens = capsys.readouterr().out.split("\n")[-2].split()
     assert len(tokens) == 4 and all(0 <= int(t) < 256 for t in tokens)
 
@@ -186,6 +259,7 @@ def test_fp4_experts_kept_packed_match_them_dequantized_on_load(fp4_checkpoint):
     reading of the checkpoint's FP4 tensors (its FP8/FP4 dequantiser): make-tiny writes the official
     packing (lower index in the low nibble, a scale per 32 along K)."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
     kept = hal.model.load(fp4_checkpoint, backend="cpu", dtype=torch.float32)
     plain = hal.model.load(fp4_checkpoint, backend="cpu", dtype=torch.float32, fp4="dequantize")
     assert (kept.fp4, plain.fp4, plain.fp4_reason) == ("keep", "dequantize", "requested")
@@ -244,11 +318,18 @@ def _rewrite(path, name: str, tensor) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-@pytest.mark.parametrize("broken, message", [
-    ("w1.weight", r"tensor 'model\.layers\.2\.ffn\.experts\.3\.w1\.weight': expected packed FP4 shape"),
-    ("w1.weight_scale_inv", r"'model\.layers\.2\.ffn\.experts\.3\.w1\.weight' is packed FP4 but "
-                            r"'model\.layers\.2\.ffn\.experts\.3\.w1\.weight_scale_inv' is missing"),
-], ids=["unpacked-shape", "missing-scale"])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("w1.weight", r"tensor 'model\.layers\.2\.ffn\.experts\.3\.w1\.weight': expected packed FP4 shape"),
+        (
+            "w1.weight_scale_inv",
+            r"'model\.layers\.2\.ffn\.experts\.3\.w1\.weight' is packed FP4 but "
+            r"'model\.layers\.2\.ffn\.experts\.3\.w1\.weight_scale_inv' is missing",
+        ),
+    ],
+    ids=["unpacked-shape", "missing-scale"],
+)
 def test_a_bad_fp4_tensor_is_named_at_load(fp4_checkpoint, tmp_path, broken, message):
     for file in fp4_checkpoint.iterdir():
         (tmp_path / file.name).write_bytes(file.read_bytes())
@@ -269,17 +350,21 @@ def test_a_bf16_checkpoint_declaring_fp4_experts_is_refused_naming_the_tensor(tm
 # The released DeepSeek-V4 naming (DeepSeek's own, what the Hugging Face repositories ship), written here
 # independently of hal.model's table as a rewrite of save_pretrained's names: no ``model.`` prefix, DeepSeek's
 # top-level names, FP8 and FP4 block scales under ``<module>.scale``; per-expert w1 / w3 / w2 in both.
-RELEASED_TOP_LEVEL = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
-                      "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
-                      "model.hc_head.hc_scale": "hc_head_scale"}
+RELEASED_TOP_LEVEL = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "model.hc_head.hc_fn": "hc_head_fn",
+    "model.hc_head.hc_base": "hc_head_base",
+    "model.hc_head.hc_scale": "hc_head_scale",
+}
 
 
 def released_name(saved: str) -> str:
     if saved in RELEASED_TOP_LEVEL:
         return RELEASED_TOP_LEVEL[saved]
     if saved.endswith(".weight_scale_inv"):
-        saved = saved[:-len("weight_scale_inv")] + "scale"
-    return saved[len("model."):] if saved.startswith("model.") else saved
+        saved = saved[: -len("weight_scale_inv")] + "scale"
+    return saved[len("model.") :] if saved.startswith("model.") else saved
 
 
 def released_copy(src, dst):
@@ -334,12 +419,24 @@ def test_transformers_reads_the_released_naming_as_we_do(bf16_checkpoint, tmp_pa
     assert_close(our_logits(ours, prompt, fed), ref, logits_rtol(ours.args, torch.float32))
 
 
-@pytest.mark.parametrize("broken, tensor, message", [
-    ("layers.2.ffn.experts.3.w1.scale", None,
-     r"'layers\.2\.ffn\.experts\.3\.w1\.weight' is packed FP4 but 'layers\.2\.ffn\.experts\.3\.w1\.scale' is missing"),
-    ("hc_head_fn", None, r"missing tensor 'hc_head_fn'"),
-    ("layers.0.attn.wq_a.scale", torch.ones(2, 1), r"tensor 'layers\.0\.attn\.wq_a\.scale': expected shape \[1, 1\]"),
-], ids=["fp4-scale-missing", "top-level-missing", "fp8-scale-misshapen"])
+@pytest.mark.parametrize(
+    "broken, tensor, message",
+    [
+        (
+            "layers.2.ffn.experts.3.w1.scale",
+            None,
+            r"'layers\.2\.ffn\.experts\.3\.w1\.weight' is packed FP4 but "
+            r"'layers\.2\.ffn\.experts\.3\.w1\.scale' is missing",
+        ),
+        ("hc_head_fn", None, r"missing tensor 'hc_head_fn'"),
+        (
+            "layers.0.attn.wq_a.scale",
+            torch.ones(2, 1),
+            r"tensor 'layers\.0\.attn\.wq_a\.scale': expected shape \[1, 1\]",
+        ),
+    ],
+    ids=["fp4-scale-missing", "top-level-missing", "fp8-scale-misshapen"],
+)
 def test_a_bad_released_tensor_is_named_as_the_file_names_it(fp8_fp4_checkpoint, tmp_path, broken, tensor, message):
     released = released_copy(fp8_fp4_checkpoint, tmp_path / "released")
     _rewrite(released, broken, tensor)
@@ -373,7 +470,7 @@ def test_the_released_mtp_layers_are_recognised_as_such(bf16_checkpoint, tmp_pat
     released = released_copy(path, tmp_path / "released")
 
     def mtp(name: str) -> str:
-        return "mtp.0." + name[len("layers.2."):] if name.startswith("layers.2.") else name
+        return "mtp.0." + name[len("layers.2.") :] if name.startswith("layers.2.") else name
 
     index = json.loads((released / "model.safetensors.index.json").read_text())
     for shard in set(index["weight_map"].values()):
@@ -382,7 +479,8 @@ def test_the_released_mtp_layers_are_recognised_as_such(bf16_checkpoint, tmp_pat
     (released / "model.safetensors.index.json").write_text(json.dumps(index))
     model = hal.model.load(released, backend="cpu")
     assert len(model.layers) == 2 and model.load_report == hal.model.LoadReport()
-    (released / "config.json").write_text(json.dumps(dict(json.loads((released / "config.json").read_text()),
-                                                          num_nextn_predict_layers=0)))
+    (released / "config.json").write_text(
+        json.dumps(dict(json.loads((released / "config.json").read_text()), num_nextn_predict_layers=0))
+    )
     with pytest.raises(hal.model.CheckpointError, match=r"unexpected tensors: 'mtp\.0\."):
         hal.model.load(released, backend="cpu")

@@ -1,5 +1,6 @@
 """hal.model's clear errors for bad use: float token ids, a cache too large for the host, make-tiny onto an
 existing file, an unknown backend at load. Each is a typed HAL error naming the argument and the expectation."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,20 +19,26 @@ def model(request, tmp_path_factory):
 
 
 def test_float_token_ids_are_refused_naming_the_argument(model):
-    with pytest.raises(hal.InvalidArgumentError,
-                       match=r"Transformer\.forward: argument 'tokens' expected integer token ids.*got dtype "
-                             r"torch\.float32"):
+    with pytest.raises(
+        hal.InvalidArgumentError,
+        match=r"Transformer\.forward: argument 'tokens' expected integer token ids.*got dtype "
+        r"torch\.float32",
+    ):
         model(torch.tensor([[1.0, 2.0]]), model.new_cache(1, 4))
     with pytest.raises(hal.InvalidArgumentError, match=r"generate: argument 'prompts' expected integer token ids"):
         hal.model.generate(model, [[1.5, 2.0]], max_new_tokens=1)  # not truncated to [[1, 2]]
-    assert hal.model.generate(model, torch.tensor([[1, 2]]), max_new_tokens=1) == \
-        hal.model.generate(model, [[1, 2]], max_new_tokens=1)
+    assert hal.model.generate(model, torch.tensor([[1, 2]]), max_new_tokens=1) == hal.model.generate(
+        model, [[1, 2]], max_new_tokens=1
+    )
 
 
 def test_a_cache_too_large_for_the_host_says_how_much_memory_it_needs(model):
-    with pytest.raises(hal.InvalidArgumentError, match=r"Transformer\.new_cache: argument 'capacity' expected a "
-                                                       r"cache that fits in host memory .* GiB"):
-        model.new_cache(4, 2 ** 40)
+    with pytest.raises(
+        hal.InvalidArgumentError,
+        match=r"Transformer\.new_cache: argument 'capacity' expected a "
+        r"cache that fits in host memory .* GiB",
+    ):
+        model.new_cache(4, 2**40)
 
 
 def test_make_tiny_onto_an_existing_file_is_a_clear_error(tmp_path, capsys):

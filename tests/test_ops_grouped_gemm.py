@@ -1,4 +1,5 @@
 """Grouped GEMM contract: semantics, tolerance against the float64 oracle, validation errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,7 +23,7 @@ def per_group(x, w, sizes):
     """Independent statement of the semantics: one GEMM per group, in float64."""
     out, start = [], 0
     for g, size in enumerate(sizes.tolist()):
-        out.append(x[start:start + size].double() @ w[g].double().T)
+        out.append(x[start : start + size].double() @ w[g].double().T)
         start += size
     return torch.cat(out)
 
@@ -99,23 +100,29 @@ def _bad(**change):
 
 
 @pytest.mark.usefixtures("checked")  # value checks run in checked mode
-@pytest.mark.parametrize("change, argument, exc", [
-    (dict(x=torch.randn(5, 40, 1)), "x", hal.InvalidArgumentError),
-    (dict(x=torch.randn(5, 40).to(torch.int32)), "x", hal.InvalidDtypeError),
-    (dict(w=torch.randn(2, 24, 39)), "w", hal.InvalidArgumentError),
-    (dict(w=torch.randn(24, 40)), "w", hal.InvalidArgumentError),
-    (dict(group_sizes=torch.tensor([2, 3, 0])), "group_sizes", hal.InvalidArgumentError),
-    (dict(group_sizes=torch.tensor([2.0, 3.0])), "group_sizes", hal.InvalidDtypeError),
-    (dict(group_sizes=torch.tensor([2, 2])), "group_sizes", hal.InvalidArgumentError),
-    (dict(group_sizes=torch.tensor([6, -1])), "group_sizes", hal.InvalidArgumentError),
-    (dict(layout="ragged"), "layout", hal.InvalidArgumentError),
-    (dict(out_dtype=torch.int8), "out_dtype", hal.InvalidArgumentError),
-    (dict(x_scale=torch.ones(5, 1)), "x_scale", hal.InvalidArgumentError),
-    (dict(w=torch.randn(2, 24, 40).to(torch.float8_e4m3fn)), "w_scale", hal.InvalidArgumentError),
-    (dict(w=torch.randn(2, 24, 40).to(torch.float8_e4m3fn), w_scale=torch.ones(2, 1, 2)), "w_scale",
-     hal.InvalidArgumentError),
-    (dict(x=torch.randn(5, 40).to(torch.float8_e4m3fn), x_scale=torch.ones(5, 1)), "x", hal.InvalidArgumentError),
-])
+@pytest.mark.parametrize(
+    "change, argument, exc",
+    [
+        (dict(x=torch.randn(5, 40, 1)), "x", hal.InvalidArgumentError),
+        (dict(x=torch.randn(5, 40).to(torch.int32)), "x", hal.InvalidDtypeError),
+        (dict(w=torch.randn(2, 24, 39)), "w", hal.InvalidArgumentError),
+        (dict(w=torch.randn(24, 40)), "w", hal.InvalidArgumentError),
+        (dict(group_sizes=torch.tensor([2, 3, 0])), "group_sizes", hal.InvalidArgumentError),
+        (dict(group_sizes=torch.tensor([2.0, 3.0])), "group_sizes", hal.InvalidDtypeError),
+        (dict(group_sizes=torch.tensor([2, 2])), "group_sizes", hal.InvalidArgumentError),
+        (dict(group_sizes=torch.tensor([6, -1])), "group_sizes", hal.InvalidArgumentError),
+        (dict(layout="ragged"), "layout", hal.InvalidArgumentError),
+        (dict(out_dtype=torch.int8), "out_dtype", hal.InvalidArgumentError),
+        (dict(x_scale=torch.ones(5, 1)), "x_scale", hal.InvalidArgumentError),
+        (dict(w=torch.randn(2, 24, 40).to(torch.float8_e4m3fn)), "w_scale", hal.InvalidArgumentError),
+        (
+            dict(w=torch.randn(2, 24, 40).to(torch.float8_e4m3fn), w_scale=torch.ones(2, 1, 2)),
+            "w_scale",
+            hal.InvalidArgumentError,
+        ),
+        (dict(x=torch.randn(5, 40).to(torch.float8_e4m3fn), x_scale=torch.ones(5, 1)), "x", hal.InvalidArgumentError),
+    ],
+)
 def test_bad_input_names_the_argument(change, argument, exc):
     with pytest.raises(exc, match=f"argument '{argument}'"):
         GG(**_bad(**change))

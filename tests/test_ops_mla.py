@@ -4,6 +4,7 @@ Semantics are checked against an independent loop transcription of the math (flo
 prefill over the same keys laid out densely, the absorbed decode against the naive (decompressed) MLA,
 and the public ops (CPU backend) against the float64 oracle under the contract's tolerance.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -14,7 +15,6 @@ import torch
 
 import hal
 from hal.numerics import assert_within, compare
-from test_cpu_native import native_variant  # noqa: F401 (a fixture: each native kernel variant this CPU runs)
 
 PREFILL = hal.ops.mla_prefill
 DECODE = hal.ops.mla_decode
@@ -29,6 +29,7 @@ def cumulative(lengths):
 
 
 # --------------------------------------------------------------------------- independent statement
+
 
 def naive_attention(q, k, v, cu_q, cu_k, scale, causal=True, window=None, topk=None, sinks=None):
     """A loop transcription of the contract, in float64: for every query, list the keys it attends
@@ -64,12 +65,13 @@ def naive_attention(q, k, v, cu_q, cu_k, scale, causal=True, window=None, topk=N
                 weights = [math.exp(c - m) for c in columns]
                 z = sum(weights)
                 out[t, h] = sum(w / z * v[j, kh] for w, j in zip(weights, keys))
-                lse[t, h] = m + math.log(sum(weights[:len(keys)]))
+                lse[t, h] = m + math.log(sum(weights[: len(keys)]))
     return out, lse
 
 
-def prefill_inputs(dtype=torch.float32, lens_q=(3, 0, 5, 3), lens_k=(3, 2, 7, 1), hq=4, hk=2, dqk=12, dv=8,
-                   topk=5, seed=0):
+def prefill_inputs(
+    dtype=torch.float32, lens_q=(3, 0, 5, 3), lens_k=(3, 2, 7, 1), hq=4, hk=2, dqk=12, dv=8, topk=5, seed=0
+):
     g = torch.Generator().manual_seed(seed)
     tq, tk = sum(lens_q), sum(lens_k)
     q = torch.randn(tq, hq, dqk, generator=g).to(dtype)
@@ -87,16 +89,24 @@ def magnitude_prefill(q, k, v, cu_q, cu_k, **kw):
 
 # --------------------------------------------------------------------------- prefill semantics
 
-@pytest.mark.parametrize("causal, window, sparse, sink", list(itertools.product(
-    (True, False), (None, 2), (False, True), (False, True))))
+
+@pytest.mark.parametrize(
+    "causal, window, sparse, sink", list(itertools.product((True, False), (None, 2), (False, True), (False, True)))
+)
 def test_prefill_reference_matches_naive_loop(causal, window, sparse, sink):
     q, k, v, cu_q, cu_k, idx, sinks = prefill_inputs()
-    kw = dict(softmax_scale=0.3, causal=causal, window=window, topk_indices=idx if sparse else None,
-              sinks=sinks if sink else None)
+    kw = dict(
+        softmax_scale=0.3,
+        causal=causal,
+        window=window,
+        topk_indices=idx if sparse else None,
+        sinks=sinks if sink else None,
+    )
     out, lse = PREFILL.reference_impl(q, k, v, cu_q, cu_k, compute_dtype=F64, **kw)
     assert out.dtype == F64 and lse.dtype == F64
-    exp_out, exp_lse = naive_attention(q, k, v, cu_q, cu_k, 0.3, causal, window, idx if sparse else None,
-                                       sinks if sink else None)
+    exp_out, exp_lse = naive_attention(
+        q, k, v, cu_q, cu_k, 0.3, causal, window, idx if sparse else None, sinks if sink else None
+    )
     torch.testing.assert_close(out, exp_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, exp_lse, rtol=1e-12, atol=1e-12)
 
@@ -167,6 +177,7 @@ def test_prefill_topk_selects_exactly_the_listed_keys():
 
 # --------------------------------------------------------------------------- paged layout helpers
 
+
 def page(keys_per_seq, block_size, dtype=torch.float32, seed=0, spare_blocks=2, in_order=False):
     """Lay out each sequence's keys ``[L_b, D]`` in a paged cache with a shuffled block table (``in_order``:
     each sequence's blocks in order, after the previous sequence's, as hal.model allocates them). Unused
@@ -182,8 +193,8 @@ def page(keys_per_seq, block_size, dtype=torch.float32, seed=0, spare_blocks=2, 
         for i in range(needed[b]):
             blk = order.pop()
             table[b, i] = blk
-            chunk = keys[i * block_size:(i + 1) * block_size]
-            cache[blk, :chunk.shape[0]] = chunk.to(dtype)
+            chunk = keys[i * block_size : (i + 1) * block_size]
+            cache[blk, : chunk.shape[0]] = chunk.to(dtype)
     lens = torch.tensor([k.shape[0] for k in keys_per_seq], dtype=torch.int32)
     return cache, table, lens
 
@@ -192,8 +203,13 @@ def decode_as_prefill(q, keys_per_seq, dv, topk=None):
     """The same decode problem in mla_prefill's dense ragged layout (one kv head, v = key[:dv])."""
     b, sq = q.shape[:2]
     k = torch.cat(keys_per_seq)[:, None, :]
-    args = (q.reshape(b * sq, *q.shape[2:]), k, k[..., :dv], cumulative([sq] * b),
-            cumulative([x.shape[0] for x in keys_per_seq]))
+    args = (
+        q.reshape(b * sq, *q.shape[2:]),
+        k,
+        k[..., :dv],
+        cumulative([sq] * b),
+        cumulative([x.shape[0] for x in keys_per_seq]),
+    )
     return args, (None if topk is None else topk.reshape(b * sq, -1))
 
 
@@ -208,26 +224,38 @@ def decode_inputs(dtype=torch.float32, lens=(4, 5, 0, 8, 3), sq=2, hq=4, d=20, s
 
 # --------------------------------------------------------------------------- decode semantics
 
-@pytest.mark.parametrize("block_size, lens", [
-    (4, (4, 5, 0, 8, 3)),          # seq_len == block_size, block_size + 1, empty, two full pages
-    (4, (3, 7, 2)),                # block_size - 1, 2 * block_size - 1
-    (1, (2, 3)),
-    (16, (2, 16, 17)),
-])
-@pytest.mark.parametrize("causal, window, sparse, sink", [
-    (True, None, False, False), (False, None, False, False), (True, 3, False, True),
-    (True, None, True, False), (False, 2, True, True),
-])
+
+@pytest.mark.parametrize(
+    "block_size, lens",
+    [
+        (4, (4, 5, 0, 8, 3)),  # seq_len == block_size, block_size + 1, empty, two full pages
+        (4, (3, 7, 2)),  # block_size - 1, 2 * block_size - 1
+        (1, (2, 3)),
+        (16, (2, 16, 17)),
+    ],
+)
+@pytest.mark.parametrize(
+    "causal, window, sparse, sink",
+    [
+        (True, None, False, False),
+        (False, None, False, False),
+        (True, 3, False, True),
+        (True, None, True, False),
+        (False, 2, True, True),
+    ],
+)
 def test_paged_decode_equals_dense_prefill(block_size, lens, causal, window, sparse, sink):
     q, keys, idx, sinks = decode_inputs(lens=lens)
     cache, table, seq_lens = page(keys, block_size)
     kw = dict(softmax_scale=0.25, causal=causal, window=window, sinks=sinks if sink else None)
-    out, lse = DECODE.reference_impl(q, cache, table, seq_lens, head_dim_v=16, compute_dtype=F64,
-                                     topk_indices=idx if sparse else None, **kw)
+    out, lse = DECODE.reference_impl(
+        q, cache, table, seq_lens, head_dim_v=16, compute_dtype=F64, topk_indices=idx if sparse else None, **kw
+    )
     assert out.shape == (len(lens), 2, 4, 16) and lse.shape == (len(lens), 2, 4)
     args, topk = decode_as_prefill(q, keys, 16, idx if sparse else None)
-    exp_out, exp_lse = naive_attention(*args, scale=0.25, causal=causal, window=window, topk=topk,
-                                       sinks=sinks if sink else None)
+    exp_out, exp_lse = naive_attention(
+        *args, scale=0.25, causal=causal, window=window, topk=topk, sinks=sinks if sink else None
+    )
     torch.testing.assert_close(out.reshape(exp_out.shape), exp_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse.reshape(exp_lse.shape), exp_lse, rtol=1e-12, atol=1e-12)
     # and the public op (CPU backend, fp32) reads the pages the same way: NaN garbage never leaks
@@ -258,12 +286,12 @@ def test_absorbed_decode_equals_naive_decompressed_mla():
     h, r, dr, dn, dv, t, sq = 2, 512, 64, 128, 128, 9, 2  # DeepSeek's dims: keys 512 + 64 = 576 wide
     c_kv = torch.randn(t, r, generator=g, dtype=F64)
     k_pe = torch.randn(t, dr, generator=g, dtype=F64)
-    w_uk = torch.randn(h, dn, r, generator=g, dtype=F64) / r ** 0.5
-    w_uv = torch.randn(h, dv, r, generator=g, dtype=F64) / r ** 0.5
+    w_uk = torch.randn(h, dn, r, generator=g, dtype=F64) / r**0.5
+    w_uv = torch.randn(h, dv, r, generator=g, dtype=F64) / r**0.5
     q_nope = torch.randn(sq, h, dn, generator=g, dtype=F64)
     q_pe = torch.randn(sq, h, dr, generator=g, dtype=F64)
     mscale = 0.1 * math.log(40) + 1.0
-    scale = (dn + dr) ** -0.5 * mscale ** 2
+    scale = (dn + dr) ** -0.5 * mscale**2
     exp_out, exp_lse = naive_mla(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale)
 
     q_abs = torch.cat([torch.einsum("shd,hdc->shc", q_nope, w_uk), q_pe], dim=-1)[None]  # [1, Sq, H, 576]
@@ -290,10 +318,11 @@ def test_decode_multi_token_causal_equals_one_token_decodes_of_prefixes():
     out, lse = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16)
     for s in range(3):
         prefix = lens - 3 + s + 1
-        o, l_ = DECODE(q[:, s:s + 1].contiguous(), cache, table, prefix.to(torch.int32), softmax_scale=0.3,
-                       head_dim_v=16)
-        torch.testing.assert_close(out[:, s:s + 1], o, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(lse[:, s:s + 1], l_, rtol=1e-6, atol=1e-6)
+        o, l_ = DECODE(
+            q[:, s : s + 1].contiguous(), cache, table, prefix.to(torch.int32), softmax_scale=0.3, head_dim_v=16
+        )
+        torch.testing.assert_close(out[:, s : s + 1], o, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse[:, s : s + 1], l_, rtol=1e-6, atol=1e-6)
 
 
 def test_decode_window_one_sees_its_own_position_only():
@@ -341,9 +370,9 @@ def test_decode_sparse_topk_with_padding_duplicates_and_out_of_range():
     out, lse = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16, causal=False, topk_indices=idx)
     for b, chosen in enumerate(([2, 6], [4])):
         sub = keys[b][chosen]
-        o, l_ = DECODE(q[b:b + 1], *page([sub], 4), softmax_scale=0.3, head_dim_v=16, causal=False)
-        torch.testing.assert_close(out[b:b + 1], o, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(lse[b:b + 1], l_, rtol=1e-6, atol=1e-6)
+        o, l_ = DECODE(q[b : b + 1], *page([sub], 4), softmax_scale=0.3, head_dim_v=16, causal=False)
+        torch.testing.assert_close(out[b : b + 1], o, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse[b : b + 1], l_, rtol=1e-6, atol=1e-6)
     empty = torch.full_like(idx, -1)
     out, lse = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16, topk_indices=empty)
     assert torch.all(out == 0) and torch.all(lse == -INF)
@@ -368,8 +397,15 @@ def test_decode_empty_sequences_give_zero_and_minus_inf(causal):
     assert torch.all(out[[0, 2]] == 0) and torch.all(lse[[0, 2]] == -INF)
     assert torch.isfinite(out[1]).all() and torch.isfinite(lse[1]).all()
     q, keys, _, _ = decode_inputs(lens=(0, 0), sq=1)
-    out, lse = DECODE(q, torch.zeros(0, 4, q.shape[-1]), torch.zeros(2, 0, dtype=torch.int32),
-                      torch.zeros(2, dtype=torch.int32), softmax_scale=0.3, head_dim_v=16, causal=causal)
+    out, lse = DECODE(
+        q,
+        torch.zeros(0, 4, q.shape[-1]),
+        torch.zeros(2, 0, dtype=torch.int32),
+        torch.zeros(2, dtype=torch.int32),
+        softmax_scale=0.3,
+        head_dim_v=16,
+        causal=causal,
+    )
     assert out.shape == (2, 1, 4, 16) and torch.all(out == 0) and torch.all(lse == -INF)
 
 
@@ -394,20 +430,25 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("features", [dict(), dict(window=3, sinks=True, sparse=True),
-                                      dict(causal=False, sinks=True)])
+@pytest.mark.parametrize("features", [dict(), dict(window=3, sinks=True, sparse=True), dict(causal=False, sinks=True)])
 def test_prefill_within_tolerance_of_oracle(dtype, features):
-    q, k, v, cu_q, cu_k, idx, sinks = prefill_inputs(dtype, lens_q=(9, 1, 0, 6), lens_k=(9, 12, 3, 6),
-                                                     hq=8, hk=2, dqk=24, dv=16, seed=11)
-    kw = dict(softmax_scale=24 ** -0.5, causal=features.get("causal", True), window=features.get("window"),
-              sinks=sinks if features.get("sinks") else None,
-              topk_indices=idx if features.get("sparse") else None)
+    q, k, v, cu_q, cu_k, idx, sinks = prefill_inputs(
+        dtype, lens_q=(9, 1, 0, 6), lens_k=(9, 12, 3, 6), hq=8, hk=2, dqk=24, dv=16, seed=11
+    )
+    kw = dict(
+        softmax_scale=24**-0.5,
+        causal=features.get("causal", True),
+        window=features.get("window"),
+        sinks=sinks if features.get("sinks") else None,
+        topk_indices=idx if features.get("sparse") else None,
+    )
     out, lse = PREFILL(q, k, v, cu_q, cu_k, **kw)
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.shape == (16, 8, 16)
     exact_out, exact_lse = PREFILL.reference_impl(q, k, v, cu_q, cu_k, compute_dtype=F64, **kw)
     n = hal.ops.mla.attention_error_n(q, k, softmax_scale=kw["softmax_scale"], num_keys=12)
-    assert_within(out, exact_out, TOL[str(dtype)[6:]], n=n, magnitude=magnitude_prefill(q, k, v, cu_q, cu_k, **kw),
-                  what="out")
+    assert_within(
+        out, exact_out, TOL[str(dtype)[6:]], n=n, magnitude=magnitude_prefill(q, k, v, cu_q, cu_k, **kw), what="out"
+    )
     assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
 
 
@@ -416,29 +457,38 @@ def test_prefill_within_tolerance_of_oracle(dtype, features):
 def test_decode_within_tolerance_of_oracle(dtype, features):
     q, keys, idx, sinks = decode_inputs(dtype, lens=(11, 0, 4, 17), sq=2, hq=8, d=72, seed=12)
     cache, table, lens = page(keys, 8, dtype=dtype)
-    kw = dict(softmax_scale=72 ** -0.5, head_dim_v=64, window=features.get("window"),
-              sinks=sinks if features.get("sinks") else None,
-              topk_indices=idx if features.get("sparse") else None)
+    kw = dict(
+        softmax_scale=72**-0.5,
+        head_dim_v=64,
+        window=features.get("window"),
+        sinks=sinks if features.get("sinks") else None,
+        topk_indices=idx if features.get("sparse") else None,
+    )
     out, lse = DECODE(q, cache, table, lens, **kw)
     assert out.dtype == dtype and out.shape == (4, 2, 8, 64) and lse.shape == (4, 2, 8)
     exact_out, exact_lse = DECODE.reference_impl(q, cache, table, lens, compute_dtype=F64, **kw)
     args, topk = decode_as_prefill(q, keys, 64, kw.pop("topk_indices"))
     kw.pop("head_dim_v")
-    magnitude = PREFILL.reference_impl(args[0], args[1], args[2].abs(), *args[3:], topk_indices=topk,
-                                       compute_dtype=F64, **kw)[0].reshape(exact_out.shape)
+    magnitude = PREFILL.reference_impl(
+        args[0], args[1], args[2].abs(), *args[3:], topk_indices=topk, compute_dtype=F64, **kw
+    )[0].reshape(exact_out.shape)
     n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=kw["softmax_scale"], num_keys=17)
     assert_within(out, exact_out, TOL[str(dtype)[6:]], n=n, magnitude=magnitude, what="out")
     assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
 
 
 def test_tolerance_catches_wrong_mask_and_wrong_scale():
-    q, k, v, cu_q, cu_k, _, _ = prefill_inputs(torch.float32, lens_q=(9, 6), lens_k=(9, 12), hq=8, hk=2, dqk=24,
-                                               dv=16, seed=11)
+    q, k, v, cu_q, cu_k, _, _ = prefill_inputs(
+        torch.float32, lens_q=(9, 6), lens_k=(9, 12), hq=8, hk=2, dqk=24, dv=16, seed=11
+    )
     exact_out, exact_lse = PREFILL.reference_impl(q, k, v, cu_q, cu_k, softmax_scale=0.2, compute_dtype=F64)
     n = hal.ops.mla.attention_error_n(q, k, softmax_scale=0.2, num_keys=12)
     mag = magnitude_prefill(q, k, v, cu_q, cu_k, softmax_scale=0.2)
-    for wrong in (dict(softmax_scale=0.2, causal=False), dict(softmax_scale=0.2 * 1.01),
-                  dict(softmax_scale=0.2, window=8)):
+    for wrong in (
+        dict(softmax_scale=0.2, causal=False),
+        dict(softmax_scale=0.2 * 1.01),
+        dict(softmax_scale=0.2, window=8),
+    ):
         out, lse = PREFILL(q, k, v, cu_q, cu_k, **wrong)
         assert not compare(out, exact_out, TOL["float32"], n=n, magnitude=mag).ok, wrong
     out, lse = PREFILL(q, k, v, cu_q, cu_k, softmax_scale=0.2)
@@ -454,6 +504,7 @@ def test_error_n_grows_with_keys_scale_and_low_precision_probabilities():
 
 
 # --------------------------------------------------------------------------- paged_cache_write
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
@@ -497,10 +548,21 @@ def test_cache_write_then_decode_equals_dense_attention():
 
 # --------------------------------------------------------------------------- validation errors
 
+
 def _prefill_args(**change):
     q, k, v, cu_q, cu_k, idx, sinks = prefill_inputs()
-    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softmax_scale=0.3, causal=True,
-                sinks=sinks, window=None, topk_indices=idx)
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        softmax_scale=0.3,
+        causal=True,
+        sinks=sinks,
+        window=None,
+        topk_indices=idx,
+    )
     args.update(change)
     return args
 
@@ -509,42 +571,45 @@ I32 = torch.int32
 
 
 @pytest.mark.usefixtures("checked")  # value checks run in checked mode
-@pytest.mark.parametrize("change, argument, exc", [
-    (dict(q=torch.randn(11, 4)), "q", hal.InvalidArgumentError),
-    (dict(q=torch.randn(11, 4, 12).to(I32)), "q", hal.InvalidDtypeError),
-    (dict(q=torch.randn(11, 0, 12)), "q", hal.InvalidArgumentError),
-    (dict(k=torch.randn(13, 2, 12).double()), "k", hal.InvalidDtypeError),
-    (dict(k=torch.randn(13, 2, 10)), "k", hal.InvalidArgumentError),
-    (dict(k=torch.randn(13, 3, 12), v=torch.randn(13, 3, 8)), "k", hal.InvalidArgumentError),
-    (dict(k=torch.randn(13, 12)), "k", hal.InvalidArgumentError),
-    (dict(v=torch.randn(13, 2, 8).half()), "v", hal.InvalidDtypeError),
-    (dict(v=torch.randn(12, 2, 8)), "v", hal.InvalidArgumentError),
-    (dict(v=torch.randn(13, 1, 8)), "v", hal.InvalidArgumentError),
-    (dict(cu_seqlens_q=cumulative([3, 0, 5, 3]).long()), "cu_seqlens_q", hal.InvalidDtypeError),
-    (dict(cu_seqlens_q=cumulative([3, 0, 5, 3])[None]), "cu_seqlens_q", hal.InvalidArgumentError),
-    (dict(cu_seqlens_q=torch.tensor([1, 3, 3, 8, 11], dtype=I32)), "cu_seqlens_q", hal.InvalidArgumentError),
-    (dict(cu_seqlens_q=torch.tensor([0, 3, 2, 8, 11], dtype=I32)), "cu_seqlens_q", hal.InvalidArgumentError),
-    (dict(cu_seqlens_q=torch.tensor([0, 3, 3, 8, 10], dtype=I32)), "cu_seqlens_q", hal.InvalidArgumentError),
-    (dict(cu_seqlens_q=torch.zeros(0, dtype=I32)), "cu_seqlens_q", hal.InvalidArgumentError),
-    (dict(cu_seqlens_k=cumulative([3, 2, 8])), "cu_seqlens_k", hal.InvalidArgumentError),
-    (dict(cu_seqlens_k=cumulative([3, 2, 7, 2])), "cu_seqlens_k", hal.InvalidArgumentError),
-    (dict(cu_seqlens_k=torch.tensor([0, 3, 5, 4, 13], dtype=I32)), "cu_seqlens_k", hal.InvalidArgumentError),
-    (dict(cu_seqlens_k=None), "k", hal.InvalidArgumentError),  # Tk = 13 != Tq = 11
-    (dict(softmax_scale=0.0), "softmax_scale", hal.InvalidArgumentError),
-    (dict(softmax_scale=float("nan")), "softmax_scale", hal.InvalidArgumentError),
-    (dict(softmax_scale=None), "softmax_scale", hal.InvalidArgumentError),
-    (dict(softmax_scale=torch.tensor(0.3)), "softmax_scale", hal.InvalidArgumentError),
-    (dict(causal=1), "causal", hal.InvalidArgumentError),
-    (dict(window=0), "window", hal.InvalidArgumentError),
-    (dict(window=2.0), "window", hal.InvalidArgumentError),
-    (dict(window=True), "window", hal.InvalidArgumentError),
-    (dict(sinks=torch.randn(3)), "sinks", hal.InvalidArgumentError),
-    (dict(sinks=torch.randn(4).bfloat16()), "sinks", hal.InvalidDtypeError),
-    (dict(sinks=torch.randn(4, 1)), "sinks", hal.InvalidArgumentError),
-    (dict(topk_indices=torch.zeros(10, 5, dtype=I32)), "topk_indices", hal.InvalidArgumentError),
-    (dict(topk_indices=torch.zeros(11, 5, dtype=torch.int64)), "topk_indices", hal.InvalidDtypeError),
-    (dict(topk_indices=torch.zeros(11, 1, 5, dtype=I32)), "topk_indices", hal.InvalidArgumentError),
-])
+@pytest.mark.parametrize(
+    "change, argument, exc",
+    [
+        (dict(q=torch.randn(11, 4)), "q", hal.InvalidArgumentError),
+        (dict(q=torch.randn(11, 4, 12).to(I32)), "q", hal.InvalidDtypeError),
+        (dict(q=torch.randn(11, 0, 12)), "q", hal.InvalidArgumentError),
+        (dict(k=torch.randn(13, 2, 12).double()), "k", hal.InvalidDtypeError),
+        (dict(k=torch.randn(13, 2, 10)), "k", hal.InvalidArgumentError),
+        (dict(k=torch.randn(13, 3, 12), v=torch.randn(13, 3, 8)), "k", hal.InvalidArgumentError),
+        (dict(k=torch.randn(13, 12)), "k", hal.InvalidArgumentError),
+        (dict(v=torch.randn(13, 2, 8).half()), "v", hal.InvalidDtypeError),
+        (dict(v=torch.randn(12, 2, 8)), "v", hal.InvalidArgumentError),
+        (dict(v=torch.randn(13, 1, 8)), "v", hal.InvalidArgumentError),
+        (dict(cu_seqlens_q=cumulative([3, 0, 5, 3]).long()), "cu_seqlens_q", hal.InvalidDtypeError),
+        (dict(cu_seqlens_q=cumulative([3, 0, 5, 3])[None]), "cu_seqlens_q", hal.InvalidArgumentError),
+        (dict(cu_seqlens_q=torch.tensor([1, 3, 3, 8, 11], dtype=I32)), "cu_seqlens_q", hal.InvalidArgumentError),
+        (dict(cu_seqlens_q=torch.tensor([0, 3, 2, 8, 11], dtype=I32)), "cu_seqlens_q", hal.InvalidArgumentError),
+        (dict(cu_seqlens_q=torch.tensor([0, 3, 3, 8, 10], dtype=I32)), "cu_seqlens_q", hal.InvalidArgumentError),
+        (dict(cu_seqlens_q=torch.zeros(0, dtype=I32)), "cu_seqlens_q", hal.InvalidArgumentError),
+        (dict(cu_seqlens_k=cumulative([3, 2, 8])), "cu_seqlens_k", hal.InvalidArgumentError),
+        (dict(cu_seqlens_k=cumulative([3, 2, 7, 2])), "cu_seqlens_k", hal.InvalidArgumentError),
+        (dict(cu_seqlens_k=torch.tensor([0, 3, 5, 4, 13], dtype=I32)), "cu_seqlens_k", hal.InvalidArgumentError),
+        (dict(cu_seqlens_k=None), "k", hal.InvalidArgumentError),  # Tk = 13 != Tq = 11
+        (dict(softmax_scale=0.0), "softmax_scale", hal.InvalidArgumentError),
+        (dict(softmax_scale=float("nan")), "softmax_scale", hal.InvalidArgumentError),
+        (dict(softmax_scale=None), "softmax_scale", hal.InvalidArgumentError),
+        (dict(softmax_scale=torch.tensor(0.3)), "softmax_scale", hal.InvalidArgumentError),
+        (dict(causal=1), "causal", hal.InvalidArgumentError),
+        (dict(window=0), "window", hal.InvalidArgumentError),
+        (dict(window=2.0), "window", hal.InvalidArgumentError),
+        (dict(window=True), "window", hal.InvalidArgumentError),
+        (dict(sinks=torch.randn(3)), "sinks", hal.InvalidArgumentError),
+        (dict(sinks=torch.randn(4).bfloat16()), "sinks", hal.InvalidDtypeError),
+        (dict(sinks=torch.randn(4, 1)), "sinks", hal.InvalidArgumentError),
+        (dict(topk_indices=torch.zeros(10, 5, dtype=I32)), "topk_indices", hal.InvalidArgumentError),
+        (dict(topk_indices=torch.zeros(11, 5, dtype=torch.int64)), "topk_indices", hal.InvalidDtypeError),
+        (dict(topk_indices=torch.zeros(11, 1, 5, dtype=I32)), "topk_indices", hal.InvalidArgumentError),
+    ],
+)
 def test_prefill_bad_input_names_the_argument(change, argument, exc):
     with pytest.raises(exc, match=f"argument '{argument}'"):
         PREFILL(**_prefill_args(**change))
@@ -562,9 +627,19 @@ def test_softmax_scale_is_required():
 
 def _decode_args(**change):
     q, keys, idx, sinks = decode_inputs()  # lens (4, 5, 0, 8, 3), Sq 2, Hq 4, D 20
-    cache, table, lens = page(keys, 4)     # 8 blocks of 4, table [5, 3]
-    args = dict(q=q, kv_cache=cache, block_table=table, seq_lens=lens, softmax_scale=0.3, head_dim_v=16,
-                causal=True, sinks=sinks, window=None, topk_indices=idx)
+    cache, table, lens = page(keys, 4)  # 8 blocks of 4, table [5, 3]
+    args = dict(
+        q=q,
+        kv_cache=cache,
+        block_table=table,
+        seq_lens=lens,
+        softmax_scale=0.3,
+        head_dim_v=16,
+        causal=True,
+        sinks=sinks,
+        window=None,
+        topk_indices=idx,
+    )
     args.update(change)
     return args
 
@@ -577,36 +652,39 @@ def _table_with(b, i, value):
 
 
 @pytest.mark.usefixtures("checked")  # value checks run in checked mode
-@pytest.mark.parametrize("change, argument, exc", [
-    (dict(q=torch.randn(5, 4, 20)), "q", hal.InvalidArgumentError),
-    (dict(q=torch.randn(5, 0, 4, 20)), "q", hal.InvalidArgumentError),
-    (dict(q=torch.randn(5, 2, 4, 20).to(I32)), "q", hal.InvalidDtypeError),
-    (dict(kv_cache=torch.randn(8, 4, 20).bfloat16()), "kv_cache", hal.InvalidDtypeError),
-    (dict(kv_cache=torch.randn(8, 4, 18)), "kv_cache", hal.InvalidArgumentError),
-    (dict(kv_cache=torch.randn(8, 4, 1, 20)), "kv_cache", hal.InvalidArgumentError),
-    (dict(kv_cache=torch.randn(8, 0, 20)), "kv_cache", hal.InvalidArgumentError),
-    (dict(block_table=torch.zeros(5, 3, dtype=torch.int64)), "block_table", hal.InvalidDtypeError),
-    (dict(block_table=torch.zeros(4, 3, dtype=I32)), "block_table", hal.InvalidArgumentError),
-    (dict(block_table=torch.zeros(15, dtype=I32)), "block_table", hal.InvalidArgumentError),
-    (dict(block_table=_table_with(1, 1, -1)), "block_table", hal.InvalidArgumentError),  # used block -1
-    (dict(block_table=_table_with(3, 0, 8)), "block_table", hal.InvalidArgumentError),   # == num_blocks
-    (dict(seq_lens=torch.tensor([4, 5, 0, 8], dtype=I32)), "seq_lens", hal.InvalidArgumentError),
-    (dict(seq_lens=torch.tensor([4, 5, 0, 8, 3])), "seq_lens", hal.InvalidDtypeError),
-    (dict(seq_lens=torch.tensor([4, 5, -1, 8, 3], dtype=I32)), "seq_lens", hal.InvalidArgumentError),
-    (dict(seq_lens=torch.tensor([4, 5, 0, 13, 3], dtype=I32)), "seq_lens", hal.InvalidArgumentError),  # > 3 * 4
-    (dict(seq_lens=torch.tensor([4, 5, 0, 8, 1], dtype=I32)), "seq_lens", hal.InvalidArgumentError),  # < Sq
-    (dict(head_dim_v=21), "head_dim_v", hal.InvalidArgumentError),
-    (dict(head_dim_v=0), "head_dim_v", hal.InvalidArgumentError),
-    (dict(head_dim_v=16.0), "head_dim_v", hal.InvalidArgumentError),
-    (dict(softmax_scale=-1.0), "softmax_scale", hal.InvalidArgumentError),
-    (dict(causal="yes"), "causal", hal.InvalidArgumentError),
-    (dict(window=-3), "window", hal.InvalidArgumentError),
-    (dict(sinks=torch.randn(5)), "sinks", hal.InvalidArgumentError),
-    (dict(sinks=torch.randn(4).double()), "sinks", hal.InvalidDtypeError),
-    (dict(topk_indices=torch.zeros(5, 1, 6, dtype=I32)), "topk_indices", hal.InvalidArgumentError),
-    (dict(topk_indices=torch.zeros(5, 2, dtype=I32)), "topk_indices", hal.InvalidArgumentError),
-    (dict(topk_indices=torch.zeros(5, 2, 6)), "topk_indices", hal.InvalidDtypeError),
-])
+@pytest.mark.parametrize(
+    "change, argument, exc",
+    [
+        (dict(q=torch.randn(5, 4, 20)), "q", hal.InvalidArgumentError),
+        (dict(q=torch.randn(5, 0, 4, 20)), "q", hal.InvalidArgumentError),
+        (dict(q=torch.randn(5, 2, 4, 20).to(I32)), "q", hal.InvalidDtypeError),
+        (dict(kv_cache=torch.randn(8, 4, 20).bfloat16()), "kv_cache", hal.InvalidDtypeError),
+        (dict(kv_cache=torch.randn(8, 4, 18)), "kv_cache", hal.InvalidArgumentError),
+        (dict(kv_cache=torch.randn(8, 4, 1, 20)), "kv_cache", hal.InvalidArgumentError),
+        (dict(kv_cache=torch.randn(8, 0, 20)), "kv_cache", hal.InvalidArgumentError),
+        (dict(block_table=torch.zeros(5, 3, dtype=torch.int64)), "block_table", hal.InvalidDtypeError),
+        (dict(block_table=torch.zeros(4, 3, dtype=I32)), "block_table", hal.InvalidArgumentError),
+        (dict(block_table=torch.zeros(15, dtype=I32)), "block_table", hal.InvalidArgumentError),
+        (dict(block_table=_table_with(1, 1, -1)), "block_table", hal.InvalidArgumentError),  # used block -1
+        (dict(block_table=_table_with(3, 0, 8)), "block_table", hal.InvalidArgumentError),  # == num_blocks
+        (dict(seq_lens=torch.tensor([4, 5, 0, 8], dtype=I32)), "seq_lens", hal.InvalidArgumentError),
+        (dict(seq_lens=torch.tensor([4, 5, 0, 8, 3])), "seq_lens", hal.InvalidDtypeError),
+        (dict(seq_lens=torch.tensor([4, 5, -1, 8, 3], dtype=I32)), "seq_lens", hal.InvalidArgumentError),
+        (dict(seq_lens=torch.tensor([4, 5, 0, 13, 3], dtype=I32)), "seq_lens", hal.InvalidArgumentError),  # > 3 * 4
+        (dict(seq_lens=torch.tensor([4, 5, 0, 8, 1], dtype=I32)), "seq_lens", hal.InvalidArgumentError),  # < Sq
+        (dict(head_dim_v=21), "head_dim_v", hal.InvalidArgumentError),
+        (dict(head_dim_v=0), "head_dim_v", hal.InvalidArgumentError),
+        (dict(head_dim_v=16.0), "head_dim_v", hal.InvalidArgumentError),
+        (dict(softmax_scale=-1.0), "softmax_scale", hal.InvalidArgumentError),
+        (dict(causal="yes"), "causal", hal.InvalidArgumentError),
+        (dict(window=-3), "window", hal.InvalidArgumentError),
+        (dict(sinks=torch.randn(5)), "sinks", hal.InvalidArgumentError),
+        (dict(sinks=torch.randn(4).double()), "sinks", hal.InvalidDtypeError),
+        (dict(topk_indices=torch.zeros(5, 1, 6, dtype=I32)), "topk_indices", hal.InvalidArgumentError),
+        (dict(topk_indices=torch.zeros(5, 2, dtype=I32)), "topk_indices", hal.InvalidArgumentError),
+        (dict(topk_indices=torch.zeros(5, 2, 6)), "topk_indices", hal.InvalidDtypeError),
+    ],
+)
 def test_decode_bad_input_names_the_argument(change, argument, exc):
     with pytest.raises(exc, match=f"argument '{argument}'"):
         DECODE(**_decode_args(**change))
@@ -627,21 +705,29 @@ def test_mixed_devices_are_rejected():
 
 
 @pytest.mark.usefixtures("checked")  # value checks run in checked mode
-@pytest.mark.parametrize("cache, kv, slots, argument, exc", [
-    (torch.zeros(3, 4, 6), torch.zeros(2, 5), torch.tensor([0, 1]), "kv", hal.InvalidArgumentError),
-    (torch.zeros(3, 4, 6), torch.zeros(2, 6).half(), torch.tensor([0, 1]), "kv", hal.InvalidDtypeError),
-    (torch.zeros(3, 4, 6), torch.zeros(2, 1, 6), torch.tensor([0, 1]), "kv", hal.InvalidArgumentError),
-    (torch.zeros(12, 6), torch.zeros(2, 6), torch.tensor([0, 1]), "kv_cache", hal.InvalidArgumentError),
-    (torch.zeros(3, 4, 6).to(I32), torch.zeros(2, 6), torch.tensor([0, 1]), "kv_cache", hal.InvalidDtypeError),
-    (torch.zeros(3, 6, 4).transpose(1, 2), torch.zeros(2, 6), torch.tensor([0, 1]), "kv_cache",
-     hal.InvalidArgumentError),
-    (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([0.0, 1.0]), "slot_mapping", hal.InvalidDtypeError),
-    (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([[0, 1]]), "slot_mapping", hal.InvalidArgumentError),
-    (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([0, 1, 2]), "slot_mapping", hal.InvalidArgumentError),
-    (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([0, 12]), "slot_mapping", hal.InvalidArgumentError),
-    (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([-2, 1]), "slot_mapping", hal.InvalidArgumentError),
-    (torch.zeros(3, 4, 6), torch.zeros(3, 6), torch.tensor([5, -1, 5]), "slot_mapping", hal.InvalidArgumentError),
-])
+@pytest.mark.parametrize(
+    "cache, kv, slots, argument, exc",
+    [
+        (torch.zeros(3, 4, 6), torch.zeros(2, 5), torch.tensor([0, 1]), "kv", hal.InvalidArgumentError),
+        (torch.zeros(3, 4, 6), torch.zeros(2, 6).half(), torch.tensor([0, 1]), "kv", hal.InvalidDtypeError),
+        (torch.zeros(3, 4, 6), torch.zeros(2, 1, 6), torch.tensor([0, 1]), "kv", hal.InvalidArgumentError),
+        (torch.zeros(12, 6), torch.zeros(2, 6), torch.tensor([0, 1]), "kv_cache", hal.InvalidArgumentError),
+        (torch.zeros(3, 4, 6).to(I32), torch.zeros(2, 6), torch.tensor([0, 1]), "kv_cache", hal.InvalidDtypeError),
+        (
+            torch.zeros(3, 6, 4).transpose(1, 2),
+            torch.zeros(2, 6),
+            torch.tensor([0, 1]),
+            "kv_cache",
+            hal.InvalidArgumentError,
+        ),
+        (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([0.0, 1.0]), "slot_mapping", hal.InvalidDtypeError),
+        (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([[0, 1]]), "slot_mapping", hal.InvalidArgumentError),
+        (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([0, 1, 2]), "slot_mapping", hal.InvalidArgumentError),
+        (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([0, 12]), "slot_mapping", hal.InvalidArgumentError),
+        (torch.zeros(3, 4, 6), torch.zeros(2, 6), torch.tensor([-2, 1]), "slot_mapping", hal.InvalidArgumentError),
+        (torch.zeros(3, 4, 6), torch.zeros(3, 6), torch.tensor([5, -1, 5]), "slot_mapping", hal.InvalidArgumentError),
+    ],
+)
 def test_cache_write_bad_input_names_the_argument(cache, kv, slots, argument, exc):
     before = cache.clone()
     with pytest.raises(exc, match=f"argument '{argument}'"):
@@ -660,13 +746,24 @@ def test_cache_write_accepts_repeated_padding_and_empty_batches():
 def test_features_reported_to_backends():
     args = _prefill_args(window=4)
     req = PREFILL.validate(**args)
-    assert dict(req.features) == {"dtype": "float32", "causal": "true", "sinks": "true", "window": "true",
-                                  "sparse": "true"}
+    assert dict(req.features) == {
+        "dtype": "float32",
+        "causal": "true",
+        "sinks": "true",
+        "window": "true",
+        "sparse": "true",
+    }
     req = DECODE.validate(**_decode_args(causal=False, sinks=None, topk_indices=None))
-    assert dict(req.features) == {"dtype": "float32", "causal": "false", "sinks": "false", "window": "false",
-                                  "sparse": "false"}
-    assert dict(WRITE.validate(torch.zeros(1, 2, 3).half(), torch.zeros(1, 3).half(), torch.tensor([0])).features) \
-        == {"dtype": "float16"}
+    assert dict(req.features) == {
+        "dtype": "float32",
+        "causal": "false",
+        "sinks": "false",
+        "window": "false",
+        "sparse": "false",
+    }
+    assert dict(WRITE.validate(torch.zeros(1, 2, 3).half(), torch.zeros(1, 3).half(), torch.tensor([0])).features) == {
+        "dtype": "float16"
+    }
     for op in (PREFILL, DECODE):
         assert set(op.axes) == {"dtype", "causal", "sinks", "window", "sparse"}
 
@@ -677,9 +774,10 @@ def test_kernel_rounding_probabilities_to_input_dtype_is_within_tolerance(dtype)
     P @ V product, fp32 denominator) must pass: the c_p term of the tolerance admits it."""
     q, keys, _, _ = decode_inputs(dtype, lens=(40, 33), sq=1, hq=8, d=72, seed=13)
     cache, table, lens = page(keys, 16, dtype=dtype)
-    scale = 72 ** -0.5
-    exact_out, exact_lse = DECODE.reference_impl(q, cache, table, lens, softmax_scale=scale, head_dim_v=64,
-                                                 causal=False, compute_dtype=F64)
+    scale = 72**-0.5
+    exact_out, exact_lse = DECODE.reference_impl(
+        q, cache, table, lens, softmax_scale=scale, head_dim_v=64, causal=False, compute_dtype=F64
+    )
     n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=scale, num_keys=40)
     for b, key in enumerate(keys):
         logits = scale * torch.einsum("hd,td->ht", q[b, 0].float(), key.float())
@@ -710,6 +808,7 @@ def cpu_paths(request, monkeypatch):
     PyTorch's flash attention; and fp32, without the native kernel), whatever this CPU has. Every variant of the
     native kernel: the ``native_variant`` tests below."""
     from hal.backends.cpu import kernels
+
     monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: request.param != "fp32-only")
     if request.param != "bf16-matrix-instructions":
         monkeypatch.setattr(kernels.native, "serves_mla_decode", lambda *args: False)
@@ -742,18 +841,25 @@ def test_masked_prefill_in_chunks_of_queries_is_within_tolerance(monkeypatch, hk
     # attends chunks of queries (query heads of a kv head folded into rows), each over the keys some query of
     # the chunk attends, the others masked; a query attending nothing gets out 0 and lse -inf
     from hal.backends.cpu import kernels
+
     monkeypatch.setattr(kernels, "_FOLDED_ROWS", folded_rows)
-    q, k, v, cu_q, cu_k, idx, sinks = prefill_inputs(torch.bfloat16, lens_q=(20, 5), lens_k=(26, 5), hq=4, hk=hk,
-                                                     dqk=24, dv=16, topk=6, seed=13)
+    q, k, v, cu_q, cu_k, idx, sinks = prefill_inputs(
+        torch.bfloat16, lens_q=(20, 5), lens_k=(26, 5), hq=4, hk=hk, dqk=24, dv=16, topk=6, seed=13
+    )
     idx[3] = -1  # attends nothing
-    for kw in (dict(causal=True), dict(window=5, sinks=sinks), dict(causal=False, topk_indices=idx, sinks=sinks),
-               dict(window=3, topk_indices=idx)):
-        kw = dict(softmax_scale=24 ** -0.5, **kw)
+    for kw in (
+        dict(causal=True),
+        dict(window=5, sinks=sinks),
+        dict(causal=False, topk_indices=idx, sinks=sinks),
+        dict(window=3, topk_indices=idx),
+    ):
+        kw = dict(softmax_scale=24**-0.5, **kw)
         out, lse = PREFILL(q, k, v, cu_q, cu_k, **kw)
         exact_out, exact_lse = PREFILL.reference_impl(q, k, v, cu_q, cu_k, compute_dtype=F64, **kw)
         n = hal.ops.mla.attention_error_n(q, k, softmax_scale=kw["softmax_scale"], num_keys=26)
-        assert_within(out, exact_out, TOL["bfloat16"], n=n, magnitude=magnitude_prefill(q, k, v, cu_q, cu_k, **kw),
-                      what="out")
+        assert_within(
+            out, exact_out, TOL["bfloat16"], n=n, magnitude=magnitude_prefill(q, k, v, cu_q, cu_k, **kw), what="out"
+        )
         assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
         if "topk_indices" in kw:
             assert torch.equal(out[3], torch.zeros_like(out[3])) and bool((lse[3] == float("-inf")).all())
@@ -778,8 +884,10 @@ def test_decode_over_pages_in_order_equals_scattered_and_strided_caches(dtype):
     in_order, in_order_table, lens = page(keys, 4, dtype=dtype, in_order=True)
     scattered, table, _ = page(keys, 4, dtype=dtype)
     blocks_second = in_order.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided storage
-    results = [DECODE(q, cache, t, lens, softmax_scale=0.3, head_dim_v=16)
-               for cache, t in ((in_order, in_order_table), (scattered, table), (blocks_second, in_order_table))]
+    results = [
+        DECODE(q, cache, t, lens, softmax_scale=0.3, head_dim_v=16)
+        for cache, t in ((in_order, in_order_table), (scattered, table), (blocks_second, in_order_table))
+    ]
     assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
 
 
@@ -791,16 +899,20 @@ def test_one_token_decode_attends_exactly_the_keys_its_window_or_topk_selects(dt
     q, (keys,), _, _ = decode_inputs(dtype, lens=(12,), sq=1, seed=5)
     cache, table, lens = page([keys], 4, dtype=dtype)
     top = torch.tensor([[[9, -1, 2, 9, 30]]], dtype=I32)  # padding, a duplicate, one out of range
-    for options, chosen in ((dict(window=5), range(7, 12)), (dict(window=40), range(12)),
-                            (dict(topk_indices=top, causal=False), [2, 9])):
+    for options, chosen in (
+        (dict(window=5), range(7, 12)),
+        (dict(window=40), range(12)),
+        (dict(topk_indices=top, causal=False), [2, 9]),
+    ):
         got = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16, **options)
         alone = DECODE(q, *page([keys[list(chosen)]], 4, dtype=dtype), softmax_scale=0.3, head_dim_v=16)
         assert all(torch.equal(a, b) for a, b in zip(got, alone)), options
 
 
 @pytest.mark.usefixtures("cpu_paths")
-@pytest.mark.parametrize("pages", ["each sequence after the previous",
-                                   "the same, cache stored blocks-second (gathered)", "scattered"])
+@pytest.mark.parametrize(
+    "pages", ["each sequence after the previous", "the same, cache stored blocks-second (gathered)", "scattered"]
+)
 def test_a_batch_of_equal_lengths_decodes_as_each_sequence_alone(pages):
     # the CPU kernel attends a batch of equal-length sequences in one flash call (one core per sequence):
     # each must come out exactly as it does alone, sinks included
@@ -811,9 +923,10 @@ def test_a_batch_of_equal_lengths_decodes_as_each_sequence_alone(pages):
     for extra in ({}, {"sinks": sinks}):
         out, lse = DECODE(q, cache, table, lens, softmax_scale=0.3, head_dim_v=16, **extra)
         for b in range(3):
-            alone = DECODE(q[b:b + 1], cache, table[b:b + 1], lens[b:b + 1], softmax_scale=0.3, head_dim_v=16,
-                           **extra)
-            assert torch.equal(out[b:b + 1], alone[0]) and torch.equal(lse[b:b + 1], alone[1]), (pages, extra, b)
+            alone = DECODE(
+                q[b : b + 1], cache, table[b : b + 1], lens[b : b + 1], softmax_scale=0.3, head_dim_v=16, **extra
+            )
+            assert torch.equal(out[b : b + 1], alone[0]) and torch.equal(lse[b : b + 1], alone[1]), (pages, extra, b)
 
 
 @pytest.mark.usefixtures("cpu_paths")
@@ -831,34 +944,42 @@ def test_sinks_scale_a_batched_sequence_as_they_do_alone():
     assert torch.equal(out[:1], alone)
 
 
-@pytest.mark.parametrize("block_size, lens", [(64, (4096, 1, 0, 100)), (32, (33, 31, 32)), (7, (50, 3)),
-                                              (100, (1000, 257)), (1, (40,))])
+@pytest.mark.parametrize(
+    "block_size, lens", [(64, (4096, 1, 0, 100)), (32, (33, 31, 32)), (7, (50, 3)), (100, (1000, 257)), (1, (40,))]
+)
 @pytest.mark.parametrize("hq, d, dv", [(16, 576, 512), (3, 64, 32), (1, 32, 32)])
 @pytest.mark.parametrize("sinks, selection", [(False, None), (True, None), (False, "window"), (True, "topk")])
-def test_native_decode_within_tolerance_of_oracle(monkeypatch, native_variant, block_size, lens, hq, d, dv, sinks,
-                                                  selection):
+def test_native_decode_within_tolerance_of_oracle(
+    monkeypatch, native_variant, block_size, lens, hq, d, dv, sinks, selection
+):
     # each variant of the native kernel (AMX tiles, vdpbf16ps, or fp32 FMAs; online softmax, pages read in place
     # or copied where a block of 32 keys crosses a page or the end; a window's or a top-k list's keys gathered
     # first) on the shapes it serves, against the float64 oracle
     from hal.backends.cpu import kernels
+
     monkeypatch.setattr(kernels, "native_bf16_gemm", lambda: True)  # (window and top-k steps: bf16 paths only)
     assert kernels.native.serves_mla_decode(hq, d, dv, torch.empty(1, 1, d, dtype=torch.bfloat16))
     calls = []
     kernel = kernels.native.mla_decode
     monkeypatch.setattr(kernels.native, "mla_decode", lambda *args: calls.append(1) or kernel(*args))
-    q, keys, idx, sink_logits = decode_inputs(torch.bfloat16, lens=lens, sq=1, hq=hq, d=d, seed=len(lens) + d,
-                                              topk=40)
+    q, keys, idx, sink_logits = decode_inputs(torch.bfloat16, lens=lens, sq=1, hq=hq, d=d, seed=len(lens) + d, topk=40)
     q = q * 0.5
     cache, table, seq_lens = page(keys, block_size, dtype=torch.bfloat16)
-    kw = dict(softmax_scale=d ** -0.5, head_dim_v=dv, sinks=sink_logits if sinks else None,
-              window=37 if selection == "window" else None, topk_indices=idx if selection == "topk" else None)
+    kw = dict(
+        softmax_scale=d**-0.5,
+        head_dim_v=dv,
+        sinks=sink_logits if sinks else None,
+        window=37 if selection == "window" else None,
+        topk_indices=idx if selection == "topk" else None,
+    )
     out, lse = DECODE(q, cache, table, seq_lens, **kw)
     assert calls, "the native kernel was not used"
     exact_out, exact_lse = DECODE.reference_impl(q, cache, table, seq_lens, compute_dtype=F64, **kw)
     args, topk = decode_as_prefill(q, keys, dv, kw.pop("topk_indices"))
     kw.pop("head_dim_v")
-    magnitude = PREFILL.reference_impl(args[0], args[1], args[2].abs(), *args[3:], topk_indices=topk,
-                                       compute_dtype=F64, **kw)[0].reshape(exact_out.shape)
+    magnitude = PREFILL.reference_impl(
+        args[0], args[1], args[2].abs(), *args[3:], topk_indices=topk, compute_dtype=F64, **kw
+    )[0].reshape(exact_out.shape)
     n = hal.ops.mla.attention_error_n(q, torch.cat(keys), softmax_scale=kw["softmax_scale"], num_keys=max(lens))
     assert_within(out, exact_out, TOL["bfloat16"], n=n, magnitude=magnitude, what="out")
     assert_within(lse, exact_lse, TOL["lse"], n=n, magnitude=torch.ones_like(exact_lse), what="lse")
@@ -868,6 +989,7 @@ def test_native_decode_of_a_sequence_is_the_same_alone_in_a_batch_and_on_any_num
     # long sequences are attended in two halves shared out among the threads: the split depends only on the
     # sequence's length, so its result does not depend on the batch around it or on the threads
     from hal.backends.cpu import kernels
+
     assert kernels.native.serves_mla_decode(16, 64, 64, torch.empty(1, 1, 64, dtype=torch.bfloat16))
     q, keys, _, _ = decode_inputs(torch.bfloat16, lens=(1500, 700, 511, 3000, 40), sq=1, hq=16, d=64, seed=9)
     cache, table, lens = page(keys, 64, dtype=torch.bfloat16)
@@ -880,8 +1002,8 @@ def test_native_decode_of_a_sequence_is_the_same_alone_in_a_batch_and_on_any_num
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(batch, one_thread))
     for b in range(len(keys)):
-        alone = DECODE(q[b:b + 1], cache, table[b:b + 1], lens[b:b + 1], softmax_scale=0.125, head_dim_v=64)
-        assert torch.equal(batch[0][b:b + 1], alone[0]) and torch.equal(batch[1][b:b + 1], alone[1]), b
+        alone = DECODE(q[b : b + 1], cache, table[b : b + 1], lens[b : b + 1], softmax_scale=0.125, head_dim_v=64)
+        assert torch.equal(batch[0][b : b + 1], alone[0]) and torch.equal(batch[1][b : b + 1], alone[1]), b
 
 
 @pytest.mark.parametrize("where", ["query", "key, latent dims", "key, value dims"])
@@ -889,6 +1011,7 @@ def test_native_decode_propagates_nan_as_the_reference_does(native_variant, wher
     # a NaN among the attended numbers makes out and lse NaN where the reference's are (compare: "NaN where
     # NaN"); the kernel's exponential must not turn a NaN logit into a zero probability
     from hal.backends.cpu import kernels
+
     assert kernels.native.serves_mla_decode(4, 64, 32, torch.empty(1, 1, 64, dtype=torch.bfloat16))
     q, keys, _, _ = decode_inputs(torch.bfloat16, lens=(600, 40), sq=1, hq=4, d=64, seed=5)
     if where == "query":
@@ -897,7 +1020,8 @@ def test_native_decode_propagates_nan_as_the_reference_does(native_variant, wher
         keys[0][333, 40 if where == "key, latent dims" else 5] = float("nan")
     cache, table, lens = page(keys, 16, dtype=torch.bfloat16)
     out, lse = DECODE(q, cache, table, lens, softmax_scale=0.125, head_dim_v=32)
-    exact_out, exact_lse = DECODE.reference_impl(q, cache, table, lens, compute_dtype=F64, softmax_scale=0.125,
-                                                 head_dim_v=32)
+    exact_out, exact_lse = DECODE.reference_impl(
+        q, cache, table, lens, compute_dtype=F64, softmax_scale=0.125, head_dim_v=32
+    )
     assert exact_out.isnan().any()
     assert torch.equal(out.isnan(), exact_out.isnan()) and torch.equal(lse.isnan(), exact_lse.isnan())

@@ -3,6 +3,7 @@ GEMM, FP4 quantisation and dequantisation; their composition with the grouped GE
 
 The DeepSeek / DeepGEMM quantisers are transcribed here from their published math (one block per loop
 iteration, as one Triton program per block), independently of the HAL's vectorised reference."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,6 @@ import hal
 from hal.formats import unpack_fp4
 from hal.numerics import assert_within, compare, ulp_distance
 from hal.ops.grouped_gemm import GEMM_TOLERANCE
-from test_cpu_native import native_variant  # noqa: F401 (a fixture: each native kernel variant this CPU runs)
 
 Q8 = hal.ops.quantize_fp8
 Q8W = hal.ops.quantize_fp8_weight
@@ -46,6 +46,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- transcriptions
 
+
 def deepseek_v3_act_quant(x, block_size=128, scale_fmt=None):
     """DeepSeek-V3 ``act_quant`` (Triton kernel at HEAD), one program (block) per loop iteration."""
     assert x.size(-1) % block_size == 0
@@ -53,14 +54,14 @@ def deepseek_v3_act_quant(x, block_size=128, scale_fmt=None):
     y = torch.empty(flat.shape, dtype=E4M3)
     s = torch.empty(flat.numel() // block_size, dtype=torch.float32)
     for pid in range(s.numel()):
-        xb = flat[pid * block_size:(pid + 1) * block_size].to(torch.float32)
+        xb = flat[pid * block_size : (pid + 1) * block_size].to(torch.float32)
         amax = torch.max(torch.abs(xb))
         amax = torch.maximum(amax, torch.tensor(1e-4))
-        sb = amax / 448.
+        sb = amax / 448.0
         if scale_fmt == "ue8m0":
             exp = math.ceil(math.log2(sb.item()))  # log2 in float64: exact for the fp32 value
-            sb = torch.tensor(2.0 ** exp, dtype=torch.float32)
-        y[pid * block_size:(pid + 1) * block_size] = (xb / sb).to(E4M3)
+            sb = torch.tensor(2.0**exp, dtype=torch.float32)
+        y[pid * block_size : (pid + 1) * block_size] = (xb / sb).to(E4M3)
         s[pid] = sb
     return y.view(x.shape), s.view(*x.shape[:-1], -1)
 
@@ -139,6 +140,7 @@ def v4_fp4_quant(w, group_size=32):
 
 # --------------------------------------------------------------------------- quantize_fp8 semantics
 
+
 @pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape, group", [((4, 512), 128), ((2, 3, 256), 128), ((3, 96), 32)])
@@ -179,9 +181,11 @@ def test_fp32_scale_quotient_is_a_division_at_e4m3_midpoints():
     # round to different e4m3 values; the contract is the division, one e4m3 step the tolerance
     amax = torch.tensor(3.7)
     s = amax / 448.0
-    mids = torch.tensor([(k + 0.5) * 2.0 ** (e - 3) for e in range(-6, 9) for k in range(8, 16)
-                         if (k + 0.5) * 2.0 ** (e - 3) < 448], dtype=torch.float64)
-    near = ((mids * s.double()).float().view(torch.int32)[:, None] + torch.arange(-3, 4, dtype=torch.int32))
+    mids = torch.tensor(
+        [(k + 0.5) * 2.0 ** (e - 3) for e in range(-6, 9) for k in range(8, 16) if (k + 0.5) * 2.0 ** (e - 3) < 448],
+        dtype=torch.float64,
+    )
+    near = (mids * s.double()).float().view(torch.int32)[:, None] + torch.arange(-3, 4, dtype=torch.int32)
     vals = near.view(torch.float32).flatten()
     vals = torch.cat([vals, vals.new_zeros(-vals.numel() % 127)]).reshape(-1, 127)
     x = torch.cat([amax.expand(vals.shape[0], 1), vals], 1)  # every group: amax first, s = 3.7 / 448
@@ -234,8 +238,8 @@ def test_all_zero_group(fmt, expected_s):
 
 def test_saturation_at_plus_minus_448_times_scale():
     x = torch.zeros(3, 128)
-    x[0, :4] = torch.tensor([5.0, -5.0, 2.5, 1.0])      # fp32 s = 5/448: +-5 -> +-448
-    x[1, :2] = torch.tensor([3.0, -3.0])                # ue8m0: s = 2**-7, 3 / s = 384 (not saturated)
+    x[0, :4] = torch.tensor([5.0, -5.0, 2.5, 1.0])  # fp32 s = 5/448: +-5 -> +-448
+    x[1, :2] = torch.tensor([3.0, -3.0])  # ue8m0: s = 2**-7, 3 / s = 384 (not saturated)
     x[2, :2] = torch.tensor([448.0 * 2**-3, -448.0 * 2**-3])  # s = 2**-3 either way: exactly +-448
     q, s = Q8(x)
     assert q.float()[0, :2].tolist() == [448.0, -448.0]
@@ -253,14 +257,25 @@ def test_saturation_at_plus_minus_448_times_scale():
 
 def test_subnormal_range_values():
     # amax 448 -> s = 1 (both formats): q is x rounded to e4m3, subnormal step 2**-9 below 2**-6
-    vals = [448.0, 0.01, -0.01, 2.0**-10, 1.5 * 2.0**-10, 3 * 2.0**-9, 2.0**-6 - 2.0**-11, 2.0**-7 + 2.0**-10,
-            -2.0**-11, 1e-40, 0.0]
+    vals = [
+        448.0,
+        0.01,
+        -0.01,
+        2.0**-10,
+        1.5 * 2.0**-10,
+        3 * 2.0**-9,
+        2.0**-6 - 2.0**-11,
+        2.0**-7 + 2.0**-10,
+        -(2.0**-11),
+        1e-40,
+        0.0,
+    ]
     x = torch.zeros(1, 128)
-    x[0, :len(vals)] = torch.tensor(vals)
+    x[0, : len(vals)] = torch.tensor(vals)
     for fmt in (None, "ue8m0"):
         q, s = Q8(x, scale_fmt=fmt)
         assert s.item() == 1.0
-        got = q.float()[0, :len(vals)].tolist()
+        got = q.float()[0, : len(vals)].tolist()
         expected = [e4m3_round(float(torch.tensor(v))) for v in vals]
         assert got == expected
     assert expected[3] == 0.0 and expected[4] == 2.0**-9  # the tie at 2**-10 goes to the even 0
@@ -326,6 +341,7 @@ def test_requests_name_the_declared_features():
 
 # --------------------------------------------------------------------------- quantize_fp8_weight
 
+
 def weight_quant_loop(w, b=128, scale_fmt=None):
     """Per-block loop: one 128x128 block (partial at the edges) at a time."""
     n, k = w.shape
@@ -334,19 +350,26 @@ def weight_quant_loop(w, b=128, scale_fmt=None):
     s = torch.empty(nb, kb)
     for i in range(nb):
         for j in range(kb):
-            blk = w[i * b:(i + 1) * b, j * b:(j + 1) * b].float()
+            blk = w[i * b : (i + 1) * b, j * b : (j + 1) * b].float()
             amax = torch.maximum(blk.abs().max(), torch.tensor(1e-4))
-            sb = amax / 448.
+            sb = amax / 448.0
             if scale_fmt == "ue8m0":
                 sb = torch.tensor(2.0 ** math.ceil(math.log2(sb.item())))
-            q[i * b:(i + 1) * b, j * b:(j + 1) * b] = (blk / sb).to(E4M3)
+            q[i * b : (i + 1) * b, j * b : (j + 1) * b] = (blk / sb).to(E4M3)
             s[i, j] = sb
     return q, s
 
 
 @pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
-@pytest.mark.parametrize("shape, block, dtype", [((200, 300), 128, torch.bfloat16), ((130, 129), 128, torch.float32),
-                                                 ((5, 7), 128, torch.float16), ((96, 80), 32, torch.float32)])
+@pytest.mark.parametrize(
+    "shape, block, dtype",
+    [
+        ((200, 300), 128, torch.bfloat16),
+        ((130, 129), 128, torch.float32),
+        ((5, 7), 128, torch.float16),
+        ((96, 80), 32, torch.float32),
+    ],
+)
 def test_weight_quant_with_partial_edge_blocks_matches_block_loop(scale_fmt, shape, block, dtype):
     w = spread(shape, dtype, seed=5, group=shape[1]) * 0.1
     w[-1, -1] = 7.5  # the largest value lives in the partial corner block
@@ -365,6 +388,7 @@ def test_weight_quant_empty_and_zero_blocks():
 
 
 # --------------------------------------------------------------------------- quant -> dequant error
+
 
 @pytest.mark.parametrize("fmt", [None, "ue8m0"])
 def test_fp8_round_trip_error_is_at_most_half_a_step(fmt):
@@ -400,6 +424,7 @@ def test_fp4_round_trip_error_is_at_most_half_a_grid_step():
 
 # --------------------------------------------------------------------------- dequantize_fp8
 
+
 @pytest.mark.parametrize("out_dtype", FLOATS)
 def test_dequantize_fp8_groups_within_tolerance_of_oracle(out_dtype):
     g = torch.Generator().manual_seed(9)
@@ -424,8 +449,9 @@ def test_dequantize_fp8_blocks_is_weight_dequant(out_dtype):
     loop = torch.empty(q.shape, dtype=torch.float64)
     for i in range(2):
         for j in range(3):
-            loop[:, i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (
-                q[:, i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].double() * scale[:, i, j, None, None].double())
+            loop[:, i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (
+                q[:, i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].double() * scale[:, i, j, None, None].double()
+            )
     assert_within(y, loop, DQ8.tolerance[name(out_dtype)])
 
 
@@ -442,6 +468,7 @@ def test_dequantize_with_power_of_two_scales_is_exact_and_accepts_e8m0():
 
 # --------------------------------------------------------------------------- fp8_gemm
 
+
 def fp8_operands(m_shape=(3, 5), n=200, k=384, seed=12, fmt=None):
     a = spread((*m_shape, k), seed=seed)
     b = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1)) * 0.05
@@ -457,7 +484,7 @@ def block_loop_gemm(qa, sa, qb, sb, dtype=torch.float64):
     acc = torch.zeros(a2.shape[0], n, dtype=dtype)
     rows = torch.arange(n) // 128
     for kb in range(qa.shape[-1] // 128):
-        part = a2[:, kb * 128:(kb + 1) * 128].to(dtype) @ qb[:, kb * 128:(kb + 1) * 128].to(dtype).T
+        part = a2[:, kb * 128 : (kb + 1) * 128].to(dtype) @ qb[:, kb * 128 : (kb + 1) * 128].to(dtype).T
         acc += part * s2[:, kb, None].to(dtype) * sb[rows, kb][None, :].to(dtype)
     return acc.reshape(*qa.shape[:-1], n)
 
@@ -481,8 +508,7 @@ def test_fp8_gemm_within_tolerance_of_oracle_and_block_loop(out_dtype, fmt):
     tol, n = GEMM8.tolerance[name(out_dtype)], qa.shape[-1] + 3
     assert_within(y, exact, tol, n=n, magnitude=magnitude)
     # DeepSeek's kernel form (fp32 partial sums scaled per block) is admitted by the same tolerance
-    assert_within(block_loop_gemm(qa, sa, qb, sb, torch.float32).to(out_dtype), exact, tol, n=n,
-                  magnitude=magnitude)
+    assert_within(block_loop_gemm(qa, sa, qb, sb, torch.float32).to(out_dtype), exact, tol, n=n, magnitude=magnitude)
 
 
 def test_fp8_gemm_tolerance_catches_a_wrong_block_scale():
@@ -499,17 +525,17 @@ def test_fp8_gemm_vector_input_and_empty_k():
     y = GEMM8(qa[0], sa[0], qb, sb, out_dtype=torch.float32)
     assert y.shape == (200,)
     torch.testing.assert_close(y, GEMM8(qa, sa, qb, sb, out_dtype=torch.float32)[0])
-    empty = GEMM8(torch.empty(4, 0, dtype=E4M3), torch.empty(4, 0), torch.empty(3, 0, dtype=E4M3),
-                  torch.empty(1, 0))
+    empty = GEMM8(torch.empty(4, 0, dtype=E4M3), torch.empty(4, 0), torch.empty(3, 0, dtype=E4M3), torch.empty(1, 0))
     assert empty.shape == (4, 3) and torch.all(empty == 0)
 
 
 # --------------------------------------------------------------------------- grouped_gemm composition
 
+
 def group_oracle(xd, wd, sizes):
     out, start = [], 0
     for g, size in enumerate(sizes.tolist()):
-        out.append(xd[start:start + size] @ wd[g].T)
+        out.append(xd[start : start + size] @ wd[g].T)
         start += size
     return torch.cat(out)
 
@@ -534,18 +560,24 @@ def test_grouped_gemm_with_quantised_operands_matches_dequantise_then_gemm(case)
     else:
         per_expert = [Q8W(w[e], 128, fmt) for e in range(3)]
         wq, w_scale = torch.stack([p[0] for p in per_expert]), torch.stack([p[1] for p in per_expert])
-        wd = torch.stack([DQ8.reference_impl(wq[e], w_scale[e], block_shape=(128, 128),
-                                             compute_dtype=torch.float64) for e in range(3)])
+        wd = torch.stack(
+            [
+                DQ8.reference_impl(wq[e], w_scale[e], block_shape=(128, 128), compute_dtype=torch.float64)
+                for e in range(3)
+            ]
+        )
     y = hal.ops.grouped_gemm(xq, wq, sizes, x_scale=x_scale, w_scale=w_scale)
     assert y.dtype == torch.bfloat16
     exact = group_oracle(xd, wd, sizes)
-    oracle = hal.ops.grouped_gemm.reference_impl(xq, wq, sizes, x_scale=x_scale, w_scale=w_scale,
-                                                 compute_dtype=torch.float64)
+    oracle = hal.ops.grouped_gemm.reference_impl(
+        xq, wq, sizes, x_scale=x_scale, w_scale=w_scale, compute_dtype=torch.float64
+    )
     torch.testing.assert_close(oracle, exact, rtol=1e-12, atol=1e-12)
     assert_within(y, exact, GEMM_TOLERANCE["bfloat16"], n=K + 3, magnitude=group_oracle(xd.abs(), wd.abs(), sizes))
 
 
 # --------------------------------------------------------------------------- FP4
+
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("group", [32, 16])
@@ -558,13 +590,12 @@ def test_quantize_fp4_matches_v4_transcription_bit_exact(dtype, group):
 
 
 def test_fp4_ties_go_to_the_even_code_and_zero_is_positive():
-    vals = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0,
-            -0.1, 0.1]
+    vals = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0, -0.1, 0.1]
     w = torch.zeros(32)
-    w[:len(vals)] = torch.tensor(vals)
+    w[: len(vals)] = torch.tensor(vals)
     q, s = Q4(w)
     assert s.item() == 1.0
-    got = unpack_fp4(q)[:len(vals)].tolist()
+    got = unpack_fp4(q)[: len(vals)].tolist()
     assert got == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 0.0, -1.0, -1.0, -2.0, -2.0, -4.0, -4.0, -6.0, 0.0, 0.0]
     assert q[4].item() & 0xF == 0 and q[8].item() >> 4 == 0, "values rounding to zero are +0 nibbles"
 
@@ -640,6 +671,7 @@ def test_inputs_are_not_mutated():
 
 # --------------------------------------------------------------------------- validation errors
 
+
 def _fp8(*shape):
     return torch.zeros(*shape).to(E4M3)
 
@@ -665,36 +697,96 @@ ERRORS = [
     (DQ8, lambda: dict(q=torch.zeros(2, 128), scale=torch.ones(2, 1)), "q", hal.InvalidDtypeError),
     (DQ8, lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1, dtype=torch.float16)), "scale", hal.InvalidDtypeError),
     (DQ8, lambda: dict(q=_fp8(2, 256), scale=torch.ones(2, 1)), "scale", hal.InvalidArgumentError),
-    (DQ8, lambda: dict(q=_fp8(200, 300), scale=torch.ones(1, 3), block_shape=(128, 128)), "scale",
-     hal.InvalidArgumentError),
+    (
+        DQ8,
+        lambda: dict(q=_fp8(200, 300), scale=torch.ones(1, 3), block_shape=(128, 128)),
+        "scale",
+        hal.InvalidArgumentError,
+    ),
     (DQ8, lambda: dict(q=_fp8(128), scale=torch.ones(1, 1), block_shape=(128, 128)), "q", hal.InvalidArgumentError),
-    (DQ8, lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1), block_shape=(1, 1, 128)), "block_shape",
-     hal.InvalidArgumentError),
-    (DQ8, lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1), block_shape=(0,)), "block_shape",
-     hal.InvalidArgumentError),
-    (DQ8, lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1), block_shape=128), "block_shape",
-     hal.InvalidArgumentError),
-    (DQ8, lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1), out_dtype=torch.float64), "out_dtype",
-     hal.InvalidArgumentError),
+    (
+        DQ8,
+        lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1), block_shape=(1, 1, 128)),
+        "block_shape",
+        hal.InvalidArgumentError,
+    ),
+    (
+        DQ8,
+        lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1), block_shape=(0,)),
+        "block_shape",
+        hal.InvalidArgumentError,
+    ),
+    (
+        DQ8,
+        lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1), block_shape=128),
+        "block_shape",
+        hal.InvalidArgumentError,
+    ),
+    (
+        DQ8,
+        lambda: dict(q=_fp8(2, 128), scale=torch.ones(2, 1), out_dtype=torch.float64),
+        "out_dtype",
+        hal.InvalidArgumentError,
+    ),
     # fp8_gemm
-    (GEMM8, lambda: dict(a=torch.zeros(2, 128), a_scale=torch.ones(2, 1), b=_fp8(4, 128), b_scale=torch.ones(1, 1)),
-     "a", hal.InvalidDtypeError),
-    (GEMM8, lambda: dict(a=_fp8(2, 128), a_scale=torch.ones(2, 1), b=torch.zeros(4, 128), b_scale=torch.ones(1, 1)),
-     "b", hal.InvalidDtypeError),
-    (GEMM8, lambda: dict(a=_fp8(2, 128), a_scale=torch.ones(2, 1), b=_fp8(1, 4, 128), b_scale=torch.ones(1, 1)),
-     "b", hal.InvalidArgumentError),
-    (GEMM8, lambda: dict(a=_fp8(2, 100), a_scale=torch.ones(2, 1), b=_fp8(4, 100), b_scale=torch.ones(1, 1)),
-     "a", hal.InvalidArgumentError),
-    (GEMM8, lambda: dict(a=_fp8(2, 128), a_scale=torch.ones(2, 1), b=_fp8(4, 256), b_scale=torch.ones(1, 2)),
-     "b", hal.InvalidArgumentError),
-    (GEMM8, lambda: dict(a=_fp8(2, 256), a_scale=torch.ones(2, 1), b=_fp8(4, 256), b_scale=torch.ones(1, 2)),
-     "a_scale", hal.InvalidArgumentError),
-    (GEMM8, lambda: dict(a=_fp8(2, 256), a_scale=torch.ones(2, 2), b=_fp8(130, 256), b_scale=torch.ones(1, 2)),
-     "b_scale", hal.InvalidArgumentError),
-    (GEMM8, lambda: dict(a=_fp8(2, 128), a_scale=torch.ones(2, 1, dtype=torch.bfloat16), b=_fp8(4, 128),
-                         b_scale=torch.ones(1, 1)), "a_scale", hal.InvalidDtypeError),
-    (GEMM8, lambda: dict(a=_fp8(2, 128), a_scale=torch.ones(2, 1), b=_fp8(4, 128), b_scale=torch.ones(1, 1),
-                         out_dtype=torch.int8), "out_dtype", hal.InvalidArgumentError),
+    (
+        GEMM8,
+        lambda: dict(a=torch.zeros(2, 128), a_scale=torch.ones(2, 1), b=_fp8(4, 128), b_scale=torch.ones(1, 1)),
+        "a",
+        hal.InvalidDtypeError,
+    ),
+    (
+        GEMM8,
+        lambda: dict(a=_fp8(2, 128), a_scale=torch.ones(2, 1), b=torch.zeros(4, 128), b_scale=torch.ones(1, 1)),
+        "b",
+        hal.InvalidDtypeError,
+    ),
+    (
+        GEMM8,
+        lambda: dict(a=_fp8(2, 128), a_scale=torch.ones(2, 1), b=_fp8(1, 4, 128), b_scale=torch.ones(1, 1)),
+        "b",
+        hal.InvalidArgumentError,
+    ),
+    (
+        GEMM8,
+        lambda: dict(a=_fp8(2, 100), a_scale=torch.ones(2, 1), b=_fp8(4, 100), b_scale=torch.ones(1, 1)),
+        "a",
+        hal.InvalidArgumentError,
+    ),
+    (
+        GEMM8,
+        lambda: dict(a=_fp8(2, 128), a_scale=torch.ones(2, 1), b=_fp8(4, 256), b_scale=torch.ones(1, 2)),
+        "b",
+        hal.InvalidArgumentError,
+    ),
+    (
+        GEMM8,
+        lambda: dict(a=_fp8(2, 256), a_scale=torch.ones(2, 1), b=_fp8(4, 256), b_scale=torch.ones(1, 2)),
+        "a_scale",
+        hal.InvalidArgumentError,
+    ),
+    (
+        GEMM8,
+        lambda: dict(a=_fp8(2, 256), a_scale=torch.ones(2, 2), b=_fp8(130, 256), b_scale=torch.ones(1, 2)),
+        "b_scale",
+        hal.InvalidArgumentError,
+    ),
+    (
+        GEMM8,
+        lambda: dict(
+            a=_fp8(2, 128), a_scale=torch.ones(2, 1, dtype=torch.bfloat16), b=_fp8(4, 128), b_scale=torch.ones(1, 1)
+        ),
+        "a_scale",
+        hal.InvalidDtypeError,
+    ),
+    (
+        GEMM8,
+        lambda: dict(
+            a=_fp8(2, 128), a_scale=torch.ones(2, 1), b=_fp8(4, 128), b_scale=torch.ones(1, 1), out_dtype=torch.int8
+        ),
+        "out_dtype",
+        hal.InvalidArgumentError,
+    ),
     # quantize_fp4
     (Q4, lambda: dict(w=torch.zeros(2, 64, dtype=torch.int8)), "w", hal.InvalidDtypeError),
     (Q4, lambda: dict(w=torch.tensor(0.5)), "w", hal.InvalidArgumentError),
@@ -704,32 +796,56 @@ ERRORS = [
     (Q4, lambda: dict(w=torch.zeros(2, 64), group_size=True), "group_size", hal.InvalidArgumentError),
     # dequantize_fp4
     (DQ4, lambda: dict(q=torch.zeros(2, 16), scale=torch.ones(2, 1)), "q", hal.InvalidDtypeError),
-    (DQ4, lambda: dict(q=torch.zeros(2, 16, dtype=torch.uint8), scale=torch.ones(2, 2)), "scale",
-     hal.InvalidArgumentError),
-    (DQ4, lambda: dict(q=torch.zeros(2, 16, dtype=torch.uint8), scale=torch.ones(2, 1, dtype=torch.float16)), "scale",
-     hal.InvalidDtypeError),
-    (DQ4, lambda: dict(q=torch.zeros(2, 8, dtype=torch.uint8), scale=torch.ones(2, 1)), "group_size",
-     hal.InvalidArgumentError),
-    (DQ4, lambda: dict(q=torch.zeros(2, 16, dtype=torch.uint8), scale=torch.ones(2, 1), group_size=-32), "group_size",
-     hal.InvalidArgumentError),
+    (
+        DQ4,
+        lambda: dict(q=torch.zeros(2, 16, dtype=torch.uint8), scale=torch.ones(2, 2)),
+        "scale",
+        hal.InvalidArgumentError,
+    ),
+    (
+        DQ4,
+        lambda: dict(q=torch.zeros(2, 16, dtype=torch.uint8), scale=torch.ones(2, 1, dtype=torch.float16)),
+        "scale",
+        hal.InvalidDtypeError,
+    ),
+    (
+        DQ4,
+        lambda: dict(q=torch.zeros(2, 8, dtype=torch.uint8), scale=torch.ones(2, 1)),
+        "group_size",
+        hal.InvalidArgumentError,
+    ),
+    (
+        DQ4,
+        lambda: dict(q=torch.zeros(2, 16, dtype=torch.uint8), scale=torch.ones(2, 1), group_size=-32),
+        "group_size",
+        hal.InvalidArgumentError,
+    ),
     (DQ4, lambda: dict(q=torch.zeros((), dtype=torch.uint8), scale=torch.ones(1)), "q", hal.InvalidArgumentError),
-    (DQ4, lambda: dict(q=torch.zeros(2, 16, dtype=torch.uint8), scale=torch.ones(2, 1), out_dtype=torch.uint8),
-     "out_dtype", hal.InvalidArgumentError),
+    (
+        DQ4,
+        lambda: dict(q=torch.zeros(2, 16, dtype=torch.uint8), scale=torch.ones(2, 1), out_dtype=torch.uint8),
+        "out_dtype",
+        hal.InvalidArgumentError,
+    ),
 ]
 
 
-@pytest.mark.parametrize("op, make, argument, exc", ERRORS,
-                         ids=[f"{e[0].name}-{e[2]}-{i}" for i, e in enumerate(ERRORS)])
+@pytest.mark.parametrize(
+    "op, make, argument, exc", ERRORS, ids=[f"{e[0].name}-{e[2]}-{i}" for i, e in enumerate(ERRORS)]
+)
 def test_bad_input_names_the_argument(op, make, argument, exc):
     with pytest.raises(exc, match=f"argument '{argument}'"):
         op(**make())
 
 
-@pytest.mark.parametrize("op, args, argument", [
-    (DQ8, lambda: (_fp8(2, 128), torch.ones(2, 1, device="meta")), "scale"),
-    (DQ4, lambda: (torch.zeros(2, 16, dtype=torch.uint8), torch.ones(2, 1, device="meta")), "scale"),
-    (GEMM8, lambda: (_fp8(2, 128), torch.ones(2, 1), _fp8(4, 128), torch.ones(1, 1, device="meta")), "b_scale"),
-])
+@pytest.mark.parametrize(
+    "op, args, argument",
+    [
+        (DQ8, lambda: (_fp8(2, 128), torch.ones(2, 1, device="meta")), "scale"),
+        (DQ4, lambda: (torch.zeros(2, 16, dtype=torch.uint8), torch.ones(2, 1, device="meta")), "scale"),
+        (GEMM8, lambda: (_fp8(2, 128), torch.ones(2, 1), _fp8(4, 128), torch.ones(1, 1, device="meta")), "b_scale"),
+    ],
+)
 def test_tensors_on_different_devices_are_rejected(op, args, argument):
     # the 'meta' device stands in for a second device on a CPU-only machine: validation runs before
     # any computation, so nothing is computed on it
@@ -752,13 +868,14 @@ def test_quantize_fp4_of_no_rows():
 
 # ------------------------------------------------------------------ W8A8 int8
 
+
 def test_quantize_int8_is_per_token_symmetric_with_ties_to_even_and_the_amax_floor():
     x = torch.tensor([[127.0, 0.5, -0.5, 1.5, -63.5], [0.0, 0.0, 0.0, 0.0, 0.0], [2e-5, 0, 0, 0, 0]])
     q, s = hal.ops.quantize_int8(x)
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (3,)
-    assert q[0].tolist() == [127, 0, 0, 2, -64]         # s = 1: ties to even, never -128
-    assert s[1] == s[2] == torch.tensor(1e-4) / 127      # all-zero and tiny rows: amax floored at 1e-4
-    assert q[1].tolist() == [0] * 5 and q[2, 0] == 25    # 2e-5 / (1e-4 / 127) = 25.4
+    assert q[0].tolist() == [127, 0, 0, 2, -64]  # s = 1: ties to even, never -128
+    assert s[1] == s[2] == torch.tensor(1e-4) / 127  # all-zero and tiny rows: amax floored at 1e-4
+    assert q[1].tolist() == [0] * 5 and q[2, 0] == 25  # 2e-5 / (1e-4 / 127) = 25.4
 
 
 def test_quantize_int8_weight_scales_each_output_channel():
@@ -769,8 +886,15 @@ def test_quantize_int8_weight_scales_each_output_channel():
     assert (q.float() * s[..., None] - w).abs().le(s[..., None] / 2 + 1e-7).all()
 
 
-@pytest.mark.parametrize("op, args", [(hal.ops.quantize_fp8, (128,)), (hal.ops.quantize_fp8, (128, "ue8m0")),
-                                      (hal.ops.quantize_int8, ()), (hal.ops.quantize_int8_weight, ())])
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        (hal.ops.quantize_fp8, (128,)),
+        (hal.ops.quantize_fp8, (128, "ue8m0")),
+        (hal.ops.quantize_int8, ()),
+        (hal.ops.quantize_int8_weight, ()),
+    ],
+)
 def test_quantisers_of_many_rows_are_the_reference_bit_for_bit(op, args):
     # enough rows that the CPU backend quantises them a chunk of rows at a time
     x = spread((1200, 256), torch.bfloat16, group=128)
@@ -797,7 +921,7 @@ def every_bf16_value_below(amax: float) -> torch.Tensor:
     every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     top = torch.tensor(amax).bfloat16()
     values = every[torch.isfinite(every) & (every.abs() <= top)]
-    values = values[:values.numel() // 127 * 127].view(-1, 127)
+    values = values[: values.numel() // 127 * 127].view(-1, 127)
     return torch.cat([top.expand(values.shape[0], 1), values], dim=1)
 
 
@@ -807,6 +931,7 @@ def test_each_native_fp8_variant_is_the_reference_bit_for_bit(native_variant, sc
     # every finite bf16 value below six group maxima, groups with inf / NaN / only zeros / values below 2^-6 of
     # the scale, and group sizes from 16 to 256
     from hal.backends.cpu import native
+
     odd = spread((6, 768), torch.bfloat16, seed=3, group=16)
     odd[0, 5], odd[1, 17], odd[2, 40], odd[3] = float("nan"), float("inf"), -float("inf"), 0
     odd[4, :16] = torch.tensor([1e-30, -3e-8, 2.0] * 5 + [0.0])  # quotients below e4m3's normal range
@@ -823,28 +948,64 @@ def test_each_native_fp8_variant_is_the_reference_bit_for_bit(native_variant, sc
 def test_int8_gemm_accumulates_exactly_and_scales_per_token_and_channel():
     a = torch.full((2, 3000), 127, dtype=torch.int8)  # 3000 * 127 * 127 = 48387000 > 2**24: beyond fp32 exact
     b = torch.full((4, 3000), -127, dtype=torch.int8)
-    y = hal.ops.int8_gemm(a, torch.tensor([1.0, 0.5]), b, torch.tensor([1.0, 2.0, 1.0, 1.0]),
-                          out_dtype=torch.float32)
+    y = hal.ops.int8_gemm(a, torch.tensor([1.0, 0.5]), b, torch.tensor([1.0, 2.0, 1.0, 1.0]), out_dtype=torch.float32)
     assert y[0, 0] == -48387000 and y[1, 1] == -48387000 and y[1, 0] == -48387000 / 2
 
 
-@pytest.mark.parametrize("call, argument", [
-    (lambda: hal.ops.quantize_int8(torch.zeros(4, 0)), "x"),
-    (lambda: hal.ops.quantize_int8(torch.zeros(4, dtype=torch.int8)), "x"),
-    (lambda: hal.ops.quantize_int8_weight(torch.zeros(4)), "w"),
-    (lambda: hal.ops.int8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2),
-                               torch.zeros(3, 8, dtype=torch.int8), torch.ones(4)), "b_scale"),
-    (lambda: hal.ops.int8_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2, 1),
-                               torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)), "a_scale"),
-    (lambda: hal.ops.int8_gemm(torch.zeros(2, 8), torch.ones(2), torch.zeros(3, 8, dtype=torch.int8),
-                               torch.ones(3)), "a"),
-    (lambda: hal.ops.int8_gemm(torch.zeros(1, 2**17, dtype=torch.int8), torch.ones(1),
-                               torch.zeros(1, 2**17, dtype=torch.int8), torch.ones(1)), "a"),
-    (lambda: hal.ops.grouped_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.zeros(1, 3, 8),
-                                  torch.tensor([2]), x_scale=torch.ones(2)), "w"),
-    (lambda: hal.ops.grouped_gemm(torch.zeros(2, 8, dtype=torch.int8), torch.zeros(1, 3, 8, dtype=torch.int8),
-                                  torch.tensor([2]), x_scale=torch.ones(2), w_scale=torch.ones(1, 1, 1)), "w_scale"),
-])
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda: hal.ops.quantize_int8(torch.zeros(4, 0)), "x"),
+        (lambda: hal.ops.quantize_int8(torch.zeros(4, dtype=torch.int8)), "x"),
+        (lambda: hal.ops.quantize_int8_weight(torch.zeros(4)), "w"),
+        (
+            lambda: hal.ops.int8_gemm(
+                torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(3, 8, dtype=torch.int8), torch.ones(4)
+            ),
+            "b_scale",
+        ),
+        (
+            lambda: hal.ops.int8_gemm(
+                torch.zeros(2, 8, dtype=torch.int8),
+                torch.ones(2, 1),
+                torch.zeros(3, 8, dtype=torch.int8),
+                torch.ones(3),
+            ),
+            "a_scale",
+        ),
+        (
+            lambda: hal.ops.int8_gemm(
+                torch.zeros(2, 8), torch.ones(2), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)
+            ),
+            "a",
+        ),
+        (
+            lambda: hal.ops.int8_gemm(
+                torch.zeros(1, 2**17, dtype=torch.int8),
+                torch.ones(1),
+                torch.zeros(1, 2**17, dtype=torch.int8),
+                torch.ones(1),
+            ),
+            "a",
+        ),
+        (
+            lambda: hal.ops.grouped_gemm(
+                torch.zeros(2, 8, dtype=torch.int8), torch.zeros(1, 3, 8), torch.tensor([2]), x_scale=torch.ones(2)
+            ),
+            "w",
+        ),
+        (
+            lambda: hal.ops.grouped_gemm(
+                torch.zeros(2, 8, dtype=torch.int8),
+                torch.zeros(1, 3, 8, dtype=torch.int8),
+                torch.tensor([2]),
+                x_scale=torch.ones(2),
+                w_scale=torch.ones(1, 1, 1),
+            ),
+            "w_scale",
+        ),
+    ],
+)
 def test_int8_contracts_name_the_bad_argument(call, argument):
     with pytest.raises(hal.InvalidArgumentError) as info:
         call()

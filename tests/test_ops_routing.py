@@ -1,6 +1,7 @@
 """Routing contracts: DeepSeek's gate semantics (group-limited selection, -inf masking, bias for selection
 only, renormalisation, scaling), the tie rule, V4 hash routing, permutation and weighted combine,
 validation errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,13 +15,15 @@ from hal.ops import hash_routing, moe_permute, moe_unpermute, topk_routing
 from hal.ops.routing import ROUTING_TOLERANCE, MoePermutation
 
 
-
 def deepseek_gate(logits, top_k, *, scoring, bias=None, n_group=1, topk_group=1, renormalize=False, scale=1.0):
     """An independent statement of the semantics, in float64, written as DeepSeek's ``Gate.forward`` reads
     (with transformers' renormalisation epsilon and sqrtsoftplus scoring added)."""
     x = logits.double()
-    s = {"softmax": lambda: x.softmax(-1), "sigmoid": x.sigmoid,
-         "sqrtsoftplus": lambda: torch.nn.functional.softplus(x).sqrt()}[scoring]()
+    s = {
+        "softmax": lambda: x.softmax(-1),
+        "sigmoid": x.sigmoid,
+        "sqrtsoftplus": lambda: torch.nn.functional.softplus(x).sqrt(),
+    }[scoring]()
     choice = s if bias is None else s + bias.double()
     if n_group > 1:
         grouped = choice.view(x.shape[0], n_group, -1)
@@ -63,8 +66,9 @@ def test_topk_routing_matches_deepseek_gate(scoring, dtype, grouped, with_bias):
 def test_v3_configuration_sigmoid_8_groups_top4_renormalised_weights_sum_to_scale():
     g = torch.Generator().manual_seed(2)
     logits, bias = torch.randn(16, 256, generator=g), torch.randn(256, generator=g) * 0.05
-    weights, ids = topk_routing(logits, top_k=8, scoring="sigmoid", bias=bias, n_group=8, topk_group=4,
-                                renormalize=True, scale=2.5)
+    weights, ids = topk_routing(
+        logits, top_k=8, scoring="sigmoid", bias=bias, n_group=8, topk_group=4, renormalize=True, scale=2.5
+    )
     torch.testing.assert_close(weights.sum(-1), torch.full((16,), 2.5))
     groups = ids // 32
     assert all(len(set(row.tolist())) <= 4 for row in groups)
@@ -113,12 +117,15 @@ def test_fp32_selection_ranks_as_a_stable_descending_sort():
     # fp32 choice scores are ranked by one top-k over integer keys; its definition is the stable sort. Rows
     # full of ties, +-0, -inf (dropped groups), subnormals, extremes and negatives (a score plus a negative bias)
     from hal.ops.routing import _descending
+
     g = torch.Generator().manual_seed(0)
     specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 0.5, -0.5, 3e38, -3e38, float("inf"), float("-inf")])
     for rows, experts, k in ((64, 8, 3), (32, 256, 8), (16, 33, 33), (8, 1, 1)):
-        for values in (specials[torch.randint(0, len(specials), (rows, experts), generator=g)],
-                       torch.randint(-3, 4, (rows, experts), generator=g) * 0.25,
-                       torch.randn(rows, experts, generator=g)):
+        for values in (
+            specials[torch.randint(0, len(specials), (rows, experts), generator=g)],
+            torch.randint(-3, 4, (rows, experts), generator=g) * 0.25,
+            torch.randn(rows, experts, generator=g),
+        ):
             expected = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
             assert torch.equal(_descending(values, k), expected), values
 
@@ -144,6 +151,7 @@ def test_oracle_is_unrounded_float64():
 
 # --------------------------------------------------------------------------- hash routing
 
+
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid", "sqrtsoftplus"])
 def test_hash_routing_takes_experts_from_the_table_and_weights_from_the_gate(scoring):
     g = torch.Generator().manual_seed(3)
@@ -152,8 +160,11 @@ def test_hash_routing_takes_experts_from_the_table_and_weights_from_the_gate(sco
     logits = torch.randn(4, 32, generator=g).bfloat16()
     weights, ids = hash_routing(token_ids, table, logits, scoring=scoring, scale=1.5)
     assert torch.equal(ids, table[token_ids]) and ids.dtype == torch.int32
-    s = {"softmax": lambda x: x.softmax(-1), "sigmoid": torch.sigmoid,
-         "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt()}[scoring](logits.double())
+    s = {
+        "softmax": lambda x: x.softmax(-1),
+        "sigmoid": torch.sigmoid,
+        "sqrtsoftplus": lambda x: torch.nn.functional.softplus(x).sqrt(),
+    }[scoring](logits.double())
     w = s.gather(1, ids.long())
     assert_within(weights, w / (w.sum(-1, keepdim=True) + 1e-20) * 1.5, ROUTING_TOLERANCE[scoring])
     unnormalised, _ = hash_routing(token_ids, table, logits, scoring=scoring, renormalize=False)
@@ -170,6 +181,7 @@ def test_hash_routing_rejects_out_of_range_ids():
 
 
 # --------------------------------------------------------------------------- permutation and combine
+
 
 def routed(t=7, e=5, k=3, h=4, dtype=torch.float32, seed=4):
     g = torch.Generator().manual_seed(seed)
@@ -244,31 +256,39 @@ def test_unpermute_of_many_tokens_is_the_reference_bit_for_bit():
 
 # --------------------------------------------------------------------------- validation
 
+
 @pytest.mark.usefixtures("checked")  # value checks run in checked mode
-@pytest.mark.parametrize("call, argument", [
-    (lambda: topk_routing(torch.randn(4), 2), "logits"),
-    (lambda: topk_routing(torch.randn(4, 8).int(), 2), "logits"),
-    (lambda: topk_routing(torch.randn(4, 8), 9), "top_k"),
-    (lambda: topk_routing(torch.randn(4, 8), 0), "top_k"),
-    (lambda: topk_routing(torch.randn(4, 8), 2, scoring="relu"), "scoring"),
-    (lambda: topk_routing(torch.randn(4, 8), 2, n_group=3), "n_group"),
-    (lambda: topk_routing(torch.randn(4, 8), 2, n_group=4, topk_group=5), "topk_group"),
-    (lambda: topk_routing(torch.randn(4, 8), 5, n_group=4, topk_group=2), "top_k"),
-    (lambda: topk_routing(torch.randn(4, 8), 2, n_group=8, bias=torch.zeros(8)), "n_group"),
-    (lambda: topk_routing(torch.randn(4, 8), 2, bias=torch.zeros(7)), "bias"),
-    (lambda: topk_routing(torch.randn(4, 8), 2, scale=float("nan")), "scale"),
-    (lambda: topk_routing(torch.randn(4, 8), 2, renormalize=1), "renormalize"),
-    (lambda: hash_routing(torch.tensor([0]), torch.tensor([[0]]), torch.randn(2, 4)), "logits"),
-    (lambda: hash_routing(torch.tensor([0.0]), torch.tensor([[0]]), torch.randn(1, 4)), "token_ids"),
-    (lambda: moe_permute(torch.randn(3, 4), torch.zeros(2, 1, dtype=torch.int32), 4), "ids"),
-    (lambda: moe_permute(torch.randn(3, 4), torch.tensor([[0], [1], [4]]), 4), "ids"),
-    (lambda: moe_permute(torch.randn(3, 4), torch.tensor([[0], [1], [-1]]), 4), "ids"),
-    (lambda: moe_permute(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.int32), 0), "num_experts"),
-    (lambda: moe_unpermute(torch.randn(4, 2), torch.rand(2, 2), _permutation([[0, 1], [2, 4]])),
-     "permutation.slot_rows"),
-    (lambda: moe_unpermute(torch.randn(4, 2), torch.rand(2, 2), _permutation([[0, 1], [-1, 3]])),
-     "permutation.slot_rows"),
-])
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda: topk_routing(torch.randn(4), 2), "logits"),
+        (lambda: topk_routing(torch.randn(4, 8).int(), 2), "logits"),
+        (lambda: topk_routing(torch.randn(4, 8), 9), "top_k"),
+        (lambda: topk_routing(torch.randn(4, 8), 0), "top_k"),
+        (lambda: topk_routing(torch.randn(4, 8), 2, scoring="relu"), "scoring"),
+        (lambda: topk_routing(torch.randn(4, 8), 2, n_group=3), "n_group"),
+        (lambda: topk_routing(torch.randn(4, 8), 2, n_group=4, topk_group=5), "topk_group"),
+        (lambda: topk_routing(torch.randn(4, 8), 5, n_group=4, topk_group=2), "top_k"),
+        (lambda: topk_routing(torch.randn(4, 8), 2, n_group=8, bias=torch.zeros(8)), "n_group"),
+        (lambda: topk_routing(torch.randn(4, 8), 2, bias=torch.zeros(7)), "bias"),
+        (lambda: topk_routing(torch.randn(4, 8), 2, scale=float("nan")), "scale"),
+        (lambda: topk_routing(torch.randn(4, 8), 2, renormalize=1), "renormalize"),
+        (lambda: hash_routing(torch.tensor([0]), torch.tensor([[0]]), torch.randn(2, 4)), "logits"),
+        (lambda: hash_routing(torch.tensor([0.0]), torch.tensor([[0]]), torch.randn(1, 4)), "token_ids"),
+        (lambda: moe_permute(torch.randn(3, 4), torch.zeros(2, 1, dtype=torch.int32), 4), "ids"),
+        (lambda: moe_permute(torch.randn(3, 4), torch.tensor([[0], [1], [4]]), 4), "ids"),
+        (lambda: moe_permute(torch.randn(3, 4), torch.tensor([[0], [1], [-1]]), 4), "ids"),
+        (lambda: moe_permute(torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.int32), 0), "num_experts"),
+        (
+            lambda: moe_unpermute(torch.randn(4, 2), torch.rand(2, 2), _permutation([[0, 1], [2, 4]])),
+            "permutation.slot_rows",
+        ),
+        (
+            lambda: moe_unpermute(torch.randn(4, 2), torch.rand(2, 2), _permutation([[0, 1], [-1, 3]])),
+            "permutation.slot_rows",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(call, argument):
     with pytest.raises(InvalidArgumentError) as info:
         call()
@@ -277,8 +297,11 @@ def test_bad_input_names_the_argument(call, argument):
 
 def _permutation(slot_rows) -> MoePermutation:
     """A hand-made permutation of 4 slots whose ``slot_rows`` are given (its other fields consistent-looking)."""
-    return MoePermutation(torch.tensor([2, 2], dtype=torch.int32), torch.arange(4, dtype=torch.int32),
-                          torch.tensor(slot_rows, dtype=torch.int32))
+    return MoePermutation(
+        torch.tensor([2, 2], dtype=torch.int32),
+        torch.arange(4, dtype=torch.int32),
+        torch.tensor(slot_rows, dtype=torch.int32),
+    )
 
 
 def test_unpermute_validation():

@@ -1,4 +1,5 @@
 """Plugin discovery through real entry points, error boundaries, allow-list, declared capabilities."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from helpers import ACME_BACKEND, ACME_PLUGIN, plugin_source, portable_backend_source, x_w_sizes
 
 import hal
 from hal.dispatch import HalFallbackWarning, route
 from hal.registry import registry
-from helpers import ACME_BACKEND, ACME_PLUGIN, plugin_source, portable_backend_source, x_w_sizes
 
 
 def test_cpu_backend_registers_through_its_entry_point():
@@ -81,29 +82,45 @@ def test_broken_plugin_is_isolated_and_reported(site):
 
 
 def test_plugin_whose_hook_raises_is_isolated(site):
-    site.install("bad-hal", {"bad": "bad_plugin"}, {"bad_plugin": """
+    site.install(
+        "bad-hal",
+        {"bad": "bad_plugin"},
+        {
+            "bad_plugin": """
         import hal
         @hal.hookimpl
         def hal_backends():
             raise RuntimeError("vendor probe exploded")
-    """})
+    """
+        },
+    )
     reg = registry()
     assert "cpu" in reg.entries
     assert "vendor probe exploded" in reg.broken[0].error
 
 
 def test_backend_class_that_fails_to_construct_is_reported(site):
-    site.install("ctor-hal", {"ctor": "ctor_plugin"}, {
-        "ctor_plugin": plugin_source("ctor", "ctor_backend:Ctor"),
-        "ctor_backend": "import hal\nclass Ctor(hal.Backend):\n    def __init__(self):\n        raise OSError('no driver')\n"})
+    site.install(
+        "ctor-hal",
+        {"ctor": "ctor_plugin"},
+        {
+            "ctor_plugin": plugin_source("ctor", "ctor_backend:Ctor"),
+            "ctor_backend": (
+                "import hal\nclass Ctor(hal.Backend):\n    def __init__(self):\n        raise OSError('no driver')\n"
+            ),
+        },
+    )
     with pytest.raises(hal.PluginError, match="no driver"):
         registry().backend("ctor")
     assert "no driver" in registry().entry("ctor").availability().reason
 
 
 def test_two_backends_with_one_name_are_an_error(site):
-    site.install("one-hal", {"one": "one_plugin"}, {"one_plugin": plugin_source("dup", "dup_backend:Dup"),
-                                                     "dup_backend": portable_backend_source("Dup")})
+    site.install(
+        "one-hal",
+        {"one": "one_plugin"},
+        {"one_plugin": plugin_source("dup", "dup_backend:Dup"), "dup_backend": portable_backend_source("Dup")},
+    )
     site.install("two-hal", {"two": "two_plugin"}, {"two_plugin": plugin_source("dup", "dup_backend:Dup")})
     with pytest.raises(hal.PluginError, match="two backends are named 'dup'.*one-hal.*two-hal"):
         registry().backend("dup")
@@ -121,51 +138,74 @@ def test_allow_list_limits_which_plugins_load(site, monkeypatch):
 
 
 def test_unavailable_backend_says_why_and_is_not_auto_selected(site):
-    site.install("gone-hal", {"gone": "gone_plugin"}, {
-        "gone_plugin": plugin_source("gone", "gone_backend:Gone", priority=100),
-        "gone_backend": portable_backend_source("Gone", probe_reason="gonelib is not installed")})
+    site.install(
+        "gone-hal",
+        {"gone": "gone_plugin"},
+        {
+            "gone_plugin": plugin_source("gone", "gone_backend:Gone", priority=100),
+            "gone_backend": portable_backend_source("Gone", probe_reason="gonelib is not installed"),
+        },
+    )
     with pytest.raises(hal.BackendUnavailableError, match="gonelib is not installed"):
         registry().backend("gone")
     assert registry().auto_select() == "cpu"
 
 
 def test_emulated_backend_is_never_auto_selected(site):
-    site.install("emu-hal", {"emu": "emu_plugin"}, {
-        "emu_plugin": plugin_source("emu", "emu_backend:Emu", priority=100, emulated=True),
-        "emu_backend": portable_backend_source("Emu")})
+    site.install(
+        "emu-hal",
+        {"emu": "emu_plugin"},
+        {
+            "emu_plugin": plugin_source("emu", "emu_backend:Emu", priority=100, emulated=True),
+            "emu_backend": portable_backend_source("Emu"),
+        },
+    )
     assert registry().entry("emu").availability().available
     assert registry().auto_select() == "cpu"
 
 
-@pytest.mark.parametrize("decl, message", [
-    ('@hal.implements("grouped_gemm", dtype=["float32"])', "no feature axis 'dtype'"),
-    ('@hal.implements("grouped_gemm", x_dtype=["int4"])', "not defined by the contract"),
-    ('@hal.implements("no_such_op")', "unknown operator"),
-])
+@pytest.mark.parametrize(
+    "decl, message",
+    [
+        ('@hal.implements("grouped_gemm", dtype=["float32"])', "no feature axis 'dtype'"),
+        ('@hal.implements("grouped_gemm", x_dtype=["int4"])', "not defined by the contract"),
+        ('@hal.implements("no_such_op")', "unknown operator"),
+    ],
+)
 def test_bad_capability_declarations_are_plugin_errors(site, decl, message):
-    site.install("decl-hal", {"decl": "decl_plugin"}, {
-        "decl_plugin": plugin_source("decl", "decl_backend:Decl"),
-        "decl_backend": f"""
+    site.install(
+        "decl-hal",
+        {"decl": "decl_plugin"},
+        {
+            "decl_plugin": plugin_source("decl", "decl_backend:Decl"),
+            "decl_backend": f"""
 import hal
 class Decl(hal.Backend):
     {decl}
     def grouped_gemm(self, x, w, group_sizes, *, layout="contiguous", x_scale=None, w_scale=None, out_dtype=None):
         return None
-"""})
+""",
+        },
+    )
     with pytest.raises(hal.PluginError, match=message):
         registry().backend("decl")
 
 
 def test_implementation_signature_must_match_the_contract(site):
-    site.install("sig-hal", {"sig": "sig_plugin"}, {
-        "sig_plugin": plugin_source("sig", "sig_backend:Sig"),
-        "sig_backend": """
+    site.install(
+        "sig-hal",
+        {"sig": "sig_plugin"},
+        {
+            "sig_plugin": plugin_source("sig", "sig_backend:Sig"),
+            "sig_backend": """
 import hal
 class Sig(hal.Backend):
     @hal.implements("grouped_gemm")
     def grouped_gemm(self, x, w, group_sizes, *, layout="masked", x_scale=None, w_scale=None, out_dtype=None):
         return None
-"""})
+""",
+        },
+    )
     with pytest.raises(hal.PluginError, match="parameter 'layout' does not match"):
         registry().backend("sig")
 
@@ -199,16 +239,22 @@ def test_unregistering_an_in_process_plugin_undoes_it():
 def _run_hal(*args, env_extra=None, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAL_")}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "hal.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hal.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
 
 
 def test_hal_info_lists_backends_broken_plugins_and_reasons(site, tmp_path):
     site.install("acme-hal", {"acme": "acme_plugin"}, {"acme_plugin": ACME_PLUGIN, "acme_backend": ACME_BACKEND})
     site.install("broken-hal", {"broken": "broken_plugin"}, {"broken_plugin": "raise ImportError('libfoo.so missing')"})
-    site.install("gone-hal", {"gone": "gone_plugin"}, {
-        "gone_plugin": plugin_source("gone", "gone_backend:Gone"),
-        "gone_backend": portable_backend_source("Gone", probe_reason="gonelib is not installed")})
+    site.install(
+        "gone-hal",
+        {"gone": "gone_plugin"},
+        {
+            "gone_plugin": plugin_source("gone", "gone_backend:Gone"),
+            "gone_backend": portable_backend_source("Gone", probe_reason="gonelib is not installed"),
+        },
+    )
     env = {"PYTHONPATH": os.pathsep.join([str(site.root), os.environ.get("PYTHONPATH", "")])}
     text = _run_hal("info", env_extra=env, cwd=tmp_path)
     assert text.returncode == 0, text.stderr
@@ -227,6 +273,7 @@ def test_hal_info_lists_backends_broken_plugins_and_reasons(site, tmp_path):
 
 
 # -- probes that crash or hang (hal.probe) ---------------------------------------------------------------------
+
 
 def _probing_backend(calls, action: str) -> str:
     """A backend whose probe records the process it ran in (one line per probe in ``calls``), then runs
@@ -253,9 +300,14 @@ _ACTIONS = {
 
 def _install_probing(site, calls_dir, *names):
     for name in names:
-        site.install(f"{name}-hal", {name: f"{name}_plugin"}, {
-            f"{name}_plugin": plugin_source(name, f"{name}_backend:Probed", priority=100),
-            f"{name}_backend": _probing_backend(calls_dir / name, _ACTIONS[name])})
+        site.install(
+            f"{name}-hal",
+            {name: f"{name}_plugin"},
+            {
+                f"{name}_plugin": plugin_source(name, f"{name}_backend:Probed", priority=100),
+                f"{name}_backend": _probing_backend(calls_dir / name, _ACTIONS[name]),
+            },
+        )
 
 
 def _probes(calls_dir, name):
@@ -284,12 +336,21 @@ _ROUTED = "import hal; from hal.dispatch import route; print(route(hal.ops.group
 
 def test_probes_that_crash_or_hang_are_unavailable_and_cached(site, tmp_path, calls_dir, probe_cache):
     _install_probing(site, calls_dir, "segv", "hang", "quits")
-    env = {"PYTHONPATH": os.pathsep.join([str(site.root), os.environ.get("PYTHONPATH", "")]),
-           "XDG_CACHE_HOME": str(probe_cache), "HAL_PROBE_TIMEOUT": "2"}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(site.root), os.environ.get("PYTHONPATH", "")]),
+        "XDG_CACHE_HOME": str(probe_cache),
+        "HAL_PROBE_TIMEOUT": "2",
+    }
 
     def python(code, **extra):
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                              env={**os.environ, **env, **extra}, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, **env, **extra},
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
@@ -300,10 +361,12 @@ def test_probes_that_crash_or_hang_are_unavailable_and_cached(site, tmp_path, ca
     text = _run_hal("info", env_extra=env, cwd=tmp_path)
     assert text.returncode == 0, text.stderr
     assert "status:   unavailable: the probe of backend 'segv' crashed with SIGSEGV" in text.stdout
-    assert "status:   unavailable: the probe of backend 'hang' hung for more than 2 s (HAL_PROBE_TIMEOUT)" \
-        in text.stdout
-    assert "status:   unavailable: the probe of backend 'quits' failed in its child process (exit code 3)" \
-        in text.stdout
+    assert (
+        "status:   unavailable: the probe of backend 'hang' hung for more than 2 s (HAL_PROBE_TIMEOUT)" in text.stdout
+    )
+    assert (
+        "status:   unavailable: the probe of backend 'quits' failed in its child process (exit code 3)" in text.stdout
+    )
     assert [len(_probes(calls_dir, n)) for n in ("segv", "hang", "quits")] == [1, 1, 1]
 
     # later processes: served from the cache, the vendor code is never run in-process
@@ -317,13 +380,23 @@ def test_probes_that_crash_or_hang_are_unavailable_and_cached(site, tmp_path, ca
 
 def test_a_probe_runs_in_a_child_process_unless_it_need_not(site, calls_dir, monkeypatch):
     _install_probing(site, calls_dir, "pid")
-    site.install("emu-hal", {"emu": "emu_plugin"}, {
-        "emu_plugin": plugin_source("emu", "emu_backend:Probed", emulated=True),
-        "emu_backend": _probing_backend(calls_dir / "emu", _ACTIONS["pid"])})
-    site.install("safe-hal", {"safe": "safe_plugin"}, {
-        "safe_plugin": plugin_source("safe", "safe_backend:Safe"),
-        "safe_backend": _probing_backend(calls_dir / "safe", _ACTIONS["pid"]) +
-        "class Safe(Probed):\n    isolate_probe = False\n"})
+    site.install(
+        "emu-hal",
+        {"emu": "emu_plugin"},
+        {
+            "emu_plugin": plugin_source("emu", "emu_backend:Probed", emulated=True),
+            "emu_backend": _probing_backend(calls_dir / "emu", _ACTIONS["pid"]),
+        },
+    )
+    site.install(
+        "safe-hal",
+        {"safe": "safe_plugin"},
+        {
+            "safe_plugin": plugin_source("safe", "safe_backend:Safe"),
+            "safe_backend": _probing_backend(calls_dir / "safe", _ACTIONS["pid"])
+            + "class Safe(Probed):\n    isolate_probe = False\n",
+        },
+    )
 
     class Plugin:  # registered in-process: a child process could not find it
         @hal.hookimpl

@@ -1,17 +1,18 @@
 """Backend selection: precedence of context manager, environment, config file, auto-detection;
 per-operator switches; fallback settings; checked mode; configuration errors."""
+
 from __future__ import annotations
 
 import threading
 
 import pytest
 import torch
+from helpers import plugin_source, portable_backend_source
 
 import hal
 import hal.config
 import hal.dispatch as dispatch_module
 from hal.dispatch import route
-from helpers import plugin_source, portable_backend_source
 
 GG = hal.ops.grouped_gemm
 TR = hal.ops.topk_routing
@@ -21,9 +22,14 @@ TR = hal.ops.topk_routing
 def two_more(site):
     """Two extra portable backends, 'blue' and 'green' (both serve every operator)."""
     for name in ("blue", "green"):
-        site.install(f"{name}-hal", {name: f"{name}_plugin"}, {
-            f"{name}_plugin": plugin_source(name, f"{name}_backend:B", device_type="cpu"),
-            f"{name}_backend": portable_backend_source("B")})
+        site.install(
+            f"{name}-hal",
+            {name: f"{name}_plugin"},
+            {
+                f"{name}_plugin": plugin_source(name, f"{name}_backend:B", device_type="cpu"),
+                f"{name}_backend": portable_backend_source("B"),
+            },
+        )
 
 
 def chosen(op=GG):
@@ -79,7 +85,8 @@ def test_a_higher_layer_naming_a_backend_beats_a_lower_per_operator_choice(two_m
 
 def test_config_file_per_operator_tables(two_more, tmp_path):
     (tmp_path / "hal.toml").write_text(
-        'backend = "blue"\nfallback = "warn"\n[ops]\ngrouped_gemm = "green"\n[op_fallback]\ngrouped_gemm = "error"\n')
+        'backend = "blue"\nfallback = "warn"\n[ops]\ngrouped_gemm = "green"\n[op_fallback]\ngrouped_gemm = "error"\n'
+    )
     hal.config.reload()
     r = route(GG)
     assert (r.backend.name, r.policy) == ("green", "error")
@@ -109,13 +116,16 @@ def test_unknown_backend_is_a_clear_error():
     assert "cpu" in str(e.value).split("registered: ")[1].split(", ")
 
 
-@pytest.mark.parametrize("content, message", [
-    ('fallback = "sometimes"\n', "fallback policy must be one of error, warn"),
-    ('[ops]\nno_such_op = "cpu"\n', "no operator named 'no_such_op'"),
-    ('backnd = "cpu"\n', "unknown setting"),
-    ('checked = "yes"\n', "'checked' must be true or false"),
-    ('backend = \n', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('fallback = "sometimes"\n', "fallback policy must be one of error, warn"),
+        ('[ops]\nno_such_op = "cpu"\n', "no operator named 'no_such_op'"),
+        ('backnd = "cpu"\n', "unknown setting"),
+        ('checked = "yes"\n', "'checked' must be true or false"),
+        ("backend = \n", "not valid TOML"),
+    ],
+)
 def test_bad_config_files_raise_config_error(tmp_path, content, message):
     (tmp_path / "hal.toml").write_text(content)
     hal.config.reload()
@@ -123,9 +133,14 @@ def test_bad_config_files_raise_config_error(tmp_path, content, message):
         GG(*_inputs())
 
 
-@pytest.mark.parametrize("var, value, message", [
-    ("HAL_CHECKED", "maybe", "HAL_CHECKED"), ("HAL_OPS", "cpu", "op=backend"), ("HAL_FALLBACK", "warn,error", "default"),
-])
+@pytest.mark.parametrize(
+    "var, value, message",
+    [
+        ("HAL_CHECKED", "maybe", "HAL_CHECKED"),
+        ("HAL_OPS", "cpu", "op=backend"),
+        ("HAL_FALLBACK", "warn,error", "default"),
+    ],
+)
 def test_bad_environment_raises_config_error(monkeypatch, var, value, message):
     monkeypatch.setenv(var, value)
     hal.config.reload()
@@ -169,8 +184,11 @@ def signature_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.skipif(not torch.__version__.startswith("2.13."), reason="the guard class is private: checked on "
-                    "the torch CI pins; other versions fall back to Python keys when the probe rejects it")
+@pytest.mark.skipif(
+    not torch.__version__.startswith("2.13."),
+    reason="the guard class is private: checked on "
+    "the torch CI pins; other versions fall back to Python keys when the probe rejects it",
+)
 def test_tensor_guards_are_found_on_this_torch():
     # probed, not assumed: on the torch CI pins the probe must find it, or the hot path silently loses speed
     assert dispatch_module._make_guard is not None
@@ -223,9 +241,15 @@ def test_a_guarded_signature_tells_apart_what_validation_can_see(routing_validat
     TR(logits, top_k=2)
     TR(torch.randn(4, 8), top_k=2)
     assert len(calls) == 1
-    variants = [((logits.t().contiguous().t(),), dict(top_k=2)), ((logits.double(),), dict(top_k=2)),
-                ((logits[:, :4],), dict(top_k=2)), ((logits,), dict(top_k=3)), ((logits,), dict(top_k=2.0)),
-                ((logits,), dict(top_k=True)), ((logits,), dict(top_k=torch.tensor([2, 2])))]
+    variants = [
+        ((logits.t().contiguous().t(),), dict(top_k=2)),
+        ((logits.double(),), dict(top_k=2)),
+        ((logits[:, :4],), dict(top_k=2)),
+        ((logits,), dict(top_k=3)),
+        ((logits,), dict(top_k=2.0)),
+        ((logits,), dict(top_k=True)),
+        ((logits,), dict(top_k=torch.tensor([2, 2]))),
+    ]
     for args, kwargs in variants:  # each one validated (and most rejected), none served as the first
         try:
             TR(*args, **kwargs)
@@ -295,10 +319,19 @@ def test_a_parameter_or_inference_tensor_is_recognised_on_its_own(routing_valida
 
 def test_call_key_tells_apart_what_validation_can_see():
     from hal.dispatch import call_key
+
     t = torch.zeros(2, 3)
     assert call_key((t,), {}) == call_key((torch.ones(2, 3),), {})
-    different = [((t.double(),), {}), ((t.t(),), {}), ((t.t().contiguous(),), {}), ((torch.zeros(3, 2).t(),), {}),
-                 ((t,), {"top_k": 1}), ((t,), {"top_k": True}), ((t,), {"top_k": 1.0}), ((t,), {"k": 1})]
+    different = [
+        ((t.double(),), {}),
+        ((t.t(),), {}),
+        ((t.t().contiguous(),), {}),
+        ((torch.zeros(3, 2).t(),), {}),
+        ((t,), {"top_k": 1}),
+        ((t,), {"top_k": True}),
+        ((t,), {"top_k": 1.0}),
+        ((t,), {"k": 1}),
+    ]
     keys = [call_key(a, k) for a, k in different]
     assert call_key((t,), {}) not in keys and len(set(keys)) == len(keys)
     assert call_key((t, 2), {}) != call_key((t, 3), {}) != call_key((t, None), {})  # positional scalars
@@ -309,11 +342,16 @@ def test_call_key_tells_apart_what_validation_can_see():
 def test_call_key_of_tuples_tells_apart_their_class_and_items():
     from hal.dispatch import call_key
     from hal.ops.routing import MoePermutation
+
     t, i = torch.zeros(2, 3), torch.zeros(4, dtype=torch.int32)
     perm = MoePermutation(i, i, i.view(2, 2))
     assert call_key((t, perm), {}) == call_key((t, MoePermutation(i.clone(), i.clone(), i.clone().view(2, 2))), {})
-    others = [(t, tuple(perm)), (t, perm._replace(slot_rows=i.view(4, 1))), (t, perm._replace(group_sizes=i.long())),
-              (t, perm._replace(slot_rows=torch.zeros(2, 4, dtype=torch.int32)[:, ::2]))]
+    others = [
+        (t, tuple(perm)),
+        (t, perm._replace(slot_rows=i.view(4, 1))),
+        (t, perm._replace(group_sizes=i.long())),
+        (t, perm._replace(slot_rows=torch.zeros(2, 4, dtype=torch.int32)[:, ::2])),
+    ]
     assert call_key((t, perm), {}) not in [call_key(a, {}) for a in others]
     shapes = [(128,), (128, 128), (128.0,), (True,), (128, None)]
     keys = [call_key((t,), {"block_shape": b}) for b in shapes]
@@ -343,13 +381,16 @@ def test_a_class_keyed_by_identity_never_lends_its_id_to_another(signature_path)
     import gc
 
     from hal.ops.routing import MoePermutation
+
     ids = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
     x_sorted, perm = hal.ops.moe_permute(torch.randn(2, 8), ids, 4)
 
     def subclass():
         class Sub(MoePermutation):
             __slots__ = ()
+
         return Sub
+
     sub = subclass()
     hal.ops.moe_unpermute(x_sorted, torch.rand(2, 2), sub(*perm))
     old = id(sub)
@@ -366,19 +407,47 @@ def _inputs():
     return torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([1, 3])
 
 
-@pytest.mark.parametrize("call, argument", [
-    (lambda: GG(torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([1, 2])), "group_sizes"),
-    (lambda: hal.ops.mla_prefill(*[torch.randn(4, 1, 8)] * 3, torch.tensor([0, 3, 2], dtype=torch.int32),
-                                 softmax_scale=1.0), "cu_seqlens_q"),
-    (lambda: hal.ops.mla_decode(torch.randn(1, 1, 1, 8), torch.randn(2, 4, 8), torch.tensor([[0, 5]], dtype=torch.int32),
-                                torch.tensor([6], dtype=torch.int32), softmax_scale=1.0, head_dim_v=8), "block_table"),
-    (lambda: hal.ops.mla_decode(torch.randn(1, 1, 1, 8), torch.randn(2, 4, 8), torch.tensor([[0, 1]], dtype=torch.int32),
-                                torch.tensor([9], dtype=torch.int32), softmax_scale=1.0, head_dim_v=8), "seq_lens"),
-    (lambda: hal.ops.paged_cache_write(torch.zeros(2, 4, 8), torch.ones(1, 8), torch.tensor([-5])), "slot_mapping"),
-    (lambda: hal.ops.paged_cache_write(torch.zeros(2, 4, 8), torch.ones(2, 8), torch.tensor([1, 1])), "slot_mapping"),
-    (lambda: hal.ops.hash_routing(torch.tensor([-1]), torch.tensor([[0, 1]]), torch.randn(1, 4)), "token_ids"),
-    (lambda: hal.ops.moe_permute(torch.randn(2, 4), torch.tensor([[0], [3]]), 3), "ids"),
-])
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda: GG(torch.randn(4, 8), torch.randn(2, 3, 8), torch.tensor([1, 2])), "group_sizes"),
+        (
+            lambda: hal.ops.mla_prefill(
+                *[torch.randn(4, 1, 8)] * 3, torch.tensor([0, 3, 2], dtype=torch.int32), softmax_scale=1.0
+            ),
+            "cu_seqlens_q",
+        ),
+        (
+            lambda: hal.ops.mla_decode(
+                torch.randn(1, 1, 1, 8),
+                torch.randn(2, 4, 8),
+                torch.tensor([[0, 5]], dtype=torch.int32),
+                torch.tensor([6], dtype=torch.int32),
+                softmax_scale=1.0,
+                head_dim_v=8,
+            ),
+            "block_table",
+        ),
+        (
+            lambda: hal.ops.mla_decode(
+                torch.randn(1, 1, 1, 8),
+                torch.randn(2, 4, 8),
+                torch.tensor([[0, 1]], dtype=torch.int32),
+                torch.tensor([9], dtype=torch.int32),
+                softmax_scale=1.0,
+                head_dim_v=8,
+            ),
+            "seq_lens",
+        ),
+        (lambda: hal.ops.paged_cache_write(torch.zeros(2, 4, 8), torch.ones(1, 8), torch.tensor([-5])), "slot_mapping"),
+        (
+            lambda: hal.ops.paged_cache_write(torch.zeros(2, 4, 8), torch.ones(2, 8), torch.tensor([1, 1])),
+            "slot_mapping",
+        ),
+        (lambda: hal.ops.hash_routing(torch.tensor([-1]), torch.tensor([[0, 1]]), torch.randn(1, 4)), "token_ids"),
+        (lambda: hal.ops.moe_permute(torch.randn(2, 4), torch.tensor([[0], [3]]), 3), "ids"),
+    ],
+)
 def test_the_cpu_backend_rejects_bad_values_it_indexes_with_outside_checked_mode(call, argument):
     assert not hal.checked_mode()
     with pytest.raises(hal.InvalidArgumentError) as info:

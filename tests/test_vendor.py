@@ -1,5 +1,6 @@
 """The shared vendor-backend machinery: plain availability reasons, the reference path and its record,
 emulated twins (hidden from ``hal info`` by default, certified with ``--emulate``)."""
+
 from __future__ import annotations
 
 import json
@@ -89,12 +90,18 @@ def test_emulated_backend_is_labelled_and_records_paths():
 
 class Mapped(Npuish):
     mappings = by_operator(
-        OpMapping("moe_unpermute", ("npu_combine",), fallbacks=(
-            Fallback("no rows", "no rows", lambda b, c: c.y_sorted.shape[0] == 0),
-            Fallback("fp16", "float16 is not supported", lambda b, c: c.y_sorted.dtype == torch.float16),
-            Fallback("wide", "over 1000 columns", lambda b, c: c.y_sorted.shape[1] > 1000))),
+        OpMapping(
+            "moe_unpermute",
+            ("npu_combine",),
+            fallbacks=(
+                Fallback("no rows", "no rows", lambda b, c: c.y_sorted.shape[0] == 0),
+                Fallback("fp16", "float16 is not supported", lambda b, c: c.y_sorted.dtype == torch.float16),
+                Fallback("wide", "over 1000 columns", lambda b, c: c.y_sorted.shape[1] > 1000),
+            ),
+        ),
         OpMapping("hash_routing", fallbacks=(always("no vendor operator"),)),
-        OpMapping("mla_decode", ("npu_attention",), fallbacks=(given("v4", "undocumented", "sinks", "window"),)))
+        OpMapping("mla_decode", ("npu_attention",), fallbacks=(given("v4", "undocumented", "sinks", "window"),)),
+    )
 
     @mapped("moe_unpermute")
     def moe_unpermute(self, y_sorted, weights, permutation):
@@ -102,8 +109,20 @@ class Mapped(Npuish):
         return "kernel"
 
     @mapped("mla_decode")
-    def mla_decode(self, q, kv_cache, block_table, seq_lens, *, softmax_scale, head_dim_v=512, causal=True,
-                   sinks=None, window=None, topk_indices=None):
+    def mla_decode(
+        self,
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        *,
+        softmax_scale,
+        head_dim_v=512,
+        causal=True,
+        sinks=None,
+        window=None,
+        topk_indices=None,
+    ):
         return "kernel"
 
 
@@ -121,13 +140,20 @@ def test_fallback_conditions_decide_the_path_and_the_first_that_holds_is_recorde
     q, cache = torch.zeros(1, 1, 1, 8), torch.zeros(1, 4, 8)
     args = (q, cache, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
     assert b.fallback("mla_decode", args, {"softmax_scale": 1.0, "head_dim_v": 8}) is None
-    assert b.fallback("mla_decode", args, {"softmax_scale": 1.0, "window": 2}).reason == \
-        "`sinks` or `window` given: undocumented"
+    assert (
+        b.fallback("mla_decode", args, {"softmax_scale": 1.0, "window": 2}).reason
+        == "`sinks` or `window` given: undocumented"
+    )
     assert b.mapping_info()["moe_unpermute"] == {
-        "maps_to": ["npu_combine"], "source": "", "offered": "everywhere",
-        "reference_when": [{"condition": "no rows", "reason": "no rows"},
-                           {"condition": "fp16", "reason": "float16 is not supported"},
-                           {"condition": "wide", "reason": "over 1000 columns"}]}
+        "maps_to": ["npu_combine"],
+        "source": "",
+        "offered": "everywhere",
+        "reference_when": [
+            {"condition": "no rows", "reason": "no rows"},
+            {"condition": "fp16", "reason": "float16 is not supported"},
+            {"condition": "wide", "reason": "over 1000 columns"},
+        ],
+    }
 
 
 def test_every_implemented_operator_needs_one_mapping_record():
@@ -138,15 +164,20 @@ def test_every_implemented_operator_needs_one_mapping_record():
 
 
 def test_emulated_twin_spec():
-    real, twin = emulated_twin(BackendSpec(name="fake", factory="m:Real", device_type="npu", priority=5),
-                               emulator_factory="m:Emulated")
+    real, twin = emulated_twin(
+        BackendSpec(name="fake", factory="m:Real", device_type="npu", priority=5), emulator_factory="m:Emulated"
+    )
     assert real.name == "fake" and not real.emulated
     assert (twin.name, twin.factory, twin.emulated, twin.device_type) == ("fake-emulated", "m:Emulated", True, "npu")
     assert "EMULATED" in twin.description
 
 
 def test_info_hides_emulated_twins_unless_asked(site, capsys):
-    site.install("emu-hal", {"emu": "emu_plugin"}, {"emu_plugin": """
+    site.install(
+        "emu-hal",
+        {"emu": "emu_plugin"},
+        {
+            "emu_plugin": """
         import hal
         from hal.vendor import emulated_twin
         @hal.hookimpl
@@ -154,27 +185,50 @@ def test_info_hides_emulated_twins_unless_asked(site, capsys):
             return emulated_twin(hal.BackendSpec(name="emu", factory="hal.backends.cpu.backend:CpuBackend",
                                                  device_type="npu"),
                                  emulator_factory="hal.backends.cpu.backend:CpuBackend")
-        """})
+        """
+        },
+    )
     main(["info", "--json"])
     names = [b["name"] for b in json.loads(capsys.readouterr().out)["backends"]]
     assert "emu" in names and "emu-emulated" not in names
     main(["info"])
-    hidden = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("emulated test doubles (hal info --all): ")]
+    hidden = [
+        ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("emulated test doubles (hal info --all): ")
+    ]
     assert len(hidden) == 1 and "emu-emulated" in hidden[0].split(": ")[1].split(", ")
     main(["info", "--all", "--json"])
     assert "emu-emulated" in [b["name"] for b in json.loads(capsys.readouterr().out)["backends"]]
 
 
 def test_conformance_emulate_certifies_the_twin(site, tmp_path, capsys):
-    site.install("emu-hal", {"emu": "emu_plugin2"}, {"emu_plugin2": """
+    site.install(
+        "emu-hal",
+        {"emu": "emu_plugin2"},
+        {
+            "emu_plugin2": """
         import hal
         @hal.hookimpl
         def hal_backends():
             return [hal.BackendSpec(name="emu-emulated", factory="hal.backends.cpu.backend:CpuBackend",
                                     emulated=True)]
-        """})
-    rc = main(["conformance", "--backend", "emu", "--emulate", "--ops", "moe_permute", "--profile", "quick",
-               "--in-process", "--report", str(tmp_path / "r")])
+        """
+        },
+    )
+    rc = main(
+        [
+            "conformance",
+            "--backend",
+            "emu",
+            "--emulate",
+            "--ops",
+            "moe_permute",
+            "--profile",
+            "quick",
+            "--in-process",
+            "--report",
+            str(tmp_path / "r"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "emu-emulated" in out and "EMULATED" in out
     assert json.loads((tmp_path / "r" / "report.json").read_text())["meta"]["backend"] == "emu-emulated"

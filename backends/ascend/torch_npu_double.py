@@ -12,6 +12,7 @@ documentation leaves a behaviour open, the double picks the answer a careless ba
 rows attending no key come back NaN, and undocumented inputs (empty batches, zero-length sequences) are
 refused, so the backend must handle them itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,8 @@ __all__ = ["TorchNpuTestDouble", "SOC_VERSIONS", "FIA_MASK_SIZE", "MLA_BLOCK_SIZ
 #: 220-225 Atlas A2, 250-255 Atlas A3, 260 Ascend 950, 200-205 Atlas 310P).
 SOC_VERSIONS = {"a2": 223, "a3": 253, "950": 260, "310p": 202}
 
-FIA_MASK_SIZE = 2048   # sparse_mode 3 (rightDownCausal) takes a 2048 x 2048 "optimised" mask
-MLA_BLOCK_SIZE = 128   # the paged latent cache block size the MLA decode kernels serve (vllm-ascend: [128])
+FIA_MASK_SIZE = 2048  # sparse_mode 3 (rightDownCausal) takes a 2048 x 2048 "optimised" mask
+MLA_BLOCK_SIZE = 128  # the paged latent cache block size the MLA decode kernels serve (vllm-ascend: [128])
 _MLA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
 _GMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FIA_DTYPES = (torch.bfloat16, torch.float16)
@@ -49,11 +50,24 @@ class TorchNpuTestDouble(EmulatedLibrary):
         self.npu = SimpleNamespace(get_soc_version=lambda: version, device_count=lambda: 1)
 
     # -------------------------------------------------------------------- grouped GEMM
-    def npu_grouped_matmul(self, x: List[torch.Tensor], weight: List[torch.Tensor], *, bias=None, scale=None,
-                           offset=None, antiquant_scale=None, antiquant_offset=None, per_token_scale=None,
-                           group_list: Optional[torch.Tensor] = None, split_item: int = 0,
-                           group_type: Optional[int] = None, group_list_type: int = 0, act_type: int = 0,
-                           output_dtype=None) -> List[torch.Tensor]:
+    def npu_grouped_matmul(
+        self,
+        x: List[torch.Tensor],
+        weight: List[torch.Tensor],
+        *,
+        bias=None,
+        scale=None,
+        offset=None,
+        antiquant_scale=None,
+        antiquant_offset=None,
+        per_token_scale=None,
+        group_list: Optional[torch.Tensor] = None,
+        split_item: int = 0,
+        group_type: Optional[int] = None,
+        group_list_type: int = 0,
+        act_type: int = 0,
+        output_dtype=None,
+    ) -> List[torch.Tensor]:
         """The single-tensor MoE form only (one x [M, K], one weight [E, K, N], split_item 2/3, m-axis
         grouping): ``y[rows of e] = x[rows of e] @ weight[e]``; returns a one-element list."""
         op = "npu_grouped_matmul"
@@ -65,17 +79,24 @@ class TorchNpuTestDouble(EmulatedLibrary):
             self.refuse(op, "the single-tensor MoE form needs split_item 2/3 and group_type 0")
         if xs.dim() != 2 or w.dim() != 3:
             self.refuse(op, f"x must be 2-D and weight 3-D [E, K, N], got {tuple(xs.shape)} and {tuple(w.shape)}")
-        if any(v is not None for v in (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale)) \
-                or act_type != 0:
+        if (
+            any(v is not None for v in (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale))
+            or act_type != 0
+        ):
             self.refuse(op, "the double emulates the unscaled forms only (no bias, scales or activation)")
         int8 = xs.dtype == torch.int8
         if int8:  # vllm-ascend's int32-output W8A8 form: the raw int32 sums, dequantised by the caller
             if w.dtype != torch.int8 or output_dtype != torch.int32:
-                self.refuse(op, f"int8 x with {w.dtype} weight, output_dtype {output_dtype}: the double emulates "
-                                "int8 x int8 -> int32 only")
+                self.refuse(
+                    op,
+                    f"int8 x with {w.dtype} weight, output_dtype {output_dtype}: the double emulates "
+                    "int8 x int8 -> int32 only",
+                )
         elif xs.dtype not in _GMM_DTYPES or w.dtype != xs.dtype:
-            self.refuse(op, f"x/weight dtypes {xs.dtype}/{w.dtype}: the unquantised table lists fp16/fp16, "
-                            "bf16/bf16 and fp32/fp32")
+            self.refuse(
+                op,
+                f"x/weight dtypes {xs.dtype}/{w.dtype}: the unquantised table lists fp16/fp16, bf16/bf16 and fp32/fp32",
+            )
         elif output_dtype is not None and output_dtype != xs.dtype:
             self.refuse(op, f"output_dtype {output_dtype} for {xs.dtype} x (the table allows None or x's dtype)")
         if xs.shape[0] == 0:
@@ -92,12 +113,13 @@ class TorchNpuTestDouble(EmulatedLibrary):
         y = torch.empty(xs.shape[0], w.shape[2], dtype=acc, device=xs.device)
         start = 0
         for e, size in enumerate(counts):
-            y[start:start + size] = xs[start:start + size].to(acc) @ w[e].to(acc)
+            y[start : start + size] = xs[start : start + size].to(acc) @ w[e].to(acc)
             start += size
         return [y.to(output_dtype or xs.dtype)]
 
-    def _group_counts(self, op: str, group_list: Optional[torch.Tensor], group_list_type: int, groups: int,
-                      rows: int) -> List[int]:
+    def _group_counts(
+        self, op: str, group_list: Optional[torch.Tensor], group_list_type: int, groups: int, rows: int
+    ) -> List[int]:
         if group_list is None or group_list.dtype != torch.int64 or group_list.dim() != 1:
             self.refuse(op, "group_list must be a 1-D int64 tensor")
         if group_list.shape[0] != groups:
@@ -114,15 +136,28 @@ class TorchNpuTestDouble(EmulatedLibrary):
         return counts
 
     # -------------------------------------------------------------------- W8A8 quantisation
-    def npu_dynamic_quant(self, input: torch.Tensor, *, smooth_scales=None, group_index=None, dst_type=None,
-                          quant_mode: str = "pertoken", dst_type_max: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def npu_dynamic_quant(
+        self,
+        input: torch.Tensor,
+        *,
+        smooth_scales=None,
+        group_index=None,
+        dst_type=None,
+        quant_mode: str = "pertoken",
+        dst_type_max: float = 0.0,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Symmetric per-token int8 (:meth:`per_row_int8`: scale fp32 of shape ``x.shape[:-1]``)."""
         op = "npu_dynamic_quant"
         self.record(op)
         if input.dtype not in _FIA_DTYPES or input.dim() < 2:
             self.refuse(op, f"input must be float16/bfloat16 with dim > 1, got {input.dtype} {input.dim()}-D")
-        if smooth_scales is not None or group_index is not None or dst_type not in (None, torch.int8) or \
-                quant_mode != "pertoken" or dst_type_max != 0.0:
+        if (
+            smooth_scales is not None
+            or group_index is not None
+            or dst_type not in (None, torch.int8)
+            or quant_mode != "pertoken"
+            or dst_type_max != 0.0
+        ):
             self.refuse(op, "the double emulates the plain per-token int8 form only")
         if input.numel() == 0:
             self.refuse(op, "empty input is not documented")
@@ -130,30 +165,59 @@ class TorchNpuTestDouble(EmulatedLibrary):
             self.refuse(op, "the double emulates 2-D input [tokens, K]")
         return self.per_row_int8(input)
 
-    def npu_quant_matmul(self, x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *, offset=None,
-                         pertoken_scale: Optional[torch.Tensor] = None, bias=None, output_dtype=None, x1_dtype=None,
-                         x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None, group_sizes=None,
-                         y_scale=None) -> torch.Tensor:
+    def npu_quant_matmul(
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        offset=None,
+        pertoken_scale: Optional[torch.Tensor] = None,
+        bias=None,
+        output_dtype=None,
+        x1_dtype=None,
+        x2_dtype=None,
+        pertoken_scale_dtype=None,
+        scale_dtype=None,
+        group_sizes=None,
+        y_scale=None,
+    ) -> torch.Tensor:
         """W8A8 per-token form: ``y = (x1 @ x2) * scale * pertoken_scale`` with ``x1`` int8 ``[M, K]``, ``x2``
         int8 ``[K, N]``, ``scale`` fp32 ``(N,)``, ``pertoken_scale`` fp32 ``(M,)``; int32 accumulation,
         output bf16 or fp16 (the A2/A3 table for fp32 scales)."""
         op = "npu_quant_matmul"
         self.record(op)
-        if x1.dtype != torch.int8 or x2.dtype != torch.int8 or x1.dim() != 2 or x2.dim() != 2 or \
-                x2.shape[0] != x1.shape[1]:
-            self.refuse(op, f"the double emulates int8 x1 [M, K] and x2 [K, N], got {x1.dtype} {tuple(x1.shape)} "
-                            f"and {x2.dtype} {tuple(x2.shape)}")
-        if any(v is not None for v in (offset, bias, x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype,
-                                       group_sizes, y_scale)):
+        if (
+            x1.dtype != torch.int8
+            or x2.dtype != torch.int8
+            or x1.dim() != 2
+            or x2.dim() != 2
+            or x2.shape[0] != x1.shape[1]
+        ):
+            self.refuse(
+                op,
+                f"the double emulates int8 x1 [M, K] and x2 [K, N], got {x1.dtype} {tuple(x1.shape)} "
+                f"and {x2.dtype} {tuple(x2.shape)}",
+            )
+        if any(
+            v is not None
+            for v in (offset, bias, x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype, group_sizes, y_scale)
+        ):
             self.refuse(op, "the double emulates the per-token W8A8 form only (no offset, bias, dtype overrides)")
         if scale.dtype != torch.float32 or tuple(scale.shape) not in ((1,), (x2.shape[1],)):
             self.refuse(op, "scale must be float32 of shape (1,) or (N,)")
-        if pertoken_scale is None or pertoken_scale.dtype != torch.float32 or \
-                tuple(pertoken_scale.shape) != (x1.shape[0],):
+        if (
+            pertoken_scale is None
+            or pertoken_scale.dtype != torch.float32
+            or tuple(pertoken_scale.shape) != (x1.shape[0],)
+        ):
             self.refuse(op, "pertoken_scale must be float32 (M,)")
         if output_dtype not in (torch.bfloat16, torch.float16):
-            self.refuse(op, f"output_dtype {output_dtype}: fp32 scales with a per-token scale give bf16 or fp16 "
-                            "(None would give int8, not emulated)")
+            self.refuse(
+                op,
+                f"output_dtype {output_dtype}: fp32 scales with a per-token scale give bf16 or fp16 "
+                "(None would give int8, not emulated)",
+            )
         if max(x1.shape[1], x2.shape[1]) > 65535:
             self.refuse(op, "the last dims of x1 and x2 must be <= 65535")
         if x1.shape[0] == 0:
@@ -162,10 +226,21 @@ class TorchNpuTestDouble(EmulatedLibrary):
         return (acc * scale * pertoken_scale[:, None]).to(output_dtype)
 
     # -------------------------------------------------------------------- routing
-    def npu_moe_gating_top_k(self, x: torch.Tensor, k: int, *, bias: Optional[torch.Tensor] = None,
-                             k_group: int = 1, group_count: int = 1, group_select_mode: int = 0, renorm: int = 0,
-                             norm_type: int = 0, out_flag: bool = False, routed_scaling_factor: float = 1.0,
-                             eps: float = 1e-20) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def npu_moe_gating_top_k(
+        self,
+        x: torch.Tensor,
+        k: int,
+        *,
+        bias: Optional[torch.Tensor] = None,
+        k_group: int = 1,
+        group_count: int = 1,
+        group_select_mode: int = 0,
+        renorm: int = 0,
+        norm_type: int = 0,
+        out_flag: bool = False,
+        routed_scaling_factor: float = 1.0,
+        eps: float = 1e-20,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The documented "equivalent computation logic": score (0 softmax, 1 sigmoid), add the bias for
         selection, group by ``group_count`` (mode 0 max, 1 top-2 sum), keep ``k_group`` groups (others
         -inf), stable top-k, weights from the unbiased scores, sigmoid renormalised by ``sum + eps``,
@@ -178,8 +253,9 @@ class TorchNpuTestDouble(EmulatedLibrary):
         if experts > 2048:
             self.refuse(op, f"{experts} experts: the last dim of x must be <= 2048")
         if bias is not None and (bias.dim() != 1 or bias.shape[0] != experts or bias.dtype != x.dtype):
-            self.refuse(op, f"bias must be 1-D [{experts}] with x's dtype {x.dtype}, got {bias.dtype} "
-                            f"{tuple(bias.shape)}")
+            self.refuse(
+                op, f"bias must be 1-D [{experts}] with x's dtype {x.dtype}, got {bias.dtype} {tuple(bias.shape)}"
+            )
         if renorm != 0:
             self.refuse(op, "renorm: only 0 is supported")
         if norm_type not in (0, 1):
@@ -211,11 +287,23 @@ class TorchNpuTestDouble(EmulatedLibrary):
         norm_out = scores if out_flag else scores.new_empty(0)
         return y.to(x.dtype), ids.to(torch.int32), norm_out
 
-    def npu_moe_init_routing_v2(self, x: torch.Tensor, expert_idx: torch.Tensor, *, scale=None, offset=None,
-                                active_num: int = -1, expert_capacity: int = -1, expert_num: int = -1,
-                                drop_pad_mode: int = 0, expert_tokens_num_type: int = 0,
-                                expert_tokens_num_flag: bool = False, quant_mode: int = -1,
-                                active_expert_range: Sequence[int] = (), row_idx_type: int = 0):
+    def npu_moe_init_routing_v2(
+        self,
+        x: torch.Tensor,
+        expert_idx: torch.Tensor,
+        *,
+        scale=None,
+        offset=None,
+        active_num: int = -1,
+        expert_capacity: int = -1,
+        expert_num: int = -1,
+        drop_pad_mode: int = 0,
+        expert_tokens_num_type: int = 0,
+        expert_tokens_num_flag: bool = False,
+        quant_mode: int = -1,
+        active_expert_range: Sequence[int] = (),
+        row_idx_type: int = 0,
+    ):
         """Dropless, unquantised form: a stable sort of the flattened ``expert_idx`` (slot ``t * k + j``).
         Returns ``(expanded_x, expanded_row_idx int32 [T*k], expert_tokens int64 [E], expanded_scale)``;
         with ``row_idx_type=0`` (gather) row ``r`` of ``expanded_x`` came from slot ``expanded_row_idx[r]``."""
@@ -246,12 +334,21 @@ class TorchNpuTestDouble(EmulatedLibrary):
         order = torch.sort(flat, stable=True).indices
         counts = torch.bincount(flat, minlength=expert_num)
         tokens = counts if expert_tokens_num_type == 1 else counts.cumsum(0)
-        return x[order // expert_idx.shape[1]], order.to(torch.int32), tokens.to(torch.int64), \
-            torch.empty(0, dtype=torch.float32)
+        return (
+            x[order // expert_idx.shape[1]],
+            order.to(torch.int32),
+            tokens.to(torch.int64),
+            torch.empty(0, dtype=torch.float32),
+        )
 
-    def npu_moe_token_unpermute(self, permuted_tokens: torch.Tensor, sorted_indices: torch.Tensor,
-                                probs: Optional[torch.Tensor] = None, padded_mode: bool = False,
-                                restore_shape=None) -> torch.Tensor:
+    def npu_moe_token_unpermute(
+        self,
+        permuted_tokens: torch.Tensor,
+        sorted_indices: torch.Tensor,
+        probs: Optional[torch.Tensor] = None,
+        padded_mode: bool = False,
+        restore_shape=None,
+    ) -> torch.Tensor:
         """``out[t] = sum_j probs[t, j] * permuted_tokens[r]`` where row ``r`` holds slot
         ``sorted_indices[r] = t * k + j`` (the inverse of ``npu_moe_token_permute``). The arithmetic
         runs in the tokens' dtype (the documentation states no wider accumulation)."""
@@ -274,17 +371,28 @@ class TorchNpuTestDouble(EmulatedLibrary):
         return weighted.sum(1).to(dtype)
 
     # -------------------------------------------------------------------- attention
-    def npu_fused_infer_attention_score(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                                        atten_mask: Optional[torch.Tensor] = None,
-                                        actual_seq_lengths: Optional[Sequence[int]] = None,
-                                        actual_seq_lengths_kv: Optional[Sequence[int]] = None,
-                                        block_table: Optional[torch.Tensor] = None,
-                                        query_rope: Optional[torch.Tensor] = None,
-                                        key_rope: Optional[torch.Tensor] = None, num_heads: int = 1,
-                                        scale: float = 1.0, input_layout: str = "BSH",
-                                        num_key_value_heads: int = 0, sparse_mode: int = 0, block_size: int = 0,
-                                        antiquant_mode: int = 0, softmax_lse_flag: bool = False,
-                                        **unsupported) -> Tuple[torch.Tensor, torch.Tensor]:
+    def npu_fused_infer_attention_score(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        atten_mask: Optional[torch.Tensor] = None,
+        actual_seq_lengths: Optional[Sequence[int]] = None,
+        actual_seq_lengths_kv: Optional[Sequence[int]] = None,
+        block_table: Optional[torch.Tensor] = None,
+        query_rope: Optional[torch.Tensor] = None,
+        key_rope: Optional[torch.Tensor] = None,
+        num_heads: int = 1,
+        scale: float = 1.0,
+        input_layout: str = "BSH",
+        num_key_value_heads: int = 0,
+        sparse_mode: int = 0,
+        block_size: int = 0,
+        antiquant_mode: int = 0,
+        softmax_lse_flag: bool = False,
+        **unsupported,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two MLA forms of FIA (v1 keyword names):
 
         * prefill, ``input_layout="TND"``: ``query`` [T, N, 128] + ``query_rope`` [T, N, 64], ``key``
@@ -304,32 +412,65 @@ class TorchNpuTestDouble(EmulatedLibrary):
         if query_rope is None or key_rope is None:
             self.refuse(op, "the double emulates the MLA forms only (query_rope and key_rope both given)")
         if query.dtype not in _FIA_DTYPES or any(t.dtype != query.dtype for t in (key, value, query_rope, key_rope)):
-            self.refuse(op, f"query/key/value/rope dtypes must all be float16 or bfloat16, got {query.dtype}, "
-                            f"{key.dtype}, {value.dtype}, {query_rope.dtype}, {key_rope.dtype}")
+            self.refuse(
+                op,
+                f"query/key/value/rope dtypes must all be float16 or bfloat16, got {query.dtype}, "
+                f"{key.dtype}, {value.dtype}, {query_rope.dtype}, {key_rope.dtype}",
+            )
         if antiquant_mode != 0:
             self.refuse(op, "antiquant_mode must be 0")
         if query_rope.shape[-1] != 64 or key_rope.shape[-1] != 64:
             self.refuse(op, "the rope head dim must be 64")
         if sparse_mode == 3:
-            if atten_mask is None or tuple(atten_mask.shape) != (FIA_MASK_SIZE, FIA_MASK_SIZE) or \
-                    atten_mask.dtype not in (torch.bool, torch.int8, torch.uint8) or \
-                    not torch.equal(atten_mask.bool(), torch.ones_like(atten_mask, dtype=torch.bool).triu(1)):
+            if (
+                atten_mask is None
+                or tuple(atten_mask.shape) != (FIA_MASK_SIZE, FIA_MASK_SIZE)
+                or atten_mask.dtype not in (torch.bool, torch.int8, torch.uint8)
+                or not torch.equal(atten_mask.bool(), torch.ones_like(atten_mask, dtype=torch.bool).triu(1))
+            ):
                 self.refuse(op, "sparse_mode 3 needs the 2048 x 2048 upper-triangular (optimised) atten_mask")
         elif sparse_mode != 0 or atten_mask is not None:
             self.refuse(op, "the double emulates sparse_mode 0 (no mask) and 3 (rightDownCausal) only")
         if input_layout == "TND":
-            return self._fia_prefill(op, query, key, value, query_rope, key_rope, actual_seq_lengths,
-                                     actual_seq_lengths_kv, num_heads, num_key_value_heads, scale, sparse_mode,
-                                     softmax_lse_flag, block_table)
+            return self._fia_prefill(
+                op,
+                query,
+                key,
+                value,
+                query_rope,
+                key_rope,
+                actual_seq_lengths,
+                actual_seq_lengths_kv,
+                num_heads,
+                num_key_value_heads,
+                scale,
+                sparse_mode,
+                softmax_lse_flag,
+                block_table,
+            )
         if input_layout == "BSND":
-            return self._fia_decode(op, query, key, value, query_rope, key_rope, actual_seq_lengths_kv,
-                                    block_table, block_size, num_heads, num_key_value_heads, scale, sparse_mode,
-                                    softmax_lse_flag)
+            return self._fia_decode(
+                op,
+                query,
+                key,
+                value,
+                query_rope,
+                key_rope,
+                actual_seq_lengths_kv,
+                block_table,
+                block_size,
+                num_heads,
+                num_key_value_heads,
+                scale,
+                sparse_mode,
+                softmax_lse_flag,
+            )
         self.refuse(op, f"input_layout {input_layout!r} is not emulated (TND prefill, BSND paged decode)")
         raise AssertionError  # unreachable: refuse raises
 
-    def _fia_prefill(self, op, q, k, v, q_rope, k_rope, seq_q, seq_kv, num_heads, kv_heads, scale, sparse_mode,
-                     lse_flag, block_table):
+    def _fia_prefill(
+        self, op, q, k, v, q_rope, k_rope, seq_q, seq_kv, num_heads, kv_heads, scale, sparse_mode, lse_flag, block_table
+    ):
         if q.dtype != torch.bfloat16:
             self.refuse(op, "the TND layout supports bfloat16 only")
         if block_table is not None:
@@ -352,8 +493,23 @@ class TorchNpuTestDouble(EmulatedLibrary):
             out[q0:q1], lse[q0:q1, :, 0] = o, s
         return out.to(q.dtype), (lse if lse_flag else torch.empty(0))
 
-    def _fia_decode(self, op, q, key, value, q_rope, k_rope, seq_kv, block_table, block_size, num_heads,
-                    kv_heads, scale, sparse_mode, lse_flag):
+    def _fia_decode(
+        self,
+        op,
+        q,
+        key,
+        value,
+        q_rope,
+        k_rope,
+        seq_kv,
+        block_table,
+        block_size,
+        num_heads,
+        kv_heads,
+        scale,
+        sparse_mode,
+        lse_flag,
+    ):
         if lse_flag:
             self.refuse(op, "the MLA decode form (D=512) returns no softmax_lse")
         if q.dim() != 4 or q.shape[3] != 512:
@@ -365,17 +521,26 @@ class TorchNpuTestDouble(EmulatedLibrary):
             self.refuse(op, "the MLA decode form needs num_key_value_heads = 1")
         if value is not key:
             self.refuse(op, "the MLA decode form reads value from the latent cache: pass key as value")
-        if block_size != MLA_BLOCK_SIZE or key.dim() != 3 or tuple(key.shape[1:]) != (MLA_BLOCK_SIZE, 512) or \
-                tuple(k_rope.shape) != (key.shape[0], MLA_BLOCK_SIZE, 64):
-            self.refuse(op, f"the paged MLA cache must be [blocks, {MLA_BLOCK_SIZE}, 512] + [blocks, "
-                            f"{MLA_BLOCK_SIZE}, 64] with block_size {MLA_BLOCK_SIZE}, got block_size {block_size}, "
-                            f"{tuple(key.shape)}")
+        if (
+            block_size != MLA_BLOCK_SIZE
+            or key.dim() != 3
+            or tuple(key.shape[1:]) != (MLA_BLOCK_SIZE, 512)
+            or tuple(k_rope.shape) != (key.shape[0], MLA_BLOCK_SIZE, 64)
+        ):
+            self.refuse(
+                op,
+                f"the paged MLA cache must be [blocks, {MLA_BLOCK_SIZE}, 512] + [blocks, "
+                f"{MLA_BLOCK_SIZE}, 64] with block_size {MLA_BLOCK_SIZE}, got block_size {block_size}, "
+                f"{tuple(key.shape)}",
+            )
         if block_table is None or block_table.dtype != torch.int32 or block_table.shape[0] != b:
             self.refuse(op, "block_table must be int32 [B, max_blocks]")
-        if seq_kv is None or len(seq_kv) != b or min(seq_kv) < 1 or \
-                max(seq_kv) > block_table.shape[1] * MLA_BLOCK_SIZE:
-            self.refuse(op, "actual_seq_lengths_kv: one length in [1, max_blocks * block_size] per batch "
-                            "(a zero length is not documented)")
+        if seq_kv is None or len(seq_kv) != b or min(seq_kv) < 1 or max(seq_kv) > block_table.shape[1] * MLA_BLOCK_SIZE:
+            self.refuse(
+                op,
+                "actual_seq_lengths_kv: one length in [1, max_blocks * block_size] per batch "
+                "(a zero length is not documented)",
+            )
         out = torch.empty(b, s, n, 512, dtype=torch.float32)
         for i, length in enumerate(seq_kv):
             pos = torch.arange(length)
@@ -386,14 +551,16 @@ class TorchNpuTestDouble(EmulatedLibrary):
             keys = torch.cat([latent, k_rope[blocks, pos % MLA_BLOCK_SIZE].float()], -1)
             queries = torch.cat([q[i], q_rope[i]], -1).float().reshape(s * n, 576)
             # rightDownCausal per query token: token j of S sees the first length - S + 1 + j keys
-            o, _ = _attention(queries[:, None], keys[:, None], latent[:, None], scale, sparse_mode == 3,
-                              rows_per_query=n)
+            o, _ = _attention(
+                queries[:, None], keys[:, None], latent[:, None], scale, sparse_mode == 3, rows_per_query=n
+            )
             out[i] = o.reshape(s, n, 512)
         return out.to(q.dtype), torch.zeros(1, dtype=torch.float32)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-               rows_per_query: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, rows_per_query: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """fp32 attention, q ``[Lq, N, D]``, k ``[Lk, Nk, D]``, v ``[Lk, Nk, Dv]`` (``Nk`` 1 or N); causal is
     bottom-right aligned over query tokens of ``rows_per_query`` consecutive rows. A row attending no
     key comes back NaN (undocumented)."""
@@ -414,10 +581,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
 def emulated_a2():
     """The ``ascend-emulated`` backend: the production AscendBackend over the double, as an Atlas A2."""
     from hal.backends.ascend.backend import AscendBackend
+
     return AscendBackend(TorchNpuTestDouble("a2"))
 
 
 def emulated_950():
     """The ``ascend-950-emulated`` backend: as :func:`emulated_a2`, pretending to be an Ascend 950."""
     from hal.backends.ascend.backend import AscendBackend
+
     return AscendBackend(TorchNpuTestDouble("950"))

@@ -10,6 +10,7 @@ exceptions, bf16 MLA decode and bf16 FP8 quantisation on CPUs with AMX, run nati
 use (:mod:`hal.backends.cpu.native`) and keep their PyTorch paths wherever those cannot run. Values
 its kernels index with (sizes, offsets, ids, slots) are checked in every mode, not only in checked mode.
 """
+
 from __future__ import annotations
 
 import platform
@@ -22,10 +23,15 @@ from hal.backends.cpu import kernels
 from hal.contract import all_ops
 
 # each checks the values it reads with the contract's own helpers
-_FAST_KERNELS = {"grouped_gemm": kernels.grouped_gemm, "mla_prefill": kernels.mla_prefill,
-                 "mla_decode": kernels.mla_decode, "moe_unpermute": kernels.moe_unpermute,
-                 "quantize_fp8": kernels.quantize_fp8,
-                 "quantize_int8": kernels.quantize_int8, "quantize_int8_weight": kernels.quantize_int8_weight}
+_FAST_KERNELS = {
+    "grouped_gemm": kernels.grouped_gemm,
+    "mla_prefill": kernels.mla_prefill,
+    "mla_decode": kernels.mla_decode,
+    "moe_unpermute": kernels.moe_unpermute,
+    "quantize_fp8": kernels.quantize_fp8,
+    "quantize_int8": kernels.quantize_int8,
+    "quantize_int8_weight": kernels.quantize_int8_weight,
+}
 
 
 class CpuBackend(Backend):
@@ -41,8 +47,10 @@ class CpuBackend(Backend):
             self.add_implementation(op.name, _FAST_KERNELS.get(op.name) or op.fp32_reference(check_values=True))
 
     def versions(self) -> Dict[str, str]:
-        return {"torch": torch.__version__, "cpu": platform.machine() or "unknown",
-                "threads": str(torch.get_num_threads()),
-                "bf16-matmul": "native" if kernels.native_bf16_gemm() else "none (bf16 computed in fp32)",
-                "native-kernels": kernels.native.status()}
-
+        return {
+            "torch": torch.__version__,
+            "cpu": platform.machine() or "unknown",
+            "threads": str(torch.get_num_threads()),
+            "bf16-matmul": "native" if kernels.native_bf16_gemm() else "none (bf16 computed in fp32)",
+            "native-kernels": kernels.native.status(),
+        }

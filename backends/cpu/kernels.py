@@ -29,6 +29,7 @@ ids) anyway, and check them with the contract's own helpers, so bad ones raise i
 mode too; the backend runs the other operators' value checks before their reference
 (:mod:`hal.backends.cpu.backend`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,14 +59,22 @@ except (AttributeError, RuntimeError):  # torch without it
     _flash_attention = None
 
 
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *, layout: str = "contiguous",
-                 x_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def grouped_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    group_sizes: torch.Tensor,
+    *,
+    layout: str = "contiguous",
+    x_scale: Optional[torch.Tensor] = None,
+    w_scale: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     sizes = group_sizes.tolist()
     check_group_sizes(sizes, layout, x.shape)  # read anyway: unchecked bad sizes would leave rows unwritten
     if x_scale is not None or w_scale is not None:  # FP8 / FP4 / int8 operands: the reference dequantises
-        return _grouped_gemm_op.reference_impl(x, w, group_sizes, layout=layout, x_scale=x_scale,
-                                               w_scale=w_scale, out_dtype=out_dtype, compute_dtype=_F32)
+        return _grouped_gemm_op.reference_impl(
+            x, w, group_sizes, layout=layout, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype, compute_dtype=_F32
+        )
     out_dtype = grouped_gemm_out_dtype(x, out_dtype)
     if x.dtype == w.dtype == out_dtype == torch.bfloat16 and x.is_cpu and native_bf16_gemm():
         compute, weight = torch.bfloat16, lambda g: w[g]  # oneDNN: fp32 accumulation, one rounding to bf16
@@ -82,7 +91,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
     start = 0
     for g, size in enumerate(sizes):
         if size:
-            torch.mm(xc[start:start + size], weight(g).t(), out=y[start:start + size])
+            torch.mm(xc[start : start + size], weight(g).t(), out=y[start : start + size])
             start += size
     return y.to(out_dtype)
 
@@ -117,18 +126,37 @@ def _flash_attention_works() -> bool:
     return out.shape == x.shape and lse.shape == (1, 1, 2) and abs(float(lse[0, 0, 1]) - 8 - math.log(2)) < 1e-4
 
 
-def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                cu_seqlens_k: Optional[torch.Tensor] = None, *, softmax_scale: float, causal: bool = True,
-                sinks: Optional[torch.Tensor] = None, window: Optional[int] = None,
-                topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def mla_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    *,
+    softmax_scale: float,
+    causal: bool = True,
+    sinks: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    topk_indices: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     starts_q = cu_seqlens_q.tolist()
     check_cu_seqlens("cu_seqlens_q", starts_q, q.shape[0])  # read anyway: bad offsets would slice silently
     starts_k = starts_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
     check_cu_seqlens("cu_seqlens_k", starts_k, k.shape[0])
     if not _cpu_bf16_attention(q):
-        return _mla_prefill_op.reference_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale,
-                                              causal=causal, sinks=sinks, window=window,
-                                              topk_indices=topk_indices, compute_dtype=_F32)
+        return _mla_prefill_op.reference_impl(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            sinks=sinks,
+            window=window,
+            topk_indices=topk_indices,
+            compute_dtype=_F32,
+        )
     tq, hq, d = q.shape
     dv = v.shape[2]
     # PyTorch's flash kernel takes one head dim (the narrower of q/k and v is zero-padded: exact), and a
@@ -145,14 +173,27 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
         if q1 == q0 or k1 == k0:  # no query, or no key to attend: out 0, lse -inf
             continue
         if plain:
-            seq_out, seq_lse = _flash_attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
-                                                v[k0:k1].transpose(0, 1)[None], 0.0, causal, attn_mask=None,
-                                                scale=softmax_scale)
+            seq_out, seq_lse = _flash_attention(
+                q[q0:q1].transpose(0, 1)[None],
+                k[k0:k1].transpose(0, 1)[None],
+                v[k0:k1].transpose(0, 1)[None],
+                0.0,
+                causal,
+                attn_mask=None,
+                scale=softmax_scale,
+            )
             seq_out, seq_lse = seq_out[0, :, :, :dv].transpose(0, 1), seq_lse[0].t()  # [lq, Hq, Dv], [lq, Hq]
         else:
-            seq_out, seq_lse = _masked_prefill(q[q0:q1], k[k0:k1], None if shared else v[k0:k1], dv,
-                                               softmax_scale, causal, window,
-                                               None if topk_indices is None else topk_indices[q0:q1])
+            seq_out, seq_lse = _masked_prefill(
+                q[q0:q1],
+                k[k0:k1],
+                None if shared else v[k0:k1],
+                dv,
+                softmax_scale,
+                causal,
+                window,
+                None if topk_indices is None else topk_indices[q0:q1],
+            )
         if sinks is not None:
             seq_out = seq_out * sink_gate(seq_lse, sinks)[..., None]
         out[q0:q1], lse[q0:q1] = seq_out, seq_lse
@@ -164,9 +205,16 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
 _FOLDED_ROWS = 512
 
 
-def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], dv: int, softmax_scale: float,
-                    causal: bool, window: Optional[int],
-                    topk: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _masked_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: Optional[torch.Tensor],
+    dv: int,
+    softmax_scale: float,
+    causal: bool,
+    window: Optional[int],
+    topk: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """One sequence's attention where rows attend different keys (a window, a top-k list, a causal mask the
     flash kernel cannot express, or fewer kv heads than query heads): queries in chunks, each over only the
     keys some query of the chunk attends, with the rest masked. The query heads of a kv head are folded into
@@ -181,8 +229,9 @@ def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
     step = max(1, _FOLDED_ROWS // group)
     for c0 in range(0, lq, step):
         c1 = min(lq, c0 + step)
-        allowed = attended_keys(num_keys, c1 - c0, lk, causal, window, None if topk is None else topk[None, c0:c1],
-                                first=c0, total=lq)[0]
+        allowed = attended_keys(
+            num_keys, c1 - c0, lk, causal, window, None if topk is None else topk[None, c0:c1], first=c0, total=lq
+        )[0]
         allowed, keys, values = _attended_only(allowed, k, v)
         if keys.shape[0] == 0:  # no query of the chunk attends anything
             continue
@@ -192,8 +241,15 @@ def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
             mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
             mask = mask.repeat_interleave(group, dim=0)[None, None]
         rows = q[c0:c1].view(c1 - c0, hk, group, width).transpose(0, 1).reshape(1, hk, (c1 - c0) * group, width)
-        o, s = _flash_attention(rows, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], 0.0, False,
-                                attn_mask=mask, scale=softmax_scale)
+        o, s = _flash_attention(
+            rows,
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
+            0.0,
+            False,
+            attn_mask=mask,
+            scale=softmax_scale,
+        )
         o = o[0, :, :, :dv].reshape(hk, c1 - c0, group, dv).transpose(0, 1).reshape(c1 - c0, hq, dv)
         s = s[0].view(hk, c1 - c0, group).transpose(0, 1).reshape(c1 - c0, hq)
         if allowed is not None:
@@ -203,10 +259,19 @@ def _masked_prefill(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
     return out, lse
 
 
-def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-               softmax_scale: float, head_dim_v: int = 512, causal: bool = True,
-               sinks: Optional[torch.Tensor] = None, window: Optional[int] = None,
-               topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    head_dim_v: int = 512,
+    causal: bool = True,
+    sinks: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    topk_indices: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     b, sq, hq, d = q.shape
     masked = causal and sq > 1 or window is not None or topk_indices is not None
     fast = _cpu_bf16_attention(q)
@@ -215,8 +280,9 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     if not masked and q.dtype == torch.bfloat16 and native.serves_mla_decode(sq * hq, d, head_dim_v, kv_cache):
         # the native kernel (also without bf16 matrix instructions: it sums in fp32 there): each sequence's pages
         # read in place, all heads' rows at once
-        out, lse = native.mla_decode(q.reshape(b, sq * hq, d), kv_cache, block_table, seq_lens, softmax_scale,
-                                         head_dim_v)
+        out, lse = native.mla_decode(
+            q.reshape(b, sq * hq, d), kv_cache, block_table, seq_lens, softmax_scale, head_dim_v
+        )
         out, lse = out.view(b, sq, hq, head_dim_v), lse.view(b, sq, hq)
     elif fast and not masked and b and lengths[0] > 0 and lengths.count(lengths[0]) == b:
         # one sequence, or equal lengths (hal.model's batches): one flash call, a core per sequence
@@ -231,8 +297,14 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
         for i, seq_keys in enumerate(keys):
             allowed = None  # [Sq, L] where the rows attend different keys
             if masked and lengths[i]:
-                allowed = attended_keys(seq_lens[i:i + 1], sq, lengths[i], causal, window,
-                                        None if topk_indices is None else topk_indices[i:i + 1])[0]
+                allowed = attended_keys(
+                    seq_lens[i : i + 1],
+                    sq,
+                    lengths[i],
+                    causal,
+                    window,
+                    None if topk_indices is None else topk_indices[i : i + 1],
+                )[0]
                 allowed, seq_keys, _ = _attended_only(allowed, seq_keys)
             if seq_keys.shape[0] == 0:  # nothing attended: out 0, lse -inf (a sink keeps out at 0)
                 continue
@@ -247,16 +319,18 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     return out.to(q.dtype), lse
 
 
-def _attend_all(rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float,
-                head_dim_v: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attend_all(
+    rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float, head_dim_v: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Query rows ``[1, R, D]`` over ``keys`` ``[L, D]`` that are also the values (a top-k or window step's
     selected keys): the native kernel where it serves them (as one page), else PyTorch's flash attention.
     out ``[1, R, head_dim_v]``, lse ``[1, R]``."""
     length, d = keys.shape
     if keys.is_contiguous() and native.serves_mla_decode(rows.shape[1], d, head_dim_v, keys[None]):
         one_page = torch.zeros(1, 1, dtype=torch.int32)
-        return native.mla_decode(rows, keys[None], one_page, torch.tensor([length], dtype=torch.int32),
-                                     softmax_scale, head_dim_v)
+        return native.mla_decode(
+            rows, keys[None], one_page, torch.tensor([length], dtype=torch.int32), softmax_scale, head_dim_v
+        )
     out, lse = _flash_rows(rows, keys[None], softmax_scale)
     return out[..., :head_dim_v], lse
 
@@ -265,13 +339,15 @@ def _flash_rows(rows: torch.Tensor, keys: torch.Tensor, softmax_scale: float) ->
     """PyTorch's flash attention of query rows ``[B, R, D]`` over keys ``[B, L, D]`` that are also the values
     (the latent cache): out ``[B, R, D]``, lse ``[B, R]``. One task per sequence: B sequences use B cores."""
     keys = _unit_stride(keys)[:, None]
-    out, lse = _flash_attention(_unit_stride(rows)[:, None], keys, keys, 0.0, False, attn_mask=None,
-                                scale=softmax_scale)
+    out, lse = _flash_attention(
+        _unit_stride(rows)[:, None], keys, keys, 0.0, False, attn_mask=None, scale=softmax_scale
+    )
     return out[:, 0], lse[:, 0]
 
 
-def _attended_only(allowed: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor] = None
-                   ) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+def _attended_only(
+    allowed: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor] = None
+) -> Tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """``allowed`` ``[rows, L]``, ``keys`` ``[L, ...]`` and ``values`` (``None``: the keys are the values) cut to
     the positions some row attends, and ``allowed`` ``None`` when every row then attends all of them: a
     window or a top-k list costs what it selects, not the whole context, and a one-token step needs no
@@ -294,13 +370,12 @@ def _sequence_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, ids: List[in
     if not ids:
         return kv_cache.new_empty(0, kv_cache.shape[2])
     if not _in_order(ids):
-        return _gathered_keys(kv_cache, block_ids[None, :len(ids)], length)[0]
-    pages = kv_cache[ids[0]:ids[0] + len(ids)]
+        return _gathered_keys(kv_cache, block_ids[None, : len(ids)], length)[0]
+    pages = kv_cache[ids[0] : ids[0] + len(ids)]
     return pages.reshape(-1, kv_cache.shape[2])[:length]  # a view unless the cache itself is strided
 
 
-def _batch_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, pages: List[List[int]],
-                length: int) -> torch.Tensor:
+def _batch_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, pages: List[List[int]], length: int) -> torch.Tensor:
     """The keys of equal-length sequences (used blocks ``pages``) as one ``[B, length, D]``: a view of the
     cache when each sequence's blocks are in order and the sequences lie at equal distances (hal.model's
     caches: each sequence's blocks follow the previous one's), else one gathered copy."""
@@ -308,11 +383,18 @@ def _batch_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, pages: List[L
     step = firsts[1] - firsts[0] if len(firsts) > 1 else 0
     _, block_size, d = kv_cache.shape
     stride = kv_cache.stride()
-    if (step >= 0 and all(first == firsts[0] + i * step for i, first in enumerate(firsts)) and
-            all(_in_order(ids) for ids in pages) and stride[0] == block_size * stride[1]):
-        return kv_cache.as_strided((len(pages), length, d), (step * stride[0], stride[1], stride[2]),
-                                   kv_cache.storage_offset() + firsts[0] * stride[0])
-    return _gathered_keys(kv_cache, block_table[:, :len(pages[0])], length)
+    if (
+        step >= 0
+        and all(first == firsts[0] + i * step for i, first in enumerate(firsts))
+        and all(_in_order(ids) for ids in pages)
+        and stride[0] == block_size * stride[1]
+    ):
+        return kv_cache.as_strided(
+            (len(pages), length, d),
+            (step * stride[0], stride[1], stride[2]),
+            kv_cache.storage_offset() + firsts[0] * stride[0],
+        )
+    return _gathered_keys(kv_cache, block_table[:, : len(pages[0])], length)
 
 
 def _gathered_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
@@ -328,8 +410,9 @@ def _gathered_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int)
     return kv_cache.index_select(0, block_ids.reshape(-1)).view(b, -1, d)[:, :length]
 
 
-def _attend_fp32(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float, head_dim_v: int,
-                 allowed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attend_fp32(
+    q: torch.Tensor, keys: torch.Tensor, softmax_scale: float, head_dim_v: int, allowed: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Absorbed attention of one sequence's ``q`` ``[Sq, Hq, D]`` over its fp32 ``keys`` ``[L, D]``, in fp32:
     the logits and ``P @ V`` as two matrix products shared by all heads, masked by ``allowed`` ``[Sq, L]``
     unless it is ``None`` (every key attended)."""
@@ -362,25 +445,33 @@ def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, permutation: Mo
         return _moe_unpermute_op.reference_impl(y_sorted, weights, permutation, compute_dtype=_F32)
     out = y_sorted.new_empty((tokens, y_sorted.shape[1]))
     for t0 in range(0, tokens, step):
-        chunk = permutation._replace(slot_rows=permutation.slot_rows[t0:t0 + step])
-        out[t0:t0 + step] = _moe_unpermute_op.reference_impl(y_sorted, weights[t0:t0 + step], chunk,
-                                                             compute_dtype=_F32)
+        chunk = permutation._replace(slot_rows=permutation.slot_rows[t0 : t0 + step])
+        out[t0 : t0 + step] = _moe_unpermute_op.reference_impl(
+            y_sorted, weights[t0 : t0 + step], chunk, compute_dtype=_F32
+        )
     return out
 
 
-def quantize_fp8(x: torch.Tensor, group_size: int = 128,
-                 scale_fmt: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(
+    x: torch.Tensor, group_size: int = 128, scale_fmt: Optional[str] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0:
         return _quantize_fp8_op.reference_impl(x, group_size, scale_fmt)
     if native.serves_quantize_fp8(x, group_size):
         return native.quantize_fp8_bf16(x, group_size, scale_fmt == "ue8m0")
-    return _quantized_in_chunks(x, group_size, lambda amax: fp8_scales(amax, scale_fmt),
-                                lambda chunk: chunk.clamp_(-FP8_MAX, FP8_MAX), FP8_DTYPE)
+    return _quantized_in_chunks(
+        x,
+        group_size,
+        lambda amax: fp8_scales(amax, scale_fmt),
+        lambda chunk: chunk.clamp_(-FP8_MAX, FP8_MAX),
+        FP8_DTYPE,
+    )
 
 
 def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    q, s = _quantized_in_chunks(x, x.shape[-1], int8_scales, lambda chunk: chunk.round_().clamp_(-INT8_MAX, INT8_MAX),
-                                torch.int8)
+    q, s = _quantized_in_chunks(
+        x, x.shape[-1], int8_scales, lambda chunk: chunk.round_().clamp_(-INT8_MAX, INT8_MAX), torch.int8
+    )
     return q, s.squeeze(-1)
 
 
@@ -388,9 +479,13 @@ def quantize_int8_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return quantize_int8(w)  # per row of K: the same algorithm
 
 
-def _quantized_in_chunks(x: torch.Tensor, group_size: int, scales: Callable[[torch.Tensor], torch.Tensor],
-                         finish: Callable[[torch.Tensor], torch.Tensor],
-                         q_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def _quantized_in_chunks(
+    x: torch.Tensor,
+    group_size: int,
+    scales: Callable[[torch.Tensor], torch.Tensor],
+    finish: Callable[[torch.Tensor], torch.Tensor],
+    q_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The references' per-group quantisation of ``x`` ``[..., K]`` (groups of ``group_size`` along ``K``), a
     chunk of rows at a time in an fp32 copy that stays in L2 (the reference makes each step a pass over the
     whole tensor): ``s = scales(amax)``, ``q = finish(chunk / s)`` cast to ``q_dtype``. Returns ``q`` of
@@ -401,8 +496,8 @@ def _quantized_in_chunks(x: torch.Tensor, group_size: int, scales: Callable[[tor
     s = torch.empty(rows.shape[:2], dtype=_F32, device=x.device)
     step = max(1, _CHUNK_ELEMENTS // k)
     for r0 in range(0, rows.shape[0], step):
-        chunk = rows[r0:r0 + step].to(_F32, copy=True)  # the fp32 working copy, divided in place below
+        chunk = rows[r0 : r0 + step].to(_F32, copy=True)  # the fp32 working copy, divided in place below
         scale = scales(chunk.abs().amax(dim=-1))
-        s[r0:r0 + step] = scale
-        q[r0:r0 + step] = finish(chunk.div_(scale[..., None]))
+        s[r0 : r0 + step] = scale
+        q[r0 : r0 + step] = finish(chunk.div_(scale[..., None]))
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], k // group_size)

@@ -19,6 +19,7 @@ loaded with ctypes: nothing is built at install time. Where they cannot run (not
 a CPU without AVX2 and FMA, no compiler, the OS refuses the tile registers, ``HAL_CPU_NATIVE=0``), the backend
 keeps its PyTorch paths, and :func:`status` (``hal info``) says why.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,22 +39,34 @@ import torch
 
 from hal.probe import cache_dir
 
-__all__ = ["VARIANTS", "mla_decode", "quantize_fp8_bf16", "serves_mla_decode", "serves_quantize_fp8", "status",
-           "variants"]
+__all__ = [
+    "VARIANTS",
+    "mla_decode",
+    "quantize_fp8_bf16",
+    "serves_mla_decode",
+    "serves_quantize_fp8",
+    "status",
+    "variants",
+]
 
 
 class Variant(NamedTuple):
-    label: str                  # as status() says it
-    machine: str                # platform.machine()
-    flags: Tuple[str, ...]      # the compiler's: they alone choose native.c's code
+    label: str  # as status() says it
+    machine: str  # platform.machine()
+    flags: Tuple[str, ...]  # the compiler's: they alone choose native.c's code
     cpu_flags: Tuple[str, ...]  # what /proc/cpuinfo must list
+
 
 _X86 = ("x86_64", "AMD64")
 _AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma")
 _AVX512_CPU = ("avx512f", "avx512bw", "avx512vl", "fma")
 VARIANTS = {  # best first
-    "amx": Variant("AMX", "x86_64", ("-mamx-tile", "-mamx-bf16", *_AVX512, "-mavx512bf16"),
-                   ("amx_tile", "amx_bf16", *_AVX512_CPU, "avx512_bf16")),
+    "amx": Variant(
+        "AMX",
+        "x86_64",
+        ("-mamx-tile", "-mamx-bf16", *_AVX512, "-mavx512bf16"),
+        ("amx_tile", "amx_bf16", *_AVX512_CPU, "avx512_bf16"),
+    ),
     "avx512bf16": Variant("AVX-512 BF16", "x86_64", (*_AVX512, "-mavx512bf16"), (*_AVX512_CPU, "avx512_bf16")),
     "avx512": Variant("AVX-512", "x86_64", _AVX512, _AVX512_CPU),
     "avx2": Variant("AVX2", "x86_64", ("-mavx2", "-mfma"), ("avx2", "fma")),
@@ -65,7 +78,7 @@ MAX_HEADS = 16  # query rows a sequence: the 16 lanes of a vector, the 16 rows o
 
 
 def status() -> str:
-    """"native" and the variant that serves (e.g. "native AVX-512 BF16"), else why none does."""
+    """ "native" and the variant that serves (e.g. "native AVX-512 BF16"), else why none does."""
     library, variant_or_why = _library()
     return f"native {VARIANTS[variant_or_why].label}" if library is not None else f"PyTorch ({variant_or_why})"
 
@@ -77,36 +90,72 @@ def variants() -> List[str]:
 
 def serves_mla_decode(heads: int, dim: int, dim_v: int, kv_cache: torch.Tensor) -> bool:
     """Whether :func:`mla_decode` takes a decode step of these widths over ``kv_cache``."""
-    return (heads <= MAX_HEADS and dim % 32 == 0 and dim_v % 32 == 0 and 0 < dim_v <= dim
-            and kv_cache.dtype == torch.bfloat16 and kv_cache.is_cpu and kv_cache.is_contiguous()
-            and _library()[0] is not None)
+    return (
+        heads <= MAX_HEADS
+        and dim % 32 == 0
+        and dim_v % 32 == 0
+        and 0 < dim_v <= dim
+        and kv_cache.dtype == torch.bfloat16
+        and kv_cache.is_cpu
+        and kv_cache.is_contiguous()
+        and _library()[0] is not None
+    )
 
 
-def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                   softmax_scale: float, dim_v: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    dim_v: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """A decode step: each sequence's rows ``q`` ``[B, rows, D]`` bf16 over the first ``seq_lens[b]`` keys in its
     blocks ``block_table[b]`` -> out ``[B, rows, dim_v]`` bf16, lse ``[B, rows]`` fp32 (an empty sequence: 0 and
     -inf). The caller checks :func:`serves_mla_decode` and the block ids of the pages used."""
     batch, rows, dim = q.shape
     q = q.contiguous()
-    table = block_table if block_table.dtype == torch.int32 and block_table.stride(-1) == 1 else \
-        block_table.to(torch.int32).contiguous()
+    table = (
+        block_table
+        if block_table.dtype == torch.int32 and block_table.stride(-1) == 1
+        else block_table.to(torch.int32).contiguous()
+    )
     lengths = seq_lens.to(torch.int32).contiguous()
     out = q.new_empty((batch, rows, dim_v))
     lse = torch.empty((batch, rows), dtype=torch.float32)
     library = _library()[0]
     threads = torch.get_num_threads()
     workspace = torch.empty(library.hal_mla_decode_workspace(batch, dim, dim_v, threads), dtype=torch.float32)
-    library.hal_mla_decode(q.data_ptr(), batch, rows, dim, dim_v, kv_cache.data_ptr(), kv_cache.shape[1],
-                               table.data_ptr(), table.stride(0), lengths.data_ptr(), softmax_scale, out.data_ptr(),
-                               lse.data_ptr(), workspace.data_ptr(), threads)
+    library.hal_mla_decode(
+        q.data_ptr(),
+        batch,
+        rows,
+        dim,
+        dim_v,
+        kv_cache.data_ptr(),
+        kv_cache.shape[1],
+        table.data_ptr(),
+        table.stride(0),
+        lengths.data_ptr(),
+        softmax_scale,
+        out.data_ptr(),
+        lse.data_ptr(),
+        workspace.data_ptr(),
+        threads,
+    )
     return out, lse
 
 
 def serves_quantize_fp8(x: torch.Tensor, group_size: int) -> bool:
     """Whether :func:`quantize_fp8_bf16` quantises ``x`` in groups of ``group_size``."""
-    return (x.dtype == torch.bfloat16 and x.is_cpu and x.dim() >= 1 and group_size % 16 == 0
-            and x.shape[-1] % group_size == 0 and _library()[0] is not None)
+    return (
+        x.dtype == torch.bfloat16
+        and x.is_cpu
+        and x.dim() >= 1
+        and group_size % 16 == 0
+        and x.shape[-1] % group_size == 0
+        and _library()[0] is not None
+    )
 
 
 def quantize_fp8_bf16(x: torch.Tensor, group_size: int, ue8m0: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +167,9 @@ def quantize_fp8_bf16(x: torch.Tensor, group_size: int, ue8m0: bool) -> Tuple[to
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
     s = torch.empty((*x.shape[:-1], k // group_size), dtype=torch.float32)
     if x.numel():
-        _library()[0].hal_quantize_fp8_bf16(x.data_ptr(), rows, k, group_size, int(ue8m0), q.data_ptr(), s.data_ptr(),
-                                           torch.get_num_threads())
+        _library()[0].hal_quantize_fp8_bf16(
+            x.data_ptr(), rows, k, group_size, int(ue8m0), q.data_ptr(), s.data_ptr(), torch.get_num_threads()
+        )
     return q, s
 
 
@@ -133,8 +183,9 @@ def _load(choice: str) -> Tuple[Optional[ctypes.CDLL], str]:
     if choice == "0":
         return None, "HAL_CPU_NATIVE=0"
     if platform.system() != "Linux" or platform.machine() not in (*_X86, "aarch64"):
-        return None, (f"the native kernels are for x86-64 and aarch64 Linux, not {platform.system()} "
-                      f"{platform.machine()}")
+        return None, (
+            f"the native kernels are for x86-64 and aarch64 Linux, not {platform.system()} {platform.machine()}"
+        )
     if choice not in ("", "1", *VARIANTS):
         return None, f"HAL_CPU_NATIVE={choice} is none of 0, 1, {', '.join(VARIANTS)}"
     runnable = variants()
@@ -209,12 +260,18 @@ def _built(variant: str) -> Path:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             src, built = Path(tmp) / _SOURCE, Path(tmp) / target.name
             src.write_bytes(source)
-            subprocess.run(compile_command(variant, src, built, [compiler, *command[1:]]), check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                compile_command(variant, src, built, [compiler, *command[1:]]),
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             os.replace(built, target)
     except subprocess.CalledProcessError as exc:
-        raise _NotBuilt(f"the native kernels did not build ({command[0]} exited with {exc.returncode}): "
-                        + exc.stderr.decode(errors="replace").strip()[-300:]) from None
+        raise _NotBuilt(
+            f"the native kernels did not build ({command[0]} exited with {exc.returncode}): "
+            + exc.stderr.decode(errors="replace").strip()[-300:]
+        ) from None
     except subprocess.SubprocessError as exc:
         raise _NotBuilt(f"the native kernels did not build: {exc}") from None
     except OSError as exc:

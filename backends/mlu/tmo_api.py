@@ -3,6 +3,7 @@
 :func:`inspect.signature` instead of trusting a version number, adapts where a difference is known, and
 refuses, naming the version, where an operator it needs is missing or has an unknown shape.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -70,15 +71,21 @@ def detect(lib: Any) -> TmoApi:
         try:
             params = inspect.signature(fn).parameters
         except (TypeError, ValueError):
-            raise TmoVersionError(f"torch_mlu_ops {version}: the signature of {name}() cannot be read: "
-                                  f"{supported}") from None
+            raise TmoVersionError(
+                f"torch_mlu_ops {version}: the signature of {name}() cannot be read: {supported}"
+            ) from None
         missing = [p for p in named if p not in params]
         if missing or len(params) < positional:
-            raise TmoVersionError(f"torch_mlu_ops {version}: {name}{inspect.signature(fn)} lacks "
-                                  f"{', '.join(repr(p) for p in missing) or f'{positional} positional parameters'}: "
-                                  f"{supported}")
+            raise TmoVersionError(
+                f"torch_mlu_ops {version}: {name}{inspect.signature(fn)} lacks "
+                f"{', '.join(repr(p) for p in missing) or f'{positional} positional parameters'}: "
+                f"{supported}"
+            )
         if name == "group_gemm":
             group_gemm_params = frozenset(params)
-    return TmoApi(version=version, group_gemm_output_dtype="output_dtype" in group_gemm_params,
-                  fp8_block_gemm=hasattr(lib, "scaled_matmul") and hasattr(lib, "smooth_quant_group_gemm"),
-                  int8_scaled=hasattr(lib, "scaled_quantize") and hasattr(lib, "scaled_matmul"))
+    return TmoApi(
+        version=version,
+        group_gemm_output_dtype="output_dtype" in group_gemm_params,
+        fp8_block_gemm=hasattr(lib, "scaled_matmul") and hasattr(lib, "smooth_quant_group_gemm"),
+        int8_scaled=hasattr(lib, "scaled_quantize") and hasattr(lib, "scaled_matmul"),
+    )

@@ -1,12 +1,23 @@
 """Family 1: grouped GEMM for MoE experts (plain, block-scaled low-precision and W8A8 int8 operands)."""
+
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
-    contract, dtype_name, result
+from hal.contract import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    Request,
+    Tolerance,
+    check,
+    check_same_device,
+    check_tensor,
+    contract,
+    dtype_name,
+    result,
+)
 from hal.formats import FP4_GROUP, FP8_DTYPE, dequantize_values, fp4_dtypes, is_fp4, scale_dtypes, scale_shape
 
 __all__ = ["grouped_gemm", "check_group_sizes", "grouped_gemm_out_dtype"]
@@ -38,9 +49,16 @@ GEMM_TOLERANCE = {
     },
     tolerance=GEMM_TOLERANCE,
 )
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *, layout: str = "contiguous",
-                 x_scale: Optional[torch.Tensor] = None, w_scale: Optional[torch.Tensor] = None,
-                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def grouped_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    group_sizes: torch.Tensor,
+    *,
+    layout: str = "contiguous",
+    x_scale: Optional[torch.Tensor] = None,
+    w_scale: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """Multiply each group of rows of ``x`` by its expert's weight: ``y[rows of g] = x[rows of g] @ w[g].T``.
 
     Layouts:
@@ -84,27 +102,42 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
     G, N = w.shape[0], w.shape[1]
     K = x.shape[-1]
     w_fp4 = is_fp4(w)
-    check(w.shape[2] * (2 if w_fp4 else 1) == K, op, "w", f"last dim {K // 2 if w_fp4 else K} "
-          f"({'packed FP4, ' if w_fp4 else ''}matching x.shape[-1] = {K})", f"shape {tuple(w.shape)}")
-    check(group_sizes.shape[0] == G, op, "group_sizes", f"{G} entries (one per group of w)",
-          f"{group_sizes.shape[0]}")
+    check(
+        w.shape[2] * (2 if w_fp4 else 1) == K,
+        op,
+        "w",
+        f"last dim {K // 2 if w_fp4 else K} ({'packed FP4, ' if w_fp4 else ''}matching x.shape[-1] = {K})",
+        f"shape {tuple(w.shape)}",
+    )
+    check(group_sizes.shape[0] == G, op, "group_sizes", f"{G} entries (one per group of w)", f"{group_sizes.shape[0]}")
     if layout == "masked":
         check(x.shape[0] == G, op, "x", f"shape [G={G}, max_m, K] for the masked layout", tuple(x.shape))
     int8 = x.dtype == torch.int8
-    check(int8 == (w.dtype == torch.int8), op, "x" if w.dtype == torch.int8 else "w",
-          "int8 x and int8 w together (W8A8)", f"x {dtype_name(x.dtype)}, w {dtype_name(w.dtype)}")
+    check(
+        int8 == (w.dtype == torch.int8),
+        op,
+        "x" if w.dtype == torch.int8 else "w",
+        "int8 x and int8 w together (W8A8)",
+        f"x {dtype_name(x.dtype)}, w {dtype_name(w.dtype)}",
+    )
     if int8:
         check(K <= INT8_MAX_K, op, "x", f"K <= {INT8_MAX_K} for int8 operands (int32 accumulation)", f"K = {K}")
         _check_scale(op, "x_scale", x_scale, True, tuple(x.shape[:-1]), "an int8 x (one per row)", INT8_SCALES)
         _check_scale(op, "w_scale", w_scale, True, (G, N), "an int8 w (one per output channel)", INT8_SCALES)
     else:
-        _check_scale(op, "x_scale", x_scale, x.dtype == FP8_DTYPE,
-                     scale_shape(x.shape, _FP8_ACT_BLOCK), "an FP8 x (1x128 groups along K)")
+        _check_scale(
+            op,
+            "x_scale",
+            x_scale,
+            x.dtype == FP8_DTYPE,
+            scale_shape(x.shape, _FP8_ACT_BLOCK),
+            "an FP8 x (1x128 groups along K)",
+        )
     if x.dtype == FP8_DTYPE:
         check(K % 128 == 0, op, "x", "K divisible by 128 for FP8 activations", f"K = {K}")
     if w_fp4:
         check(K % FP4_GROUP == 0, op, "w", f"K divisible by {FP4_GROUP} for FP4 weights", f"K = {K}")
-        expected = (G, N, K // FP4_GROUP)
+        expected: Tuple[int, ...] = (G, N, K // FP4_GROUP)
     else:
         expected = scale_shape(w.shape, _FP8_WEIGHT_BLOCK)
     if not int8:
@@ -112,9 +145,15 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, *,
     if out_dtype is not None:
         check(out_dtype in FLOAT_DTYPES, op, "out_dtype", "bfloat16, float16 or float32", out_dtype)
     out = grouped_gemm_out_dtype(x, out_dtype)
-    return Request(device, (("layout", layout), ("x_dtype", dtype_name(x.dtype)),
-                            ("w_dtype", "fp4_e2m1" if w_fp4 else dtype_name(w.dtype)),
-                            ("out_dtype", dtype_name(out))))
+    return Request(
+        device,
+        (
+            ("layout", layout),
+            ("x_dtype", dtype_name(x.dtype)),
+            ("w_dtype", "fp4_e2m1" if w_fp4 else dtype_name(w.dtype)),
+            ("out_dtype", dtype_name(out)),
+        ),
+    )
 
 
 def grouped_gemm_out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -133,31 +172,54 @@ def check_group_sizes(sizes: List[int], layout: str, x_shape: Sequence[int]) -> 
     op = "grouped_gemm"
     check(min(sizes, default=0) >= 0, op, "group_sizes", "non-negative sizes", sizes)
     if layout == "contiguous":
-        check(sum(sizes) == x_shape[0], op, "group_sizes", f"sizes adding up to x.shape[0] = {x_shape[0]}",
-              f"sizes adding up to {sum(sizes)}")
+        check(
+            sum(sizes) == x_shape[0],
+            op,
+            "group_sizes",
+            f"sizes adding up to x.shape[0] = {x_shape[0]}",
+            f"sizes adding up to {sum(sizes)}",
+        )
     else:
         check(max(sizes, default=0) <= x_shape[1], op, "group_sizes", f"valid counts <= max_m = {x_shape[1]}", sizes)
 
 
-def _check_scale(op: str, name: str, scale: Optional[torch.Tensor], needed: bool, shape: tuple,
-                 what: str, dtypes: Optional[tuple] = None) -> None:
+def _check_scale(
+    op: str,
+    name: str,
+    scale: Optional[torch.Tensor],
+    needed: bool,
+    shape: tuple,
+    what: str,
+    dtypes: Optional[tuple] = None,
+) -> None:
     if not needed:
         check(scale is None, op, name, "None (its operand is not scaled)", "a tensor")
         return
     check(scale is not None, op, name, f"a scale tensor for {what}", "None")
-    check_tensor(op, name, scale, dtypes=dtypes or scale_dtypes())
+    scale = check_tensor(op, name, scale, dtypes=dtypes or scale_dtypes())
     check(tuple(scale.shape) == tuple(shape), op, name, f"shape {tuple(shape)}", f"shape {tuple(scale.shape)}")
 
 
-def dequantized_operands(x: torch.Tensor, w: torch.Tensor, x_scale: Optional[torch.Tensor],
-                         w_scale: Optional[torch.Tensor], compute_dtype: torch.dtype):
+def dequantized_operands(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    x_scale: Optional[torch.Tensor],
+    w_scale: Optional[torch.Tensor],
+    compute_dtype: torch.dtype,
+):
     """``x`` and ``w`` as plain tensors of ``compute_dtype`` (block, row or channel scales applied)."""
     if x_scale is not None:
-        x = _row_scaled(x, x_scale, compute_dtype) if x.dtype == torch.int8 else \
-            dequantize_values(x, x_scale, _FP8_ACT_BLOCK, compute_dtype)
+        x = (
+            _row_scaled(x, x_scale, compute_dtype)
+            if x.dtype == torch.int8
+            else dequantize_values(x, x_scale, _FP8_ACT_BLOCK, compute_dtype)
+        )
     if w_scale is not None:
-        w = _row_scaled(w, w_scale, compute_dtype) if w.dtype == torch.int8 else \
-            dequantize_values(w, w_scale, _FP4_WEIGHT_BLOCK if is_fp4(w) else _FP8_WEIGHT_BLOCK, compute_dtype)
+        w = (
+            _row_scaled(w, w_scale, compute_dtype)
+            if w.dtype == torch.int8
+            else dequantize_values(w, w_scale, _FP4_WEIGHT_BLOCK if is_fp4(w) else _FP8_WEIGHT_BLOCK, compute_dtype)
+        )
     return x.to(compute_dtype), w.to(compute_dtype)
 
 
@@ -167,8 +229,9 @@ def _row_scaled(q: torch.Tensor, scale: torch.Tensor, compute_dtype: torch.dtype
 
 
 @grouped_gemm.reference
-def _grouped_gemm_reference(x, w, group_sizes, *, layout="contiguous", x_scale=None, w_scale=None,
-                            out_dtype=None, compute_dtype=torch.float32):
+def _grouped_gemm_reference(
+    x, w, group_sizes, *, layout="contiguous", x_scale=None, w_scale=None, out_dtype=None, compute_dtype=torch.float32
+):
     out_dtype = grouped_gemm_out_dtype(x, out_dtype)
     xd, wd = dequantized_operands(x, w, x_scale, w_scale, compute_dtype)
     if layout == "masked":
@@ -178,6 +241,6 @@ def _grouped_gemm_reference(x, w, group_sizes, *, layout="contiguous", x_scale=N
     y = xd.new_empty(x.shape[0], w.shape[1])
     start = 0
     for g, size in enumerate(group_sizes.tolist()):
-        torch.mm(xd[start:start + size], wd[g].t(), out=y[start:start + size])
+        torch.mm(xd[start : start + size], wd[g].t(), out=y[start : start + size])
         start += size
     return result(y, out_dtype, compute_dtype)

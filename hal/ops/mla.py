@@ -22,6 +22,7 @@ Conventions shared by the operators of this family:
 
 Why: docs/contracts.md#mla-attention.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,13 +30,36 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
-    contract, dtype_name, is_int, is_number, result
+from hal.contract import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    Request,
+    Tolerance,
+    check,
+    check_same_device,
+    check_tensor,
+    contract,
+    dtype_name,
+    is_int,
+    is_number,
+    result,
+)
 from hal.errors import InvalidArgumentError
 
-__all__ = ["mla_prefill", "mla_decode", "paged_cache_write", "MLA_TOLERANCE", "attention_error_n", "attended_keys",
-           "gather_paged_keys", "sink_gate", "checked_pages", "check_sequence_pages", "check_cu_seqlens",
-           "used_blocks"]
+__all__ = [
+    "mla_prefill",
+    "mla_decode",
+    "paged_cache_write",
+    "MLA_TOLERANCE",
+    "attention_error_n",
+    "attended_keys",
+    "gather_paged_keys",
+    "sink_gate",
+    "checked_pages",
+    "check_sequence_pages",
+    "check_cu_seqlens",
+    "used_blocks",
+]
 
 _DTYPES = ("bfloat16", "float16", "float32")
 _BOOL = ("true", "false")
@@ -82,8 +106,10 @@ def attention_error_n(q: torch.Tensor, k: torch.Tensor, *, softmax_scale: float,
 
 # --------------------------------------------------------------------------- shared validation / math
 
-def _check_common(op: str, hq: int, softmax_scale: object, causal: object,
-                  sinks: Optional[torch.Tensor], window: object) -> None:
+
+def _check_common(
+    op: str, hq: int, softmax_scale: object, causal: object, sinks: Optional[torch.Tensor], window: object
+) -> None:
     ok = is_number(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale > 0
     check(ok, op, "softmax_scale", "a finite float > 0 (DeepSeek: 192**-0.5 * mscale**2)", repr(softmax_scale))
     check(isinstance(causal, bool), op, "causal", "a bool", repr(causal))
@@ -93,18 +119,36 @@ def _check_common(op: str, hq: int, softmax_scale: object, causal: object,
         check(sinks.shape[0] == hq, op, "sinks", f"shape [Hq={hq}]", f"shape {tuple(sinks.shape)}")
 
 
-def _features(dtype: torch.dtype, causal: bool, sinks: Optional[torch.Tensor], window: Optional[int],
-              topk_indices: Optional[torch.Tensor]) -> Tuple[Tuple[str, str], ...]:
+def _features(
+    dtype: torch.dtype,
+    causal: bool,
+    sinks: Optional[torch.Tensor],
+    window: Optional[int],
+    topk_indices: Optional[torch.Tensor],
+) -> Tuple[Tuple[str, str], ...]:
     def flag(b: bool) -> str:
         return "true" if b else "false"
 
-    return (("dtype", dtype_name(dtype)), ("causal", flag(causal)), ("sinks", flag(sinks is not None)),
-            ("window", flag(window is not None)), ("sparse", flag(topk_indices is not None)))
+    return (
+        ("dtype", dtype_name(dtype)),
+        ("causal", flag(causal)),
+        ("sinks", flag(sinks is not None)),
+        ("window", flag(window is not None)),
+        ("sparse", flag(topk_indices is not None)),
+    )
 
 
-def attended_keys(num_keys: torch.Tensor, sq: int, length: int, causal: bool, window: Optional[int],
-                  topk_indices: Optional[torch.Tensor], *, first: int = 0,
-                  total: Optional[int] = None) -> torch.Tensor:
+def attended_keys(
+    num_keys: torch.Tensor,
+    sq: int,
+    length: int,
+    causal: bool,
+    window: Optional[int],
+    topk_indices: Optional[torch.Tensor],
+    *,
+    first: int = 0,
+    total: Optional[int] = None,
+) -> torch.Tensor:
     """Boolean ``[N, sq, length]``: which key position each query attends. Row ``n`` has ``num_keys[n]``
     keys (positions past it are padding), and ``total`` queries (default ``first + sq``), its last
     ``total`` positions, of which these are queries ``first .. first + sq - 1`` (all of them by default)."""
@@ -135,8 +179,15 @@ def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(lse - sinks).masked_fill(lse == float("-inf"), 0.0)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, softmax_scale: float,
-            sinks: Optional[torch.Tensor], compute_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    softmax_scale: float,
+    sinks: Optional[torch.Tensor],
+    compute_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention. q ``[N, Sq, Hq, D]``, k ``[N, L, Hk, D]``, v ``[N, L, Hk, Dv]``, allowed
     ``[N, Sq, L]`` -> out ``[N, Sq, Hq, Dv]``, lse ``[N, Sq, Hq]`` (both in ``compute_dtype``)."""
     n, sq, hq, d = q.shape
@@ -155,11 +206,21 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
 
 # --------------------------------------------------------------------------- mla_prefill
 
+
 @contract(family="mla", axes=_ATTENTION_AXES, tolerance=MLA_TOLERANCE)
-def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                cu_seqlens_k: Optional[torch.Tensor] = None, *, softmax_scale: float, causal: bool = True,
-                sinks: Optional[torch.Tensor] = None, window: Optional[int] = None,
-                topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def mla_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    *,
+    softmax_scale: float,
+    causal: bool = True,
+    sinks: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    topk_indices: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention over a ragged batch of sequences (varlen prefill; the naive, non-absorbed MLA form).
 
     Arguments (see the module docstring for masks, softmax, sinks and empty rows):
@@ -198,24 +259,40 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
         check_tensor(op, "cu_seqlens_k", cu_seqlens_k, ndim=1, dtypes=(torch.int32,))
     if topk_indices is not None:
         check_tensor(op, "topk_indices", topk_indices, ndim=2, dtypes=(torch.int32,))
-    device = check_same_device(op, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                               sinks=sinks, topk_indices=topk_indices)
+    device = check_same_device(
+        op, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, sinks=sinks, topk_indices=topk_indices
+    )
     tq, hq, dqk = q.shape
     tk, hk = k.shape[0], k.shape[1]
     check(hq >= 1 and dqk >= 1, op, "q", "shape [Tq, Hq >= 1, Dqk >= 1]", f"shape {tuple(q.shape)}")
     check(hk >= 1 and hq % hk == 0, op, "k", f"a head count Hk >= 1 dividing Hq = {hq}", f"shape {tuple(k.shape)}")
     check(k.shape[2] == dqk, op, "k", f"head dim {dqk} (q's)", f"shape {tuple(k.shape)}")
-    check(v.shape[0] == tk and v.shape[1] == hk and v.shape[2] >= 1, op, "v",
-          f"shape [Tk={tk}, Hk={hk}, Dv >= 1] (k's tokens and heads)", f"shape {tuple(v.shape)}")
+    check(
+        v.shape[0] == tk and v.shape[1] == hk and v.shape[2] >= 1,
+        op,
+        "v",
+        f"shape [Tk={tk}, Hk={hk}, Dv >= 1] (k's tokens and heads)",
+        f"shape {tuple(v.shape)}",
+    )
     check(cu_seqlens_q.shape[0] >= 1, op, "cu_seqlens_q", "B + 1 >= 1 entries", "an empty tensor")
     if cu_seqlens_k is None:
         check(tk == tq, op, "k", f"Tk == Tq = {tq} when cu_seqlens_k is None", f"Tk = {tk}")
     else:
-        check(cu_seqlens_k.shape[0] == cu_seqlens_q.shape[0], op, "cu_seqlens_k",
-              f"{cu_seqlens_q.shape[0]} entries (the B + 1 of cu_seqlens_q)", f"{cu_seqlens_k.shape[0]}")
+        check(
+            cu_seqlens_k.shape[0] == cu_seqlens_q.shape[0],
+            op,
+            "cu_seqlens_k",
+            f"{cu_seqlens_q.shape[0]} entries (the B + 1 of cu_seqlens_q)",
+            f"{cu_seqlens_k.shape[0]}",
+        )
     if topk_indices is not None:
-        check(topk_indices.shape[0] == tq, op, "topk_indices", f"shape [Tq={tq}, topk]",
-              f"shape {tuple(topk_indices.shape)}")
+        check(
+            topk_indices.shape[0] == tq,
+            op,
+            "topk_indices",
+            f"shape [Tq={tq}, topk]",
+            f"shape {tuple(topk_indices.shape)}",
+        )
     _check_common(op, hq, softmax_scale, causal, sinks, window)
     return Request(device, _features(q.dtype, causal, sinks, window, topk_indices))
 
@@ -237,8 +314,20 @@ def check_cu_seqlens(name: str, offsets: List[int], total: int) -> None:
 
 
 @mla_prefill.reference
-def _mla_prefill_reference(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale, causal=True, sinks=None,
-                           window=None, topk_indices=None, compute_dtype=torch.float32):
+def _mla_prefill_reference(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k=None,
+    *,
+    softmax_scale,
+    causal=True,
+    sinks=None,
+    window=None,
+    topk_indices=None,
+    compute_dtype=torch.float32,
+):
     tq, hq = q.shape[0], q.shape[1]
     out = q.new_zeros((tq, hq, v.shape[2]), dtype=compute_dtype)
     lse = q.new_full((tq, hq), float("-inf"), dtype=compute_dtype)
@@ -251,19 +340,28 @@ def _mla_prefill_reference(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_
         lk = torch.tensor([k1 - k0], device=q.device)
         topk = None if topk_indices is None else topk_indices[None, q0:q1]
         allowed = attended_keys(lk, q1 - q0, k1 - k0, causal, window, topk)
-        o, s = _attend(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], allowed, softmax_scale, sinks,
-                       compute_dtype)
+        o, s = _attend(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], allowed, softmax_scale, sinks, compute_dtype)
         out[q0:q1], lse[q0:q1] = o[0], s[0]
     return result(out, q.dtype, compute_dtype), result(lse, torch.float32, compute_dtype)
 
 
 # --------------------------------------------------------------------------- mla_decode
 
+
 @contract(family="mla", axes=_ATTENTION_AXES, tolerance=MLA_TOLERANCE)
-def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-               softmax_scale: float, head_dim_v: int = 512, causal: bool = True,
-               sinks: Optional[torch.Tensor] = None, window: Optional[int] = None,
-               topk_indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    softmax_scale: float,
+    head_dim_v: int = 512,
+    causal: bool = True,
+    sinks: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    topk_indices: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Absorbed-form MLA decode: multi-query attention of every head over one paged latent KV cache.
 
     In DeepSeek's absorbed MLA, ``q = [q_nope @ W_UK | q_rope]`` (D = 512 + 64 = 576), each cached key is
@@ -307,20 +405,32 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
     if topk_indices is not None:
         check_tensor(op, "topk_indices", topk_indices, ndim=3, dtypes=(torch.int32,))
-    device = check_same_device(op, q=q, kv_cache=kv_cache, block_table=block_table, seq_lens=seq_lens,
-                               sinks=sinks, topk_indices=topk_indices)
+    device = check_same_device(
+        op, q=q, kv_cache=kv_cache, block_table=block_table, seq_lens=seq_lens, sinks=sinks, topk_indices=topk_indices
+    )
     b, sq, hq, d = q.shape
     block_size = kv_cache.shape[1]
     check(sq >= 1 and hq >= 1 and d >= 1, op, "q", "shape [B, Sq >= 1, Hq >= 1, D >= 1]", f"shape {tuple(q.shape)}")
-    check(kv_cache.shape[2] == d and block_size >= 1, op, "kv_cache",
-          f"shape [num_blocks, block_size >= 1, D={d}] (q's head dim)", f"shape {tuple(kv_cache.shape)}")
-    check(block_table.shape[0] == b, op, "block_table", f"shape [B={b}, max_blocks]",
-          f"shape {tuple(block_table.shape)}")
+    check(
+        kv_cache.shape[2] == d and block_size >= 1,
+        op,
+        "kv_cache",
+        f"shape [num_blocks, block_size >= 1, D={d}] (q's head dim)",
+        f"shape {tuple(kv_cache.shape)}",
+    )
+    check(
+        block_table.shape[0] == b, op, "block_table", f"shape [B={b}, max_blocks]", f"shape {tuple(block_table.shape)}"
+    )
     check(seq_lens.shape[0] == b, op, "seq_lens", f"shape [B={b}]", f"shape {tuple(seq_lens.shape)}")
     check(is_int(head_dim_v) and 1 <= head_dim_v <= d, op, "head_dim_v", f"an int in [1, D={d}]", repr(head_dim_v))
     if topk_indices is not None:
-        check(tuple(topk_indices.shape[:2]) == (b, sq), op, "topk_indices", f"shape [B={b}, Sq={sq}, topk]",
-              f"shape {tuple(topk_indices.shape)}")
+        check(
+            tuple(topk_indices.shape[:2]) == (b, sq),
+            op,
+            "topk_indices",
+            f"shape [B={b}, Sq={sq}, topk]",
+            f"shape {tuple(topk_indices.shape)}",
+        )
     _check_common(op, hq, softmax_scale, causal, sinks, window)
     return Request(device, _features(q.dtype, causal, sinks, window, topk_indices))
 
@@ -330,14 +440,15 @@ def _mla_decode_values(q, kv_cache, block_table, seq_lens, *, causal=True, **_):
     checked_pages(kv_cache, block_table, seq_lens.tolist(), q.shape[1], causal)
 
 
-def checked_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: List[int], sq: int,
-                  causal: bool) -> List[List[int]]:
+def checked_pages(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, lengths: List[int], sq: int, causal: bool
+) -> List[List[int]]:
     """:func:`mla_decode`'s value checks, reading the block table once: the ids of the blocks holding each
     sequence's first ``lengths[b]`` keys (``seq_lens`` read into a list), checked by
     :func:`check_sequence_pages`; for implementations that read them anyway."""
     block_size = kv_cache.shape[1]
-    table = block_table[:, :used_blocks(max(lengths, default=0), block_size)].tolist()
-    pages = [ids[:used_blocks(n, block_size)] for ids, n in zip(table, lengths)]
+    table = block_table[:, : used_blocks(max(lengths, default=0), block_size)].tolist()
+    pages = [ids[: used_blocks(n, block_size)] for ids, n in zip(table, lengths)]
     for ids, n in zip(pages, lengths):
         check_sequence_pages(n, ids, block_table.shape[1], kv_cache, sq, causal)
     return pages
@@ -348,24 +459,30 @@ def used_blocks(length: int, block_size: int) -> int:
     return -(-max(length, 0) // block_size)
 
 
-def check_sequence_pages(length: int, used_ids: List[int], max_blocks: int, kv_cache: torch.Tensor, sq: int,
-                         causal: bool) -> None:
+def check_sequence_pages(
+    length: int, used_ids: List[int], max_blocks: int, kv_cache: torch.Tensor, sq: int, causal: bool
+) -> None:
     """The value checks of one sequence of :func:`mla_decode` (its length and the block ids of its used pages):
     also for implementations that read these values anyway."""
     op = "mla_decode"
     capacity = max_blocks * kv_cache.shape[1]
     check(0 <= length <= capacity, op, "seq_lens", f"lengths in [0, max_blocks * block_size = {capacity}]", length)
-    check(not causal or length == 0 or length >= sq, op, "seq_lens",
-          f"lengths >= Sq = {sq} (the new tokens are in the cache) or 0, when causal", length)
+    check(
+        not causal or length == 0 or length >= sq,
+        op,
+        "seq_lens",
+        f"lengths >= Sq = {sq} (the new tokens are in the cache) or 0, when causal",
+        length,
+    )
     num_blocks = kv_cache.shape[0]
     if used_ids and not (0 <= min(used_ids) and max(used_ids) < num_blocks):  # the ids listed only on failure
         bad = sorted({i for i in used_ids if not 0 <= i < num_blocks})
-        raise InvalidArgumentError(op, "block_table", f"used block ids in [0, num_blocks = {num_blocks})",
-                                   f"ids {bad[:8]}")
+        raise InvalidArgumentError(
+            op, "block_table", f"used block ids in [0, num_blocks = {num_blocks})", f"ids {bad[:8]}"
+        )
 
 
-def gather_paged_keys(kv_cache: torch.Tensor, block_table: torch.Tensor,
-                       seq_lens: torch.Tensor) -> torch.Tensor:
+def gather_paged_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
     """The keys of each sequence as a dense ``[B, Lmax, D]`` tensor, zeros past ``seq_len`` (only used
     blocks and slots are read: the rest may hold garbage)."""
     b = block_table.shape[0]
@@ -381,8 +498,20 @@ def gather_paged_keys(kv_cache: torch.Tensor, block_table: torch.Tensor,
 
 
 @mla_decode.reference
-def _mla_decode_reference(q, kv_cache, block_table, seq_lens, *, softmax_scale, head_dim_v=512, causal=True,
-                          sinks=None, window=None, topk_indices=None, compute_dtype=torch.float32):
+def _mla_decode_reference(
+    q,
+    kv_cache,
+    block_table,
+    seq_lens,
+    *,
+    softmax_scale,
+    head_dim_v=512,
+    causal=True,
+    sinks=None,
+    window=None,
+    topk_indices=None,
+    compute_dtype=torch.float32,
+):
     keys = gather_paged_keys(kv_cache, block_table, seq_lens)
     allowed = attended_keys(seq_lens, q.shape[1], keys.shape[1], causal, window, topk_indices)
     k = keys[:, :, None, :]  # one kv head shared by all query heads
@@ -391,6 +520,7 @@ def _mla_decode_reference(q, kv_cache, block_table, seq_lens, *, softmax_scale, 
 
 
 # --------------------------------------------------------------------------- paged_cache_write
+
 
 @contract(family="mla", axes={"dtype": _DTYPES}, tolerance={d: Tolerance(rtol=0.0) for d in _DTYPES})
 def paged_cache_write(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -413,12 +543,22 @@ def paged_cache_write(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: to
     check_tensor(op, "kv", kv, ndim=2, dtypes=(kv_cache.dtype,))
     check_tensor(op, "slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES)
     device = check_same_device(op, kv_cache=kv_cache, kv=kv, slot_mapping=slot_mapping)
-    check(kv_cache.is_contiguous(), op, "kv_cache", "a contiguous tensor (written in place through a flat view)",
-          f"strides {kv_cache.stride()}")
+    check(
+        kv_cache.is_contiguous(),
+        op,
+        "kv_cache",
+        "a contiguous tensor (written in place through a flat view)",
+        f"strides {kv_cache.stride()}",
+    )
     d = kv_cache.shape[2]
     check(kv.shape[1] == d, op, "kv", f"shape [T, D={d}] (kv_cache's last dim)", f"shape {tuple(kv.shape)}")
-    check(slot_mapping.shape[0] == kv.shape[0], op, "slot_mapping", f"shape [T={kv.shape[0]}] (one slot per row "
-          "of kv)", f"shape {tuple(slot_mapping.shape)}")
+    check(
+        slot_mapping.shape[0] == kv.shape[0],
+        op,
+        "slot_mapping",
+        f"shape [T={kv.shape[0]}] (one slot per row of kv)",
+        f"shape {tuple(slot_mapping.shape)}",
+    )
     return Request(device, (("dtype", dtype_name(kv_cache.dtype)),))
 
 
@@ -429,12 +569,22 @@ def _paged_cache_write_values(kv_cache, kv, slot_mapping):
         return
     capacity = kv_cache.shape[0] * kv_cache.shape[1]
     lo, hi = (int(v) for v in torch.aminmax(slot_mapping))
-    check(lo >= -1 and hi < capacity, op, "slot_mapping",
-          f"slots in [-1, num_blocks * block_size = {capacity})", f"values in [{lo}, {hi}]")
+    check(
+        lo >= -1 and hi < capacity,
+        op,
+        "slot_mapping",
+        f"slots in [-1, num_blocks * block_size = {capacity})",
+        f"values in [{lo}, {hi}]",
+    )
     if slot_mapping.numel() > 1:  # one slot (a decode step) is distinct by itself
         slots = slot_mapping[slot_mapping >= 0]
-        check(torch.unique(slots).numel() == slots.numel(), op, "slot_mapping", "distinct slots (-1 aside)",
-              "a slot written twice")
+        check(
+            torch.unique(slots).numel() == slots.numel(),
+            op,
+            "slot_mapping",
+            "distinct slots (-1 aside)",
+            "a slot written twice",
+        )
 
 
 @paged_cache_write.reference

@@ -14,6 +14,7 @@ another correct formula of the same algorithm may land.
 Why (which DeepSeek formula is the reference, the tolerances; on CUDA, divide by a tensor, not by a Python
 number): docs/contracts.md#fp8-and-fp4-quantisation and docs/contracts.md#w8a8-int8.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,16 +22,54 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from hal.contract import FLOAT_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, contract, \
-    dtype_name, is_int, result
-from hal.formats import AMAX_FLOOR, FP4_GROUP, FP4_MAX, FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_FORMATS, ceil_pow2, \
-    by_block, dequantize_values, encode_fp4, fp4_dtypes, scale_dtypes, scale_shape
+from hal.contract import (
+    FLOAT_DTYPES,
+    Request,
+    Tolerance,
+    check,
+    check_same_device,
+    check_tensor,
+    contract,
+    dtype_name,
+    is_int,
+    result,
+)
+from hal.formats import (
+    AMAX_FLOOR,
+    FP4_GROUP,
+    FP4_MAX,
+    FP8_DTYPE,
+    FP8_MAX,
+    INT8_MAX,
+    SCALE_FORMATS,
+    by_block,
+    ceil_pow2,
+    dequantize_values,
+    encode_fp4,
+    fp4_dtypes,
+    scale_dtypes,
+    scale_shape,
+)
 from hal.ops.grouped_gemm import GEMM_TOLERANCE, INT8_MAX_K, dequantized_operands
 
 __all__ = [
-    "quantize_fp8", "quantize_fp8_weight", "dequantize_fp8", "fp8_gemm", "quantize_fp4", "dequantize_fp4",
-    "quantize_int8", "quantize_int8_weight", "int8_gemm", "apply_int8_amax_floor", "fp8_scales", "int8_scales",
-    "FP8_QUANT_TOLERANCE", "FP4_QUANT_TOLERANCE", "DEQUANT_TOLERANCE", "INT8_QUANT_TOLERANCE", "INT8_GEMM_TOLERANCE",
+    "quantize_fp8",
+    "quantize_fp8_weight",
+    "dequantize_fp8",
+    "fp8_gemm",
+    "quantize_fp4",
+    "dequantize_fp4",
+    "quantize_int8",
+    "quantize_int8_weight",
+    "int8_gemm",
+    "apply_int8_amax_floor",
+    "fp8_scales",
+    "int8_scales",
+    "FP8_QUANT_TOLERANCE",
+    "FP4_QUANT_TOLERANCE",
+    "DEQUANT_TOLERANCE",
+    "INT8_QUANT_TOLERANCE",
+    "INT8_GEMM_TOLERANCE",
     "INT8_MAX_K",
 ]
 
@@ -67,33 +106,34 @@ DEQUANT_TOLERANCE = {
 
 # --------------------------------------------------------------------------- shared validation / math
 
+
 def _check_size(op: str, name: str, value: object) -> int:
     check(is_int(value) and value > 0, op, name, "a positive int", repr(value))
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _check_block_shape(op: str, block_shape: object) -> Tuple[int, ...]:
-    ok = isinstance(block_shape, (tuple, list)) and len(block_shape) in (1, 2) and all(
-        is_int(b) and b > 0 for b in block_shape)
+    ok = (
+        isinstance(block_shape, (tuple, list))
+        and len(block_shape) in (1, 2)
+        and all(is_int(b) and b > 0 for b in block_shape)
+    )
     check(ok, op, "block_shape", "a tuple of 1 or 2 positive ints", repr(block_shape))
     return tuple(block_shape)  # type: ignore[arg-type]
 
 
 def _check_scale_fmt(op: str, scale_fmt: Optional[str]) -> str:
-    check(scale_fmt is None or scale_fmt in SCALE_FORMATS, op, "scale_fmt",
-          "None, 'fp32' or 'ue8m0'", repr(scale_fmt))
+    check(scale_fmt is None or scale_fmt in SCALE_FORMATS, op, "scale_fmt", "None, 'fp32' or 'ue8m0'", repr(scale_fmt))
     return scale_fmt or "fp32"
 
 
 def _check_out_dtype(op: str, out_dtype: object) -> torch.dtype:
-    check(out_dtype in FLOAT_DTYPES, op, "out_dtype", "torch.bfloat16, torch.float16 or torch.float32",
-          out_dtype)
-    return out_dtype  # type: ignore[return-value]
+    check(out_dtype in FLOAT_DTYPES, op, "out_dtype", "torch.bfloat16, torch.float16 or torch.float32", out_dtype)
+    return out_dtype
 
 
 def _check_scale_tensor(op: str, name: str, scale: object, shape: Tuple[int, ...], what: str) -> None:
-    check_tensor(op, name, scale, dtypes=scale_dtypes())
-    got = tuple(scale.shape)  # type: ignore[union-attr]
+    got = tuple(check_tensor(op, name, scale, dtypes=scale_dtypes()).shape)
     check(got == tuple(shape), op, name, f"shape {tuple(shape)} ({what})", f"shape {got}")
 
 
@@ -112,13 +152,15 @@ def _to_fp8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- quantize_fp8 (act_quant)
 
+
 @contract(
     family="quant",
     axes={"dtype": _IN_DTYPES, "scale_fmt": SCALE_FORMATS},
     tolerance=FP8_QUANT_TOLERANCE,
 )
-def quantize_fp8(x: torch.Tensor, group_size: int = 128,
-                 scale_fmt: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(
+    x: torch.Tensor, group_size: int = 128, scale_fmt: Optional[str] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantise ``x`` to FP8 e4m3 in groups of ``group_size`` consecutive elements along the last dim
     (DeepSeek ``act_quant``; DeepSeek and DeepGEMM use ``group_size=128``).
 
@@ -153,8 +195,13 @@ def quantize_fp8(x: torch.Tensor, group_size: int = 128,
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
     check(x.dim() >= 1, op, "x", "a tensor of at least 1 dim [..., K]", "a 0-D tensor")
     _check_size(op, "group_size", group_size)
-    check(x.shape[-1] % group_size == 0, op, "x", f"last dim K divisible by group_size = {group_size}",
-          f"K = {x.shape[-1]}")
+    check(
+        x.shape[-1] % group_size == 0,
+        op,
+        "x",
+        f"last dim K divisible by group_size = {group_size}",
+        f"K = {x.shape[-1]}",
+    )
     fmt = _check_scale_fmt(op, scale_fmt)
     return Request(x.device, (("dtype", dtype_name(x.dtype)), ("scale_fmt", fmt)))
 
@@ -170,13 +217,15 @@ def _quantize_fp8_reference(x, group_size=128, scale_fmt=None, *, compute_dtype=
 
 # --------------------------------------------------------------------------- quantize_fp8_weight
 
+
 @contract(
     family="quant",
     axes={"dtype": _IN_DTYPES, "scale_fmt": SCALE_FORMATS},
     tolerance=FP8_QUANT_TOLERANCE,
 )
-def quantize_fp8_weight(w: torch.Tensor, block_size: int = 128,
-                        scale_fmt: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_weight(
+    w: torch.Tensor, block_size: int = 128, scale_fmt: Optional[str] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantise a weight ``w`` to FP8 e4m3 in ``block_size x block_size`` blocks (DeepSeek's 128x128
     checkpoint blocks, DeepGEMM ``per_block_cast_to_fp8``).
 
@@ -216,13 +265,19 @@ def _quantize_fp8_weight_reference(w, block_size=128, scale_fmt=None, *, compute
 
 # --------------------------------------------------------------------------- dequantize_fp8
 
+
 @contract(
     family="quant",
     axes={"out_dtype": _OUT_DTYPES},
     tolerance=DEQUANT_TOLERANCE,
 )
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, *, block_shape: Sequence[int] = (128,),
-                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize_fp8(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    block_shape: Sequence[int] = (128,),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """Dequantise block-scaled FP8: ``y = q * scale`` of its block, rounded once to ``out_dtype``
     (DeepSeek ``weight_dequant`` for ``block_shape=(128, 128)``).
 
@@ -247,8 +302,13 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, *, block_shape: Sequenc
     op = "dequantize_fp8"
     check_tensor(op, "q", q, dtypes=(FP8_DTYPE,))
     block = _check_block_shape(op, block_shape)
-    check(q.dim() >= len(block), op, "q", f"at least {len(block)} dims for block_shape {block}",
-          f"{q.dim()}-D tensor of shape {tuple(q.shape)}")
+    check(
+        q.dim() >= len(block),
+        op,
+        "q",
+        f"at least {len(block)} dims for block_shape {block}",
+        f"{q.dim()}-D tensor of shape {tuple(q.shape)}",
+    )
     _check_scale_tensor(op, "scale", scale, scale_shape(q.shape, block), f"one per {block} block of q")
     out = _check_out_dtype(op, out_dtype)
     device = check_same_device(op, q=q, scale=scale)
@@ -256,21 +316,27 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, *, block_shape: Sequenc
 
 
 @dequantize_fp8.reference
-def _dequantize_fp8_reference(q, scale, *, block_shape=(128,), out_dtype=torch.bfloat16,
-                              compute_dtype=torch.float32):
+def _dequantize_fp8_reference(q, scale, *, block_shape=(128,), out_dtype=torch.bfloat16, compute_dtype=torch.float32):
     y = dequantize_values(q, scale, tuple(block_shape), compute_dtype)
     return result(y, out_dtype, compute_dtype)
 
 
 # --------------------------------------------------------------------------- fp8_gemm
 
+
 @contract(
     family="quant",
     axes={"out_dtype": _OUT_DTYPES},
     tolerance=GEMM_TOLERANCE,
 )
-def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *,
-             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """Block-scaled FP8 GEMM ``y = A @ B.T`` (DeepSeek ``fp8_gemm``; DeepGEMM ``fp8_gemm_nt`` with the
     SM90 recipe: 1x128 activation groups, 128x128 weight blocks).
 
@@ -300,10 +366,12 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     K = a.shape[-1]
     check(K % _FP8_GEMM_BLOCK == 0, op, "a", "last dim K divisible by 128", f"K = {K}")
     check(b.shape[1] == K, op, "b", f"shape [N, K = {K}] (K matching a.shape[-1])", f"shape {tuple(b.shape)}")
-    _check_scale_tensor(op, "a_scale", a_scale, tuple(a.shape[:-1]) + (K // _FP8_GEMM_BLOCK,),
-                        "one per 128 elements of a along K")
-    _check_scale_tensor(op, "b_scale", b_scale, scale_shape(b.shape, (_FP8_GEMM_BLOCK, _FP8_GEMM_BLOCK)),
-                        "one per 128x128 block of b")
+    _check_scale_tensor(
+        op, "a_scale", a_scale, tuple(a.shape[:-1]) + (K // _FP8_GEMM_BLOCK,), "one per 128 elements of a along K"
+    )
+    _check_scale_tensor(
+        op, "b_scale", b_scale, scale_shape(b.shape, (_FP8_GEMM_BLOCK, _FP8_GEMM_BLOCK)), "one per 128x128 block of b"
+    )
     out = _check_out_dtype(op, out_dtype)
     device = check_same_device(op, a=a, a_scale=a_scale, b=b, b_scale=b_scale)
     return Request(device, (("out_dtype", dtype_name(out)),))
@@ -312,13 +380,13 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
 @fp8_gemm.reference
 def _fp8_gemm_reference(a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16, compute_dtype=torch.float32):
     M, K = math.prod(a.shape[:-1]), a.shape[-1]
-    ad, bd = dequantized_operands(a.reshape(M, K), b, a_scale.reshape(M, K // _FP8_GEMM_BLOCK), b_scale,
-                                  compute_dtype)
+    ad, bd = dequantized_operands(a.reshape(M, K), b, a_scale.reshape(M, K // _FP8_GEMM_BLOCK), b_scale, compute_dtype)
     y = ad @ bd.t()
     return result(y.reshape(*a.shape[:-1], b.shape[0]), out_dtype, compute_dtype)
 
 
 # --------------------------------------------------------------------------- quantize_fp4
+
 
 @contract(
     family="quant",
@@ -369,13 +437,15 @@ def _quantize_fp4_reference(w, group_size=FP4_GROUP, *, compute_dtype=torch.floa
 
 # --------------------------------------------------------------------------- dequantize_fp4
 
+
 @contract(
     family="quant",
     axes={"out_dtype": _OUT_DTYPES},
     tolerance=DEQUANT_TOLERANCE,
 )
-def dequantize_fp4(q: torch.Tensor, scale: torch.Tensor, *, group_size: int = FP4_GROUP,
-                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize_fp4(
+    q: torch.Tensor, scale: torch.Tensor, *, group_size: int = FP4_GROUP, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Dequantise packed FP4 e2m1: ``y = e2m1(q) * scale`` of its group, rounded once to ``out_dtype``.
 
     Arguments: ``q`` packed ``[..., K // 2]`` (at least 1-D) uint8, or torch.float4_e2m1fn_x2 where
@@ -395,18 +465,17 @@ def dequantize_fp4(q: torch.Tensor, scale: torch.Tensor, *, group_size: int = FP
     check(q.dim() >= 1, op, "q", "a tensor of at least 1 dim [..., K // 2]", "a 0-D tensor")
     _check_size(op, "group_size", group_size)
     K = 2 * q.shape[-1]
-    check(K % group_size == 0, op, "group_size", f"a divisor of K = 2 * q.shape[-1] = {K}",
-          repr(group_size))
-    _check_scale_tensor(op, "scale", scale, tuple(q.shape[:-1]) + (K // group_size,),
-                        f"one per {group_size} values of q")
+    check(K % group_size == 0, op, "group_size", f"a divisor of K = 2 * q.shape[-1] = {K}", repr(group_size))
+    _check_scale_tensor(
+        op, "scale", scale, tuple(q.shape[:-1]) + (K // group_size,), f"one per {group_size} values of q"
+    )
     out = _check_out_dtype(op, out_dtype)
     device = check_same_device(op, q=q, scale=scale)
     return Request(device, (("out_dtype", dtype_name(out)),))
 
 
 @dequantize_fp4.reference
-def _dequantize_fp4_reference(q, scale, *, group_size=FP4_GROUP, out_dtype=torch.bfloat16,
-                              compute_dtype=torch.float32):
+def _dequantize_fp4_reference(q, scale, *, group_size=FP4_GROUP, out_dtype=torch.bfloat16, compute_dtype=torch.float32):
     y = dequantize_values(q, scale, (group_size,), compute_dtype)
     return result(y, out_dtype, compute_dtype)
 
@@ -517,8 +586,7 @@ def quantize_int8_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     op = "quantize_int8_weight"
     check_tensor(op, "w", w, dtypes=FLOAT_DTYPES)
-    check(w.dim() in (2, 3), op, "w", "a 2-D [N, K] or 3-D [G, N, K] tensor",
-          f"{w.dim()}-D of shape {tuple(w.shape)}")
+    check(w.dim() in (2, 3), op, "w", "a 2-D [N, K] or 3-D [G, N, K] tensor", f"{w.dim()}-D of shape {tuple(w.shape)}")
     _check_int8_rows(op, "w", w)
     return Request(w.device, (("dtype", dtype_name(w.dtype)),))
 
@@ -533,8 +601,14 @@ def _quantize_int8_weight_reference(w, *, compute_dtype=torch.float32):
     axes={"out_dtype": _OUT_DTYPES},
     tolerance=INT8_GEMM_TOLERANCE,
 )
-def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *,
-              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def int8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """W8A8 GEMM ``y = A @ B.T`` with per-token activation scales and per-channel weight scales
     (Ascend ``npu_quant_matmul`` with ``pertoken_scale``; Cambricon tmo ``scaled_matmul`` /
     ``smooth_quant_matmul``).
@@ -565,8 +639,10 @@ def int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: 
     K = a.shape[-1]
     check(1 <= K <= INT8_MAX_K, op, "a", f"last dim K in [1, {INT8_MAX_K}] (int32 accumulation)", f"K = {K}")
     check(b.shape[1] == K, op, "b", f"shape [N, K = {K}] (K matching a.shape[-1])", f"shape {tuple(b.shape)}")
-    for name, scale, shape, what in (("a_scale", a_scale, tuple(a.shape[:-1]), "one per row of a"),
-                                     ("b_scale", b_scale, (b.shape[0],), "one per row (output channel) of b")):
+    for name, scale, shape, what in (
+        ("a_scale", a_scale, tuple(a.shape[:-1]), "one per row of a"),
+        ("b_scale", b_scale, (b.shape[0],), "one per row (output channel) of b"),
+    ):
         check_tensor(op, name, scale, dtypes=(torch.float32,))
         check(tuple(scale.shape) == shape, op, name, f"shape {shape} ({what})", f"shape {tuple(scale.shape)}")
     out = _check_out_dtype(op, out_dtype)

@@ -21,6 +21,7 @@ only the per-token sum over experts depends on them.
 
 Why: docs/contracts.md#moe-routing.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,32 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from hal.contract import FLOAT_DTYPES, INDEX_DTYPES, Request, Tolerance, check, check_same_device, check_tensor, \
-    contract, dtype_name, is_int, is_number, result
+from hal.contract import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    Request,
+    Tolerance,
+    check,
+    check_same_device,
+    check_tensor,
+    contract,
+    dtype_name,
+    is_int,
+    is_number,
+    result,
+)
 from hal.ops.grouped_gemm import GEMM_TOLERANCE
 
-__all__ = ["topk_routing", "hash_routing", "moe_permute", "moe_unpermute", "MoePermutation",
-           "invert_permutation", "ROUTING_TOLERANCE", "SCORING"]
+__all__ = [
+    "topk_routing",
+    "hash_routing",
+    "moe_permute",
+    "moe_unpermute",
+    "MoePermutation",
+    "invert_permutation",
+    "ROUTING_TOLERANCE",
+    "SCORING",
+]
 
 SCORING = ("softmax", "sigmoid", "sqrtsoftplus")
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -71,8 +92,9 @@ def _scores(logits: torch.Tensor, scoring: str, compute_dtype: torch.dtype) -> t
     return F.softplus(x).sqrt()
 
 
-def _weights(s: torch.Tensor, ids: torch.Tensor, renormalize: bool, scale: float,
-             compute_dtype: torch.dtype) -> torch.Tensor:
+def _weights(
+    s: torch.Tensor, ids: torch.Tensor, renormalize: bool, scale: float, compute_dtype: torch.dtype
+) -> torch.Tensor:
     w = s.gather(-1, ids.long())
     if renormalize:
         w = w / (w.sum(dim=-1, keepdim=True) + RENORM_EPS)
@@ -85,7 +107,7 @@ def _check_scoring(op: str, scoring: object) -> None:
 
 def _check_int(op: str, name: str, value: object, lo: int, hi: int, why: str = "") -> int:
     check(is_int(value) and lo <= value <= hi, op, name, f"an int in [{lo}, {hi}]{why}", repr(value))
-    return value  # type: ignore[return-value]
+    return value
 
 
 def _check_scale(op: str, scale: object) -> None:
@@ -101,14 +123,23 @@ def _check_in_range(op: str, name: str, ids: torch.Tensor, upper: int, what: str
 
 # --------------------------------------------------------------------------- topk_routing
 
+
 @contract(
     family="routing",
     axes={"scoring": SCORING, "dtype": _DTYPES, "bias": _BOOL, "group_limited": _BOOL, "renormalize": _BOOL},
     tolerance=ROUTING_TOLERANCE,
 )
-def topk_routing(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", bias: Optional[torch.Tensor] = None,
-                 n_group: int = 1, topk_group: int = 1, renormalize: bool = False,
-                 scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_routing(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    bias: Optional[torch.Tensor] = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = False,
+    scale: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pick ``top_k`` experts per token and their weights (DeepSeek's gate; see the module docstring).
 
     * ``logits``: ``[T, E]`` router logits, bf16/fp16/fp32 (scored in fp32); finite (a NaN logit gives
@@ -133,26 +164,34 @@ def topk_routing(logits: torch.Tensor, top_k: int, *, scoring: str = "softmax", 
     _check_scale(op, scale)
     check(isinstance(renormalize, bool), op, "renormalize", "a bool", repr(renormalize))
     _check_int(op, "n_group", n_group, 1, num_experts)
-    check(num_experts % n_group == 0, op, "n_group", f"a divisor of the number of experts E = {num_experts}",
-          n_group)
+    check(num_experts % n_group == 0, op, "n_group", f"a divisor of the number of experts E = {num_experts}", n_group)
     per_group = num_experts // n_group
     if bias is not None:
         check_tensor(op, "bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
-        check(bias.shape[0] == num_experts, op, "bias", f"shape [{num_experts}] (one per expert)",
-              tuple(bias.shape))
+        check(bias.shape[0] == num_experts, op, "bias", f"shape [{num_experts}] (one per expert)", tuple(bias.shape))
     selectable = num_experts
     if n_group > 1:
         _check_int(op, "topk_group", topk_group, 1, n_group)
-        check(bias is None or per_group >= 2, op, "n_group",
-              "groups of at least 2 experts when bias is given (group score = top-2 sum)",
-              f"{n_group} groups of {per_group}")
+        check(
+            bias is None or per_group >= 2,
+            op,
+            "n_group",
+            "groups of at least 2 experts when bias is given (group score = top-2 sum)",
+            f"{n_group} groups of {per_group}",
+        )
         selectable = topk_group * per_group
     _check_int(op, "top_k", top_k, 1, selectable, " (experts in the selected groups)" if n_group > 1 else "")
     device = check_same_device(op, logits=logits, bias=bias)
-    return Request(device, (("scoring", scoring), ("dtype", dtype_name(logits.dtype)),
-                            ("bias", "true" if bias is not None else "false"),
-                            ("group_limited", "true" if n_group > 1 else "false"),
-                            ("renormalize", "true" if renormalize else "false")))
+    return Request(
+        device,
+        (
+            ("scoring", scoring),
+            ("dtype", dtype_name(logits.dtype)),
+            ("bias", "true" if bias is not None else "false"),
+            ("group_limited", "true" if n_group > 1 else "false"),
+            ("renormalize", "true" if renormalize else "false"),
+        ),
+    )
 
 
 def _descending(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -177,8 +216,9 @@ def group_scores(choice: torch.Tensor, n_group: int, with_bias: bool) -> torch.T
     return grouped.amax(dim=-1)
 
 
-def selection_scores(logits, *, scoring="softmax", bias=None, n_group=1, topk_group=1,
-                     compute_dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+def selection_scores(
+    logits, *, scoring="softmax", bias=None, n_group=1, topk_group=1, compute_dtype=torch.float32
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(s, choice)``: the scores weights are taken from, and the choice scores selection ranks, with
     the experts of dropped groups at -inf (steps 1-3 of the module docstring)."""
     s = _scores(logits, scoring, compute_dtype)
@@ -192,24 +232,42 @@ def selection_scores(logits, *, scoring="softmax", bias=None, n_group=1, topk_gr
 
 
 @topk_routing.reference
-def _topk_routing_reference(logits, top_k, *, scoring="softmax", bias=None, n_group=1, topk_group=1,
-                            renormalize=False, scale=1.0, compute_dtype=torch.float32):
-    s, choice = selection_scores(logits, scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group,
-                                 compute_dtype=compute_dtype)
+def _topk_routing_reference(
+    logits,
+    top_k,
+    *,
+    scoring="softmax",
+    bias=None,
+    n_group=1,
+    topk_group=1,
+    renormalize=False,
+    scale=1.0,
+    compute_dtype=torch.float32,
+):
+    s, choice = selection_scores(
+        logits, scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group, compute_dtype=compute_dtype
+    )
     ids = _descending(choice, top_k)
     return _weights(s, ids, renormalize, scale, compute_dtype), ids.to(torch.int32)
 
 
 # --------------------------------------------------------------------------- hash_routing (V4)
 
+
 @contract(
     family="routing",
     axes={"scoring": SCORING, "dtype": _DTYPES, "renormalize": _BOOL},
     tolerance=ROUTING_TOLERANCE,
 )
-def hash_routing(token_ids: torch.Tensor, table: torch.Tensor, logits: torch.Tensor, *,
-                 scoring: str = "sqrtsoftplus", renormalize: bool = True,
-                 scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def hash_routing(
+    token_ids: torch.Tensor,
+    table: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    scoring: str = "sqrtsoftplus",
+    renormalize: bool = True,
+    scale: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """V4's hash routing (its first MoE layers): the experts are fixed by the token id, the weights still
     come from the gate.
 
@@ -226,15 +284,26 @@ def hash_routing(token_ids: torch.Tensor, table: torch.Tensor, logits: torch.Ten
     check_tensor(op, "token_ids", token_ids, ndim=1, dtypes=INDEX_DTYPES)
     check_tensor(op, "table", table, ndim=2, dtypes=INDEX_DTYPES)
     check_tensor(op, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
-    check(logits.shape[0] == token_ids.shape[0], op, "logits", f"{token_ids.shape[0]} rows (one per token id)",
-          f"shape {tuple(logits.shape)}")
+    check(
+        logits.shape[0] == token_ids.shape[0],
+        op,
+        "logits",
+        f"{token_ids.shape[0]} rows (one per token id)",
+        f"shape {tuple(logits.shape)}",
+    )
     check(table.shape[1] >= 1, op, "table", "at least one expert per token (shape [V, k >= 1])", tuple(table.shape))
     _check_scoring(op, scoring)
     _check_scale(op, scale)
     check(isinstance(renormalize, bool), op, "renormalize", "a bool", repr(renormalize))
     device = check_same_device(op, token_ids=token_ids, table=table, logits=logits)
-    return Request(device, (("scoring", scoring), ("dtype", dtype_name(logits.dtype)),
-                            ("renormalize", "true" if renormalize else "false")))
+    return Request(
+        device,
+        (
+            ("scoring", scoring),
+            ("dtype", dtype_name(logits.dtype)),
+            ("renormalize", "true" if renormalize else "false"),
+        ),
+    )
 
 
 @hash_routing.value_checks
@@ -244,14 +313,17 @@ def _hash_routing_values(token_ids, table, logits, **_):
 
 
 @hash_routing.reference
-def _hash_routing_reference(token_ids, table, logits, *, scoring="sqrtsoftplus", renormalize=True, scale=1.0,
-                            compute_dtype=torch.float32):
+def _hash_routing_reference(
+    token_ids, table, logits, *, scoring="sqrtsoftplus", renormalize=True, scale=1.0, compute_dtype=torch.float32
+):
     ids = table[token_ids.long()]
-    return _weights(_scores(logits, scoring, compute_dtype), ids, renormalize, scale, compute_dtype), \
-        ids.to(torch.int32)
+    return _weights(_scores(logits, scoring, compute_dtype), ids, renormalize, scale, compute_dtype), ids.to(
+        torch.int32
+    )
 
 
 # --------------------------------------------------------------------------- permutation and combine
+
 
 class MoePermutation(NamedTuple):
     """How :func:`moe_permute` sorted the ``T * k`` (token, expert) *slots*; slot ``t * k + j`` is token
@@ -289,8 +361,7 @@ def moe_permute(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> Tuple[t
     op = "moe_permute"
     check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(op, "ids", ids, ndim=2, dtypes=INDEX_DTYPES)
-    check(ids.shape[0] == x.shape[0], op, "ids", f"{x.shape[0]} rows (one per token of x)",
-          f"shape {tuple(ids.shape)}")
+    check(ids.shape[0] == x.shape[0], op, "ids", f"{x.shape[0]} rows (one per token of x)", f"shape {tuple(ids.shape)}")
     _check_int(op, "num_experts", num_experts, 1, 2**31 - 1)
     device = check_same_device(op, x=x, ids=ids)
     return Request(device, (("dtype", dtype_name(x.dtype)),))
@@ -314,8 +385,11 @@ def _moe_permute_reference(x, ids, num_experts, *, compute_dtype=torch.float32):
     k = ids.shape[1]
     flat = ids.reshape(-1).long()
     order = torch.sort(flat, stable=True).indices
-    perm = MoePermutation(torch.bincount(flat, minlength=num_experts).to(torch.int32), order.to(torch.int32),
-                          invert_permutation(order).view(-1, k))
+    perm = MoePermutation(
+        torch.bincount(flat, minlength=num_experts).to(torch.int32),
+        order.to(torch.int32),
+        invert_permutation(order).view(-1, k),
+    )
     return x.index_select(0, order // k), perm  # (index_select: a parallel row copy; x[rows] is not)
 
 
@@ -334,21 +408,37 @@ def moe_unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, permutation: Mo
     op = "moe_unpermute"
     check_tensor(op, "y_sorted", y_sorted, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(op, "weights", weights, ndim=2, dtypes=FLOAT_DTYPES)
-    check(isinstance(permutation, MoePermutation), op, "permutation", "the MoePermutation moe_permute returned",
-          type(permutation).__name__)
+    check(
+        isinstance(permutation, MoePermutation),
+        op,
+        "permutation",
+        "the MoePermutation moe_permute returned",
+        type(permutation).__name__,
+    )
     slot_rows = check_tensor(op, "permutation.slot_rows", permutation.slot_rows, ndim=2, dtypes=INDEX_DTYPES)
-    check(tuple(slot_rows.shape) == tuple(weights.shape), op, "weights",
-          f"shape {tuple(slot_rows.shape)} (that of permutation.slot_rows)", f"shape {tuple(weights.shape)}")
-    check(y_sorted.shape[0] == weights.numel(), op, "y_sorted", f"{weights.numel()} rows (T * k)",
-          f"shape {tuple(y_sorted.shape)}")
+    check(
+        tuple(slot_rows.shape) == tuple(weights.shape),
+        op,
+        "weights",
+        f"shape {tuple(slot_rows.shape)} (that of permutation.slot_rows)",
+        f"shape {tuple(weights.shape)}",
+    )
+    check(
+        y_sorted.shape[0] == weights.numel(),
+        op,
+        "y_sorted",
+        f"{weights.numel()} rows (T * k)",
+        f"shape {tuple(y_sorted.shape)}",
+    )
     device = check_same_device(op, y_sorted=y_sorted, weights=weights, slot_rows=slot_rows)
     return Request(device, (("dtype", dtype_name(y_sorted.dtype)),))
 
 
 @moe_unpermute.value_checks
 def _moe_unpermute_values(y_sorted, weights, permutation):
-    _check_in_range("moe_unpermute", "permutation.slot_rows", permutation.slot_rows, y_sorted.shape[0],
-                    "rows of y_sorted")
+    _check_in_range(
+        "moe_unpermute", "permutation.slot_rows", permutation.slot_rows, y_sorted.shape[0], "rows of y_sorted"
+    )
 
 
 @moe_unpermute.reference
