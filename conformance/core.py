@@ -9,14 +9,16 @@
 :func:`run_cell` runs one cell against one backend, in this process, and returns a :class:`CellResult`.
 Process isolation, timeouts, resuming and reports are :mod:`hal.conformance.runner`'s job.
 """
+
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from hypothesis import HealthCheck, Phase, given, reporting, settings
@@ -30,8 +32,23 @@ from hal.errors import UnsupportedError
 from hal.numerics import compare, ulp_distance
 from hal.registry import registry
 
-__all__ = ["PROFILES", "ConformanceFailure", "Suite", "Case", "Recorder", "CellResult", "suite", "suites", "cells",
-           "run_cell", "cell_id"]
+__all__ = [
+    "PROFILES",
+    "ConformanceFailure",
+    "Suite",
+    "Case",
+    "Recorder",
+    "CellResult",
+    "Coverage",
+    "suite",
+    "suites",
+    "cells",
+    "run_cell",
+    "draw_only",
+    "cell_id",
+    "cell_seed",
+    "note",
+]
 
 # max_examples per cell. "quick" smoke-tests a bring-up, "ci" certifies the CPU backend in minutes on
 # 2 cores, "thorough" is the overnight run a vendor sends back.
@@ -46,6 +63,54 @@ class ConformanceFailure(AssertionError):
 
 def cell_id(op: str, features: Mapping[str, str]) -> str:
     return f"{op}[" + ",".join(f"{k}={v}" for k, v in features.items()) + "]"
+
+
+def cell_seed(seed: int, cid: str) -> int:
+    """The hypothesis seed of one cell: a stable hash (not Python's salted ``hash``) of the run seed and the
+    cell id, so that every cell draws its own inputs and a run seed reproduces all of them."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{cid}".encode()).digest()[:4], "big") >> 1
+
+
+class Coverage:
+    """What a cell's draws covered: the range of each noted size, and how often each special value and
+    boundary class occurred. Suites add to the current cell's through :func:`note`."""
+
+    def __init__(self) -> None:
+        self.ranges: Dict[str, List[int]] = {}
+        self.special: Dict[str, int] = {}
+        self.boundary: Dict[str, int] = {}
+        self.examples = 0
+
+    def note(self, special: Iterable[str] = (), boundary: Iterable[str] = (), **sizes: int) -> None:
+        for name, v in sizes.items():
+            lo, hi = self.ranges.get(name, (int(v), int(v)))
+            self.ranges[name] = [min(lo, int(v)), max(hi, int(v))]
+        for counts, classes in ((self.special, special), (self.boundary, boundary)):
+            for c in set(classes):
+                counts[c] = counts.get(c, 0) + 1
+
+    def missing(self, declared: Mapping[str, Iterable[str]]) -> List[str]:
+        """The declared classes (``{"special": ..., "boundary": ...}``) never drawn, as ``kind:class``."""
+        seen = {"special": self.special, "boundary": self.boundary}
+        return sorted(f"{kind}:{c}" for kind, classes in declared.items() for c in classes if c not in seen[kind])
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "ranges": dict(sorted(self.ranges.items())),
+            "special": dict(sorted(self.special.items())),
+            "boundary": dict(sorted(self.boundary.items())),
+        }
+
+
+_COVERAGE: List[Coverage] = []  # the cell being drawn (a stack: empty outside a run)
+
+
+def note(special: Iterable[str] = (), boundary: Iterable[str] = (), **sizes: int) -> None:
+    """Record what the current draw covers (sizes such as ``tokens=``, ``K=``; special values; boundary
+    classes) in the current cell's :class:`Coverage`; does nothing outside a run."""
+    if _COVERAGE:
+        _COVERAGE[-1].note(special, boundary, **sizes)
 
 
 @dataclass
@@ -84,6 +149,7 @@ class Case:
             if _is_named_tuple(v):
                 return f"{type(v).__name__}(" + ", ".join(f"{k}={show(t)}" for k, t in zip(v._fields, v)) + ")"
             return repr(v)
+
         parts = [show(a) for a in self.args] + [f"{k}={show(v)}" for k, v in self.kwargs.items()]
         return "(" + ", ".join(parts) + ")"
 
@@ -96,8 +162,9 @@ class Stat:
     max_ulps: int = 0
     checked: int = 0
 
-    def merge(self, max_abs: float = 0.0, max_rel: float = 0.0, max_ulps: int = 0, n: int = 0,
-              tolerance_used: float = 0.0) -> None:
+    def merge(
+        self, max_abs: float = 0.0, max_rel: float = 0.0, max_ulps: int = 0, n: int = 0, tolerance_used: float = 0.0
+    ) -> None:
         self.max_abs = max(self.max_abs, max_abs)
         self.max_rel = max(self.max_rel, max_rel)
         self.tolerance_used = max(self.tolerance_used, tolerance_used)
@@ -115,8 +182,17 @@ class Recorder:
     def _stat(self, name: str) -> Stat:
         return self.stats.setdefault(name, Stat())
 
-    def close(self, name: str, actual: torch.Tensor, exact: torch.Tensor, tol: Tolerance, *, n: int = 0,
-              magnitude: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> None:
+    def close(
+        self,
+        name: str,
+        actual: torch.Tensor,
+        exact: torch.Tensor,
+        tol: Tolerance,
+        *,
+        n: int = 0,
+        magnitude: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> None:
         """``actual`` within ``tol`` of the float64 ``exact`` (only where ``mask``, if given)."""
         if actual.shape != exact.shape:
             raise ConformanceFailure(f"{name}: shape {tuple(actual.shape)}, expected {tuple(exact.shape)}")
@@ -148,9 +224,11 @@ class Recorder:
         self._stat(name).merge(max_ulps=worst, n=int(d.numel()))
         if worst > allowed:
             idx = int(d.argmax())
-            raise ConformanceFailure(f"{name}: {int((d > allowed).sum())} / {d.numel()} elements more than "
-                                     f"{allowed} ulp(s) away (worst {worst} ulps: got {float(a[~nan][idx])!r}, "
-                                     f"reference {float(e[~nan][idx])!r})")
+            raise ConformanceFailure(
+                f"{name}: {int((d > allowed).sum())} / {d.numel()} elements more than "
+                f"{allowed} ulp(s) away (worst {worst} ulps: got {float(a[~nan][idx])!r}, "
+                f"reference {float(e[~nan][idx])!r})"
+            )
 
     def equal(self, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
         """Exact equality (integer outputs, bit-exact contracts)."""
@@ -162,11 +240,13 @@ class Recorder:
         a, e = actual.detach().cpu(), expected.detach().cpu()
         if a.shape != e.shape:
             raise ConformanceFailure(f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}")
-        bad = (a != e)
+        bad = a != e
         self._stat(name).merge(n=a.numel())
         if bool(bad.any()):
-            raise ConformanceFailure(f"{name}: {int(bad.sum())} / {a.numel()} elements differ "
-                                     f"(first at {tuple(int(i) for i in bad.nonzero()[0])})")
+            raise ConformanceFailure(
+                f"{name}: {int(bad.sum())} / {a.numel()} elements differ "
+                f"(first at {tuple(int(i) for i in bad.nonzero()[0])})"
+            )
 
     def holds(self, condition: bool, statement: str) -> None:
         """A property stated as math; ``statement`` is what the report prints when it fails."""
@@ -183,6 +263,9 @@ class Suite:
     # Time budget per drawn example, for the derived per-cell time limit (runner.time_limit): about ten times
     # the slowest example measured on 2 CPU cores (0.5 s where that was under 0.05 s).
     example_seconds: float = 0.5
+    # The special values and boundary classes a pass promises to have drawn (see :meth:`declared`).
+    special: Tuple[str, ...] = ()
+    boundary: Tuple[str, ...] = ()
 
     @property
     def contract(self) -> Op:
@@ -191,7 +274,12 @@ class Suite:
     def meaningful(self, features: Mapping[str, str]) -> bool:
         return True
 
+    def declared(self, features: Mapping[str, str]) -> Dict[str, Set[str]]:
+        """The classes the cell's draws must reach on the ``ci`` profile (a test checks it)."""
+        return {"special": set(self.special), "boundary": set(self.boundary)}
+
     def draw(self, data: st.DataObject, features: Mapping[str, str]) -> Case:
+        """Draw one valid input of the cell, calling :func:`note` with what it covers."""
         raise NotImplementedError
 
     def check(self, rec: Recorder, case: Case, output: Any, oracle: Any, run: Callable[[Case], Any]) -> None:
@@ -213,6 +301,7 @@ def suite(cls: type) -> type:
 
 def suites() -> Dict[str, Suite]:
     from hal.conformance import suites as _  # noqa: F401  (registers every suite)
+
     return dict(_SUITES)
 
 
@@ -240,6 +329,8 @@ class CellResult:
     reproduce: str = ""
     time_limit_s: Optional[float] = None  # the limit the runner applied (None: none, run in process)
     time_limit_from: str = ""  # "derived" (from the profile and the operator), "given" (--timeout) or "none"
+    seed: Optional[int] = None  # the cell's own hypothesis seed (cell_seed of the run seed and the id)
+    coverage: Dict[str, Any] = field(default_factory=dict)  # Coverage.to_json(): what the draws covered
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -249,8 +340,16 @@ def _device_for(backend: hal.Backend) -> torch.device:
     return torch.device("cpu") if backend.portable or backend.emulated else torch.device(backend.device_type)
 
 
-def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile: str = "ci", seed: int = 0,
-             database: Optional[ExampleDatabase] = None, waiver: Optional[str] = None) -> CellResult:
+def run_cell(
+    backend_name: str,
+    op: str,
+    features: Mapping[str, str],
+    *,
+    profile: str = "ci",
+    seed: int = 0,
+    database: Optional[ExampleDatabase] = None,
+    waiver: Optional[str] = None,
+) -> CellResult:
     """Certify one cell: draw inputs, run the backend, compare with the oracle, check properties."""
     s = suites()[op]
     contract = s.contract
@@ -266,13 +365,12 @@ def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile
     examples = [0]
     last: List[Case] = []
 
-    @settings(max_examples=PROFILES[profile], deadline=None, database=database, print_blob=True,
-              derandomize=False, phases=tuple(Phase), report_multiple_bugs=False,
-              suppress_health_check=list(HealthCheck))
-    @hypothesis_seed(seed)
-    @given(st.data())
+    coverage = Coverage()
+
+    @_settings(profile, database, cell_seed(seed, cid))
     def certify(data: st.DataObject) -> None:
         case = s.draw(data, features)
+        coverage.examples += 1
         last[:] = [case]
         drawn = dict(contract.validate(*case.args, **case.kwargs).features)
         if drawn != features:
@@ -283,13 +381,16 @@ def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile
         _write_back(on_device, case, s.mutates)
         for name, t in on_device.tensors():
             if name not in s.mutates:
-                rec.holds(torch.equal(t.cpu(), before[name]) or _same_with_nans(t.cpu(), before[name]),
-                          f"the operator leaves its input '{name}' unchanged")
+                rec.holds(
+                    torch.equal(t.cpu(), before[name]) or _same_with_nans(t.cpu(), before[name]),
+                    f"the operator leaves its input '{name}' unchanged",
+                )
         output = _to_cpu(output)
-        case_for_oracle = Case(tuple(before.get(f"arg{i}", a) for i, a in enumerate(case.args)),
-                               {k: before.get(k, v) for k, v in case.kwargs.items()})
-        oracle = contract.reference_impl(*case_for_oracle.args, **case_for_oracle.kwargs,
-                                         compute_dtype=torch.float64)
+        case_for_oracle = Case(
+            tuple(before.get(f"arg{i}", a) for i, a in enumerate(case.args)),
+            {k: before.get(k, v) for k, v in case.kwargs.items()},
+        )
+        oracle = contract.reference_impl(*case_for_oracle.args, **case_for_oracle.kwargs, compute_dtype=torch.float64)
         s.check(rec, case, output, oracle, rerun)
         examples[0] += 1
 
@@ -305,9 +406,10 @@ def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile
 
     # One example-database key per backend and cell (hypothesis keys by test function otherwise, and
     # every cell shares this one): a failing example is replayed first in its own cell next run.
-    certify._hypothesis_internal_add_digest = f"{backend_name}/{cid}".encode()  # type: ignore[attr-defined]
+    certify._hypothesis_internal_add_digest = f"{backend_name}/{cid}".encode()
     started = time.perf_counter()
     lines: List[str] = []
+    _COVERAGE.append(coverage)
     try:
         with reporting.with_reporter(lines.append):
             certify()
@@ -319,19 +421,73 @@ def run_cell(backend_name: str, op: str, features: Mapping[str, str], *, profile
         status, message = "fail", str(exc)
         lines += getattr(exc, "__notes__", [])  # hypothesis attaches the falsifying example here
     except Exception as exc:  # the backend raised: record it, with where
-        status, message = "error", f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:])
+        status, message = (
+            "error",
+            f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_tb(exc.__traceback__)[-3:]),
+        )
         lines += getattr(exc, "__notes__", [])
-    result = CellResult(op, features, cid, status, examples=examples[0], seconds=time.perf_counter() - started,
-                        stats={k: asdict(v) for k, v in rec.stats.items()}, message=message.strip())
+    finally:
+        _COVERAGE.pop()
+    result = CellResult(
+        op,
+        features,
+        cid,
+        status,
+        examples=examples[0],
+        seconds=time.perf_counter() - started,
+        stats={k: asdict(v) for k, v in rec.stats.items()},
+        message=message.strip(),
+        seed=cell_seed(seed, cid),
+        coverage=coverage.to_json(),
+    )
     if status in ("fail", "error"):
         result.minimal_example = (f"{op}{last[0].describe()}\n" if last else "") + "\n".join(
-            ln for ln in lines if not ln.startswith("You can reproduce"))
-        result.reproduce = (f"hal conformance --backend {backend_name} --ops {op} --seed {seed} "
-                            f"--profile {profile}")
+            ln for ln in lines if not ln.startswith("You can reproduce")
+        )
+        result.reproduce = (
+            f"hal conformance --backend {backend_name} --ops '{cid}' --seed {seed} "
+            f"--profile {profile}  # cell seed {cell_seed(seed, cid)}"
+        )
     if waiver is not None:
         result.status = "waived-fail" if status in ("fail", "error") else "waived-pass"
         result.message = f"waived: {waiver}" + (f"\n{result.message}" if result.message else "")
     return result
+
+
+def _settings(profile: str, database: Optional[ExampleDatabase], seed: int) -> Callable:
+    """A hypothesis test over ``st.data()`` with the suite's settings: the profile's examples, the cell's seed."""
+
+    def wrap(body: Callable) -> Callable:
+        return settings(
+            max_examples=PROFILES[profile],
+            deadline=None,
+            database=database,
+            print_blob=True,
+            derandomize=False,
+            phases=tuple(Phase),
+            report_multiple_bugs=False,
+            suppress_health_check=list(HealthCheck),
+        )(hypothesis_seed(seed)(given(st.data())(body)))
+
+    return wrap
+
+
+def draw_only(op: str, features: Mapping[str, str], *, profile: str = "ci", seed: int = 0) -> Coverage:
+    """What the cell's draws cover at ``profile`` and ``seed``, drawing inputs without running a backend (the
+    same examples as a passing run: the same cell seed, no example database)."""
+    s, coverage = suites()[op], Coverage()
+
+    @_settings(profile, None, cell_seed(seed, cell_id(op, features)))
+    def draw(data: st.DataObject) -> None:
+        s.draw(data, dict(features))
+        coverage.examples += 1
+
+    _COVERAGE.append(coverage)
+    try:
+        draw()
+    finally:
+        _COVERAGE.pop()
+    return coverage
 
 
 def _write_back(on_device: Case, case: Case, mutated: Sequence[str]) -> None:
@@ -364,8 +520,11 @@ def _to_cpu(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output.cpu()
     if isinstance(output, tuple):
-        return type(output)(*(_to_cpu(o) for o in output)) if _is_named_tuple(output) else \
-            tuple(_to_cpu(o) for o in output)
+        return (
+            type(output)(*(_to_cpu(o) for o in output))
+            if _is_named_tuple(output)
+            else tuple(_to_cpu(o) for o in output)
+        )
     return output
 
 

@@ -6,6 +6,7 @@ Loaded only when asked for (``-p``: early enough that its options exist before p
 cell is one test item. A cell the backend declares unsupported is skipped with that reason (shown by
 ``-rs``), a waived cell is an expected failure with its reason, anything else must pass.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,16 +29,20 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config):
     from hal.registry import registry
+
     entry = registry().entry(config.getoption("--hal-backend"))
     label = registry().emulated_label(entry.name)
-    return (f"hal conformance: backend {entry.name}{label} ({entry.distribution}), profile "
-            f"{config.getoption('--hal-profile')}, seed {config.getoption('--hal-seed')}")
+    return (
+        f"hal conformance: backend {entry.name}{label} ({entry.distribution}), profile "
+        f"{config.getoption('--hal-profile')}, seed {config.getoption('--hal-seed')}"
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "hal_cell" not in metafunc.fixturenames:
         return
     from hal.conformance.core import cell_id, cells, suites
+
     wanted = [o for o in metafunc.config.getoption("--hal-ops").split(",") if o] or sorted(suites())
     params = [(op, features) for op in wanted for features in cells(op)]
     metafunc.parametrize("hal_cell", params, ids=[cell_id(op, f) for op, f in params])

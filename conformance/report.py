@@ -1,4 +1,5 @@
 """The two reports of a conformance run: ``report.json`` for machines, ``report.md`` for people."""
+
 from __future__ import annotations
 
 import json
@@ -20,17 +21,25 @@ def summary_line(data: Mapping[str, Any]) -> str:
     s = data["summary"]
     verdict = "CONFORMS" if data["conforms"] else "DOES NOT CONFORM"
     emulated = " (EMULATED)" if data["meta"].get("emulated") else ""
-    return (f"{verdict}{emulated}: {s['pass']} passed, {s['fail'] + s['error']} failed, {s['timeout']} timed out, "
-            f"{s['crashed']} crashed, {s['unsupported']} unsupported, {s['waived-fail'] + s['waived-pass']} waived")
+    return (
+        f"{verdict}{emulated}: {s['pass']} passed, {s['fail'] + s['error']} failed, {s['timeout']} timed out, "
+        f"{s['crashed']} crashed, {s['unsupported']} unsupported, {s['waived-fail'] + s['waived-pass']} waived"
+    )
 
 
-def write(directory: Path, meta: Mapping[str, Any], results: List[Mapping[str, Any]],
-          waivers: Mapping[str, str]) -> Dict[str, Any]:
+def write(
+    directory: Path, meta: Mapping[str, Any], results: List[Mapping[str, Any]], waivers: Mapping[str, str]
+) -> Dict[str, Any]:
     results = sorted(results, key=lambda r: r["id"])
     summary = summarise(results)
     stale = [p for p in waivers if not any(r["id"].startswith(p) for r in results)]
-    data = {"meta": dict(meta), "summary": summary, "conforms": not any(summary[s] for s in FAILING),
-            "stale_waivers": stale, "cells": results}
+    data = {
+        "meta": dict(meta),
+        "summary": summary,
+        "conforms": not any(summary[s] for s in FAILING),
+        "stale_waivers": stale,
+        "cells": results,
+    }
     (directory / "report.json").write_text(json.dumps(data, indent=2))
     (directory / "report.md").write_text(markdown(data))
     return data
@@ -54,17 +63,53 @@ def limits_text(limits: Iterable[Tuple[Optional[float], str]]) -> str:
     return "; ".join(parts)
 
 
+def coverage_markdown(cells: List[Mapping[str, Any]]) -> List[str]:
+    """What each cell's draws covered: size ranges, special values and boundary classes (with counts)."""
+    rows = [r for r in cells if (r.get("coverage") or {}).get("examples")]
+    if not rows:
+        return []
+    lines = [
+        "## Coverage",
+        "",
+        "What a pass covers: the sizes drawn (min-max), the special values and the boundary "
+        "classes that occurred (examples with each), and each cell's own seed.",
+        "",
+        "| cell | seed | examples | sizes | special values | boundary classes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        c = r["coverage"]
+        sizes = ", ".join(f"{k} {lo}-{hi}" for k, (lo, hi) in c["ranges"].items())
+        counts = [", ".join(f"{k} ({v})" for k, v in c[kind].items()) or "-" for kind in ("special", "boundary")]
+        lines.append(f"| {r['id']} | {r.get('seed')} | {c['examples']} | {sizes or '-'} | {counts[0]} | {counts[1]} |")
+    return lines + [""]
+
+
 def markdown(data: Mapping[str, Any]) -> str:
     meta = data["meta"]
     title = f"# Conformance report: backend `{meta['backend']}`"
     lines = [title, ""]
     if meta.get("emulated"):
-        lines += ["> **EMULATED** — this backend ran against a CPU stand-in for the vendor's kernels (a test",
-                  "> double written from the vendor's documentation). These results say nothing about hardware.", ""]
-    lines += [f"**{summary_line(data)}**", "",
-              "| | |", "| --- | --- |"]
-    for key in ("vendor", "device_type", "distribution", "profile", "max_examples", "seed", "hal_version", "torch",
-                "python", "platform", "started", "finished"):
+        lines += [
+            "> **EMULATED** — this backend ran against a CPU stand-in for the vendor's kernels (a test",
+            "> double written from the vendor's documentation). These results say nothing about hardware.",
+            "",
+        ]
+    lines += [f"**{summary_line(data)}**", "", "| | |", "| --- | --- |"]
+    for key in (
+        "vendor",
+        "device_type",
+        "distribution",
+        "profile",
+        "max_examples",
+        "seed",
+        "hal_version",
+        "torch",
+        "python",
+        "platform",
+        "started",
+        "finished",
+    ):
         if meta.get(key) not in (None, ""):
             lines.append(f"| {key} | {meta[key]} |")
     limits = limits_text((r.get("time_limit_s"), r.get("time_limit_from", "")) for r in data["cells"])
@@ -81,8 +126,10 @@ def markdown(data: Mapping[str, Any]) -> str:
         counts = summarise(rows)
         lines += [f"## {op}", "", ", ".join(f"{k}: {v}" for k, v in counts.items() if v), ""]
         axes = list(rows[0]["features"])
-        lines.append("| " + " | ".join(axes) + " | result | examples | max abs err | max rel err | tolerance used | "
-                     "max ulps | seconds (limit) |")
+        lines.append(
+            "| " + " | ".join(axes) + " | result | examples | max abs err | max rel err | tolerance used | "
+            "max ulps | seconds (limit) |"
+        )
         lines.append("|" + " --- |" * (len(axes) + 7))
         for r in rows:
             st = r.get("stats") or {}
@@ -92,10 +139,14 @@ def markdown(data: Mapping[str, Any]) -> str:
             used = max((v["tolerance_used"] for v in st.values()), default=0.0)
             mark = {"pass": "pass", "unsupported": "unsupported"}.get(r["status"], f"**{r['status'].upper()}**")
             limit = f"{r['time_limit_s']:g}" if r.get("time_limit_s") else "none"
-            lines.append("| " + " | ".join(r["features"][a] for a in axes) +
-                         f" | {mark} | {r['examples']} | {_fmt(mabs)} | {_fmt(mrel)} | {used:.0%} | {mulp} | "
-                         f"{r['seconds']:.1f} ({limit}) |")
+            lines.append(
+                "| "
+                + " | ".join(r["features"][a] for a in axes)
+                + f" | {mark} | {r['examples']} | {_fmt(mabs)} | {_fmt(mrel)} | {used:.0%} | {mulp} | "
+                f"{r['seconds']:.1f} ({limit}) |"
+            )
         lines.append("")
+    lines += coverage_markdown(data["cells"])
     problems = [r for r in data["cells"] if r["status"] in FAILING or r["status"] == "waived-fail"]
     if problems:
         lines += ["## Failures", ""]

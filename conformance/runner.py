@@ -6,6 +6,7 @@ that overruns its time limit (:func:`time_limit`, unless ``--timeout`` gives one
 worker then takes the remaining cells. Results are appended to ``results.jsonl`` as they finish, so
 ``--resume`` continues an interrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,9 @@ from typing import Dict, Iterator, List, Optional, TextIO
 import torch
 
 import hal
+from hal.config import _read_toml
 from hal.conformance import report
 from hal.conformance.core import PROFILES, CellResult, cell_id, cells, database_at, run_cell, suites
-from hal.config import _read_toml
 from hal.errors import ConfigError, InvalidArgumentError
 from hal.registry import registry
 
@@ -74,7 +75,7 @@ def _waivers(opts: Options, backend: hal.Backend) -> Dict[str, str]:
             raise ConfigError(f"--waivers: no file at {opts.waivers}")
         table = _read_toml(opts.waivers).get("waivers", {})
         if not isinstance(table, dict) or not all(isinstance(v, str) and v for v in table.values()):
-            raise ConfigError(f"{opts.waivers}: expected a [waivers] table of \"cell-id prefix\" = \"reason\"")
+            raise ConfigError(f'{opts.waivers}: expected a [waivers] table of "cell-id prefix" = "reason"')
         found.update(table)
     return found
 
@@ -104,8 +105,9 @@ def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
     if opts.resume and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if (meta["backend"], meta["profile"]) != (opts.backend, opts.profile):
-            raise ConfigError(f"--resume: {opts.report_dir} holds a run of backend {meta['backend']!r}, profile "
-                              f"{meta['profile']!r}")
+            raise ConfigError(
+                f"--resume: {opts.report_dir} holds a run of backend {meta['backend']!r}, profile {meta['profile']!r}"
+            )
         opts.seed = meta["seed"]
         for line in results_path.read_text().splitlines() if results_path.is_file() else []:
             r = json.loads(line)
@@ -114,22 +116,36 @@ def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
         seed = opts.seed if opts.seed is not None else random.randrange(2**31)
         opts.seed = seed
         meta = {
-            "backend": opts.backend, "emulated": entry.spec.emulated, "vendor": entry.spec.vendor,
-            "device_type": entry.spec.device_type, "plugin": entry.plugin, "distribution": entry.distribution,
-            "versions": backend.versions(), "profile": opts.profile, "max_examples": PROFILES[opts.profile],
-            "seed": seed, "hal_version": hal.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "waivers": waivers,
+            "backend": opts.backend,
+            "emulated": entry.spec.emulated,
+            "vendor": entry.spec.vendor,
+            "device_type": entry.spec.device_type,
+            "plugin": entry.plugin,
+            "distribution": entry.distribution,
+            "versions": backend.versions(),
+            "profile": opts.profile,
+            "max_examples": PROFILES[opts.profile],
+            "seed": seed,
+            "hal_version": hal.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "waivers": waivers,
         }
         meta_path.write_text(json.dumps(meta, indent=2))
         results_path.write_text("")
 
     limit_from = "none" if not opts.isolate else "derived" if opts.timeout is None else "given"
-    limits = {op: time_limit(op, opts.profile) if limit_from == "derived" else opts.timeout if limit_from == "given"
-              else None for op in ops}
-    out.write(f"hal conformance: backend {opts.backend}{registry().emulated_label(opts.backend)}, "
-              f"profile {opts.profile} ({PROFILES[opts.profile]} examples a cell), seed {opts.seed}, "
-              f"time limit per cell {report.limits_text((limits[op], limit_from) for op in ops)}\n")
+    limits = {
+        op: time_limit(op, opts.profile) if limit_from == "derived" else opts.timeout if limit_from == "given" else None
+        for op in ops
+    }
+    out.write(
+        f"hal conformance: backend {opts.backend}{registry().emulated_label(opts.backend)}, "
+        f"profile {opts.profile} ({PROFILES[opts.profile]} examples a cell), seed {opts.seed}, "
+        f"time limit per cell {report.limits_text((limits[op], limit_from) for op in ops)}\n"
+    )
     if done:
         out.write(f"resuming: {len(done)} cells already done in {opts.report_dir}\n")
 
@@ -138,8 +154,9 @@ def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
         plan = []
         for features in cells(op):
             cid = cell_id(op, features)
-            if cid in done or not any(cid == sel or cid.startswith(sel if "[" in sel else sel + "[")
-                                      for sel in selectors_):
+            if cid in done or not any(
+                cid == sel or cid.startswith(sel if "[" in sel else sel + "[") for sel in selectors_
+            ):
                 continue
             waiver = next((reason for prefix, reason in waivers.items() if cid.startswith(prefix)), None)
             plan.append({"op": op, "features": features, "id": cid, "waiver": waiver, "time_limit": limits[op]})
@@ -167,16 +184,28 @@ def run(opts: Options, out: Optional[TextIO] = None) -> Dict[str, object]:
 
 def _line(r: CellResult) -> str:
     used = max((s.get("tolerance_used", 0.0) for s in r.stats.values()), default=0.0)
-    detail = f"{r.examples} examples, {used:.0%} of tolerance used" if r.status in ("pass", "waived-pass") else \
-        r.message.splitlines()[0][:160] if r.message else ""
+    detail = (
+        f"{r.examples} examples, {used:.0%} of tolerance used"
+        if r.status in ("pass", "waived-pass")
+        else r.message.splitlines()[0][:160]
+        if r.message
+        else ""
+    )
     return f"  {r.status.upper():<12} {r.id}  {detail}"
 
 
 def _in_process(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
     db = database_at(str(_db_path(opts)))
     for cell in plan:
-        yield run_cell(opts.backend, cell["op"], cell["features"], profile=opts.profile, seed=opts.seed or 0,
-                       database=db, waiver=cell["waiver"])
+        yield run_cell(
+            opts.backend,
+            cell["op"],
+            cell["features"],
+            profile=opts.profile,
+            seed=opts.seed or 0,
+            database=db,
+            waiver=cell["waiver"],
+        )
 
 
 def _db_path(opts: Options) -> Path:
@@ -185,18 +214,29 @@ def _db_path(opts: Options) -> Path:
 
 # The worker imports exactly what this process imports: same sys.path (``python -m`` would put the working
 # directory first, where a source checkout's ``hal/`` folder shadows the installed package).
-_WORKER = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from hal.conformance.worker import main; " \
-          "sys.exit(main())"
+_WORKER = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from hal.conformance.worker import main; sys.exit(main())"
+)
 
 
 def _isolated(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
     remaining = list(plan)
     while remaining:
-        job = {"backend": opts.backend, "profile": opts.profile, "seed": opts.seed, "cells": remaining,
-               "database": str(_db_path(opts))}
+        job = {
+            "backend": opts.backend,
+            "profile": opts.profile,
+            "seed": opts.seed,
+            "cells": remaining,
+            "database": str(_db_path(opts)),
+        }
         with tempfile.TemporaryFile("w+") as stderr:
-            proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(sys.path)], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER, json.dumps(sys.path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
             proc.stdin.write(json.dumps(job))
             proc.stdin.close()
             sel = selectors.DefaultSelector()
@@ -210,9 +250,13 @@ def _isolated(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
                     proc.wait()
                     cell = current or remaining[0]
                     how = "given with --timeout" if opts.timeout is not None else "derived; --timeout sets another"
-                    failure = CellResult(cell["op"], cell["features"], cell["id"], "timeout",
-                                         message=f"no result within {cell['time_limit']:g} s ({how}); the worker "
-                                                 f"was killed")
+                    failure = CellResult(
+                        cell["op"],
+                        cell["features"],
+                        cell["id"],
+                        "timeout",
+                        message=f"no result within {cell['time_limit']:g} s ({how}); the worker was killed",
+                    )
                     break
                 line = proc.stdout.readline()
                 if not line:  # the worker exited
@@ -221,8 +265,13 @@ def _isolated(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
                         cell = current or remaining[0]
                         stderr.seek(0)
                         tail = stderr.read()[-2000:]
-                        failure = CellResult(cell["op"], cell["features"], cell["id"], "crashed",
-                                             message=f"worker process died (exit code {rc}) during this cell\n{tail}")
+                        failure = CellResult(
+                            cell["op"],
+                            cell["features"],
+                            cell["id"],
+                            "crashed",
+                            message=f"worker process died (exit code {rc}) during this cell\n{tail}",
+                        )
                     break
                 event = json.loads(line)
                 if event["event"] == "start":
@@ -239,6 +288,11 @@ def _isolated(opts: Options, plan: List[dict]) -> Iterator[CellResult]:
             yield failure
         elif remaining:  # exited cleanly without finishing: should not happen; do not loop forever
             for cell in remaining:
-                yield CellResult(cell["op"], cell["features"], cell["id"], "crashed",
-                                 message="worker exited before reaching this cell")
+                yield CellResult(
+                    cell["op"],
+                    cell["features"],
+                    cell["id"],
+                    "crashed",
+                    message="worker exited before reaching this cell",
+                )
             remaining = []

@@ -3,6 +3,7 @@
 Running cells in a child process means an operator that crashes the process (a segfault in a vendor
 kernel, a poisoned device) or hangs is recorded as such by the parent, which then carries on.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,15 @@ def main() -> int:
     for cell in job["cells"]:
         out.write(json.dumps({"event": "start", "id": cell["id"]}) + "\n")
         out.flush()
-        result = run_cell(job["backend"], cell["op"], cell["features"], profile=job["profile"], seed=job["seed"],
-                          database=db, waiver=cell.get("waiver"))
+        result = run_cell(
+            job["backend"],
+            cell["op"],
+            cell["features"],
+            profile=job["profile"],
+            seed=job["seed"],
+            database=db,
+            waiver=cell.get("waiver"),
+        )
         out.write(json.dumps({"event": "result", "result": result.to_json()}) + "\n")
         out.flush()
     return 0

@@ -1,5 +1,6 @@
 """The MLA suites have teeth: deliberately wrong backends, registered through the public plugin API, fail
 them; the CPU reference passes."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,20 @@ class WrongPrefill(CpuBackend):
         super().__init__()
         self.add_implementation("mla_prefill", self.mla_prefill)
 
-    def mla_prefill(self, q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale, causal=True, sinks=None,
-                    window=None, topk_indices=None):
+    def mla_prefill(
+        self,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k=None,
+        *,
+        softmax_scale,
+        causal=True,
+        sinks=None,
+        window=None,
+        topk_indices=None,
+    ):
         kw = dict(softmax_scale=softmax_scale, causal=causal, sinks=sinks, window=window, topk_indices=topk_indices)
         out, lse = PREFILL.reference_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, **self.wrong(q, kw), compute_dtype=F32)
         return out, self.wrong_lse(lse)
@@ -46,10 +59,28 @@ class WrongDecode(CpuBackend):
         super().__init__()
         self.add_implementation("mla_decode", self.mla_decode)
 
-    def mla_decode(self, q, kv_cache, block_table, seq_lens, *, softmax_scale, head_dim_v=512, causal=True,
-                   sinks=None, window=None, topk_indices=None):
-        kw = dict(softmax_scale=softmax_scale, head_dim_v=head_dim_v, causal=causal, sinks=sinks, window=window,
-                  topk_indices=topk_indices)
+    def mla_decode(
+        self,
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        *,
+        softmax_scale,
+        head_dim_v=512,
+        causal=True,
+        sinks=None,
+        window=None,
+        topk_indices=None,
+    ):
+        kw = dict(
+            softmax_scale=softmax_scale,
+            head_dim_v=head_dim_v,
+            causal=causal,
+            sinks=sinks,
+            window=window,
+            topk_indices=topk_indices,
+        )
         return DECODE.reference_impl(q, kv_cache, block_table, seq_lens, **self.wrong(q, kw), compute_dtype=F32)
 
     def wrong(self, q, kw):
@@ -129,11 +160,13 @@ def _fails(cls, op, features):
 
 
 def test_reference_backend_passes_representative_cells():
-    for op, features in [("mla_prefill", cell("bfloat16", causal="true", sinks="true", window="true", sparse="true")),
-                         ("mla_prefill", cell("float16")),
-                         ("mla_decode", cell("bfloat16", causal="true", sinks="true", window="true", sparse="true")),
-                         ("mla_decode", cell("float32", causal="true")),
-                         ("paged_cache_write", {"dtype": "bfloat16"})]:
+    for op, features in [
+        ("mla_prefill", cell("bfloat16", causal="true", sinks="true", window="true", sparse="true")),
+        ("mla_prefill", cell("float16")),
+        ("mla_decode", cell("bfloat16", causal="true", sinks="true", window="true", sparse="true")),
+        ("mla_decode", cell("float32", causal="true")),
+        ("paged_cache_write", {"dtype": "bfloat16"}),
+    ]:
         result = run_cell("cpu", op, features, profile="ci", seed=1)
         assert result.status == "pass", (result.id, result.message)
         assert result.examples == PROFILES["ci"]
@@ -143,7 +176,8 @@ def test_missing_causal_mask_fails_with_a_minimal_example():
     result = _fails(NoCausalMask, "mla_prefill", cell(causal="true"))
     assert result.message.startswith("out") and "mismatched elements" in result.message
     assert "query lengths" in result.minimal_example  # the labelled draws of the shrunk example
-    assert result.reproduce.startswith("hal conformance --backend nocausalmask --ops mla_prefill --seed 1")
+    assert result.reproduce.startswith("hal conformance --backend nocausalmask --ops 'mla_prefill[")
+    assert " --seed 1 " in result.reproduce
 
 
 def test_head_dim_softmax_scale_fails():
@@ -169,3 +203,43 @@ def test_padding_as_key_zero_fails():
 def test_negative_slot_written_to_the_last_slot_fails():
     result = _fails(NegativeSlotWrites, "paged_cache_write", {"dtype": "float32"})
     assert "kv_cache bits" in result.message
+
+
+class HeadsBeyond64Dropped(WrongDecode):
+    """Decode whose kernel handles at most 64 query heads: heads 64.. are left at zero."""
+
+    def mla_decode(
+        self,
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        *,
+        softmax_scale,
+        head_dim_v=512,
+        causal=True,
+        sinks=None,
+        window=None,
+        topk_indices=None,
+    ):
+        out, lse = super().mla_decode(
+            q[:, :, :64],
+            kv_cache,
+            block_table,
+            seq_lens,
+            softmax_scale=softmax_scale,
+            head_dim_v=head_dim_v,
+            causal=causal,
+            sinks=None if sinks is None else sinks[:64],
+            window=window,
+            topk_indices=topk_indices,
+        )
+        pad = q.shape[2] - out.shape[2]
+        return (
+            torch.nn.functional.pad(out, (0, 0, 0, pad)),
+            torch.nn.functional.pad(lse, (0, pad), value=float("-inf")),
+        )
+
+
+def test_heads_beyond_64_dropped_fails():
+    _fails(HeadsBeyond64Dropped, "mla_decode", cell("bfloat16"))

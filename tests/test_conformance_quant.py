@@ -1,19 +1,21 @@
 """The quantisation suites have teeth: deliberately wrong backends, registered through the public plugin
 API, fail them; the CPU reference passes."""
+
 from __future__ import annotations
 
 import math
 
 import torch
+from helpers import register_backend
 
 from hal.backends.cpu.backend import CpuBackend
 from hal.conformance.core import PROFILES, run_cell
-from helpers import register_backend
 from hal.formats import FP8_DTYPE, FP8_MAX, ceil_pow2, expand_scale, scale_as_float
 from hal.ops.quant import fp8_gemm as GEMM
 from hal.ops.quant import int8_gemm as I8GEMM
 from hal.ops.quant import quantize_fp4 as Q4
 from hal.ops.quant import quantize_fp8 as Q8
+from hal.ops.quant import quantize_int8 as QI8
 
 CELLS = {
     "quantize_fp8": {"dtype": "bfloat16", "scale_fmt": "ue8m0"},
@@ -114,7 +116,6 @@ class Fp8GemmDropsAScale(CpuBackend):
         return GEMM.reference_impl(a, torch.ones_like(scale_as_float(a_scale)), b, b_scale, out_dtype=out_dtype)
 
 
-
 def _fails(name, cls, op, cell):
     register_backend(name, cls)
     result = run_cell(name, op, cell, profile="ci", seed=1)
@@ -140,7 +141,8 @@ def test_ue8m0_rounded_to_nearest_fails_with_a_minimal_example():
     result = _fails("ue8m0-nearest", Ue8m0RoundedToNearest, "quantize_fp8", CELLS["quantize_fp8"])
     assert result.message.startswith("s:") or result.message.startswith("q:"), result.message
     assert result.minimal_example and "x values" in result.minimal_example
-    assert result.reproduce.startswith("hal conformance --backend ue8m0-nearest --ops quantize_fp8 --seed 1")
+    assert result.reproduce.startswith("hal conformance --backend ue8m0-nearest --ops 'quantize_fp8[")
+    assert " --seed 1 " in result.reproduce
 
 
 def test_unclamped_weight_scale_fails():
@@ -211,7 +213,7 @@ class Int8GemmBf16Accumulator(CpuBackend):
         k = a.shape[-1]
         acc = torch.zeros(a.reshape(-1, k).shape[0], b.shape[0], dtype=torch.bfloat16)
         for i in range(k):
-            acc += a.reshape(-1, k)[:, i:i + 1].to(torch.bfloat16) * b[:, i].to(torch.bfloat16)
+            acc += a.reshape(-1, k)[:, i : i + 1].to(torch.bfloat16) * b[:, i].to(torch.bfloat16)
         y = acc.float() * a_scale.reshape(-1, 1) * b_scale
         return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
 
@@ -233,3 +235,102 @@ def test_int8_gemm_per_tensor_weight_scale_fails():
 
 def test_int8_gemm_narrow_accumulator_fails():
     _fails("int8-bf16-acc", Int8GemmBf16Accumulator, "int8_gemm", CELLS["int8_gemm"])
+
+
+class Fp8RoundsTowardZero(CpuBackend):
+    """quantize_fp8 with fp32 scales rounding x / s toward zero: within the 1-ulp tolerance of the oracle."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_fp8", self.wrong)
+
+    def wrong(self, x, group_size=128, scale_fmt=None):
+        _, s = Q8.reference_impl(x, group_size, scale_fmt)
+        v = (_groups(x, group_size) / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
+        q = v.to(FP8_DTYPE)
+        return torch.where(q.float().abs() > v.abs(), _e4m3_below(q), q).reshape(x.shape), s
+
+
+def _e4m3_below(q):
+    """The e4m3 value one step toward zero from q (bit pattern minus one, magnitude-wise)."""
+    bits = q.view(torch.uint8)
+    mag, sign = bits & 0x7F, bits & 0x80
+    return (sign | (mag - (mag > 0).to(torch.uint8))).view(FP8_DTYPE)
+
+
+class NanGroupFiniteScale(CpuBackend):
+    """quantize_fp8 that ignores NaN when taking a group's amax (a max reduction that drops NaN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_fp8", self.wrong)
+
+    def wrong(self, x, group_size=128, scale_fmt=None):
+        return Q8.reference_impl(x.nan_to_num(nan=0.0), group_size, scale_fmt)
+
+
+class Int8NanIgnoringAmax(CpuBackend):
+    """quantize_int8 that ignores NaN and clips inf when taking a row's amax: such a row gets a finite scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_int8", self.wrong)
+
+    def wrong(self, x):
+        return QI8.reference_impl(x.nan_to_num(nan=0.0))
+
+
+class Fp4NanIgnoringAmax(CpuBackend):
+    """quantize_fp4 that ignores NaN and clips inf when taking a group's amax: such a group gets a finite scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("quantize_fp4", self.wrong)
+
+    def wrong(self, w, group_size=32):
+        return Q4.reference_impl(w.nan_to_num(nan=0.0), group_size)
+
+
+class Int8GemmFp32TileAccumulator(CpuBackend):
+    """int8_gemm summing exact 128-wide K tiles into an fp32 accumulator (exact only below 2**24)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_implementation("int8_gemm", self.wrong)
+
+    def wrong(self, a, a_scale, b, b_scale, *, out_dtype=torch.bfloat16):
+        a2 = a.reshape(-1, a.shape[-1]).double()
+        acc = torch.zeros(a2.shape[0], b.shape[0], dtype=torch.float32)
+        for k in range(0, a.shape[-1], 128):
+            acc += (a2[:, k : k + 128] @ b[:, k : k + 128].double().t()).float()
+        y = acc.double() * a_scale.reshape(-1, 1).double() * b_scale.double()
+        return y.to(out_dtype).reshape(*a.shape[:-1], b.shape[0])
+
+
+def test_fp8_round_toward_zero_fails_the_nearest_rounding_property():
+    register_backend("fp8-rtz", Fp8RoundsTowardZero)
+    result = run_cell("fp8-rtz", "quantize_fp8", {"dtype": "float32", "scale_fmt": "fp32"}, profile="ci", seed=0)
+    assert result.status == "fail" and "rounded to nearest" in result.message, result
+
+
+def test_nan_group_with_a_finite_scale_fails():
+    register_backend("nan-finite-scale", NanGroupFiniteScale)
+    result = run_cell("nan-finite-scale", "quantize_fp8", FP32_SCALES, profile="ci", seed=0)
+    assert result.status == "fail" and "non-finite scale" in result.message, result
+
+
+def test_int8_gemm_fp32_tile_accumulator_fails_at_deepseek_k():
+    register_backend("i8-fp32-acc", Int8GemmFp32TileAccumulator)
+    result = run_cell("i8-fp32-acc", "int8_gemm", {"out_dtype": "bfloat16"}, profile="ci", seed=0)
+    assert result.status == "fail", result
+    assert "7168" in result.minimal_example or "Tensor[" in result.minimal_example
+
+
+def test_int8_row_with_nan_and_a_finite_scale_fails():
+    result = _fails("int8-nan-finite-scale", Int8NanIgnoringAmax, "quantize_int8", CELLS["quantize_int8"])
+    assert "non-finite scale" in result.message, result.message
+
+
+def test_fp4_group_with_nan_and_a_finite_scale_fails():
+    result = _fails("fp4-nan-finite-scale", Fp4NanIgnoringAmax, "quantize_fp4", CELLS["quantize_fp4"])
+    assert "non-finite scale" in result.message, result.message

@@ -1,12 +1,13 @@
 """The routing suites have teeth: deliberately wrong backends, registered through the public plugin API,
 fail them; the CPU reference passes."""
+
 from __future__ import annotations
 
 import torch
+from helpers import register_backend
 
 from hal.backends.cpu.backend import CpuBackend
 from hal.conformance.core import run_cell
-from helpers import register_backend
 from hal.ops.routing import MoePermutation, group_scores, hash_routing, selection_scores, topk_routing
 
 GATE = dict(scoring="sigmoid", dtype="bfloat16", bias="true", group_limited="true", renormalize="true")
@@ -23,11 +24,21 @@ class WrongTieRule(CpuBackend):
         super().__init__()
         self.add_implementation("topk_routing", self.wrong)
 
-    def wrong(self, logits, top_k, *, scoring="softmax", bias=None, n_group=1, topk_group=1, renormalize=False,
-              scale=1.0):
+    def wrong(
+        self, logits, top_k, *, scoring="softmax", bias=None, n_group=1, topk_group=1, renormalize=False, scale=1.0
+    ):
         flipped = bias.flip(0) if bias is not None else None
-        w, ids = reference(topk_routing, logits.flip(1), top_k, scoring=scoring, bias=flipped, n_group=n_group,
-                           topk_group=topk_group, renormalize=renormalize, scale=scale)
+        w, ids = reference(
+            topk_routing,
+            logits.flip(1),
+            top_k,
+            scoring=scoring,
+            bias=flipped,
+            n_group=n_group,
+            topk_group=topk_group,
+            renormalize=renormalize,
+            scale=scale,
+        )
         return w, (logits.shape[1] - 1 - ids).to(torch.int32)
 
 
@@ -38,8 +49,9 @@ class ZeroMasking(CpuBackend):
         super().__init__()
         self.add_implementation("topk_routing", self.wrong)
 
-    def wrong(self, logits, top_k, *, scoring="softmax", bias=None, n_group=1, topk_group=1, renormalize=False,
-              scale=1.0):
+    def wrong(
+        self, logits, top_k, *, scoring="softmax", bias=None, n_group=1, topk_group=1, renormalize=False, scale=1.0
+    ):
         s, choice = selection_scores(logits, scoring=scoring, bias=bias)
         if n_group > 1:
             kept = group_scores(choice, n_group, bias is not None).topk(topk_group, -1).indices
@@ -59,10 +71,12 @@ class BiasInWeights(CpuBackend):
         super().__init__()
         self.add_implementation("topk_routing", self.wrong)
 
-    def wrong(self, logits, top_k, *, scoring="softmax", bias=None, n_group=1, topk_group=1, renormalize=False,
-              scale=1.0):
-        w, ids = reference(topk_routing, logits, top_k, scoring=scoring, bias=bias, n_group=n_group,
-                           topk_group=topk_group)
+    def wrong(
+        self, logits, top_k, *, scoring="softmax", bias=None, n_group=1, topk_group=1, renormalize=False, scale=1.0
+    ):
+        w, ids = reference(
+            topk_routing, logits, top_k, scoring=scoring, bias=bias, n_group=n_group, topk_group=topk_group
+        )
         if bias is not None:
             w = w + bias[ids.long()]
         if renormalize:
@@ -95,7 +109,9 @@ class UnstablePermute(CpuBackend):
         order = key.argsort()
         slot_rows = torch.empty_like(order)
         slot_rows[order] = torch.arange(order.numel())
-        perm = MoePermutation(torch.bincount(flat, minlength=num_experts).int(), order.int(), slot_rows.view(-1, k).int())
+        perm = MoePermutation(
+            torch.bincount(flat, minlength=num_experts).int(), order.int(), slot_rows.view(-1, k).int()
+        )
         return x[order // k], perm
 
 
@@ -109,15 +125,18 @@ class CombinesInBf16(CpuBackend):
     def wrong(self, y_sorted, weights, permutation):
         out = torch.zeros(weights.shape[0], y_sorted.shape[1], dtype=y_sorted.dtype)
         for j in range(weights.shape[1]):
-            out = out + (y_sorted[permutation.slot_rows[:, j].long()] * weights[:, j:j + 1]).to(y_sorted.dtype)
+            out = out + (y_sorted[permutation.slot_rows[:, j].long()] * weights[:, j : j + 1]).to(y_sorted.dtype)
         return out
 
 
-
 def test_reference_backend_passes():
-    for op, cell in [("topk_routing", GATE), ("topk_routing", dict(GATE, scoring="softmax", bias="false")),
-                     ("hash_routing", dict(scoring="sqrtsoftplus", dtype="float32", renormalize="true")),
-                     ("moe_permute", {"dtype": "bfloat16"}), ("moe_unpermute", {"dtype": "bfloat16"})]:
+    for op, cell in [
+        ("topk_routing", GATE),
+        ("topk_routing", dict(GATE, scoring="softmax", bias="false")),
+        ("hash_routing", dict(scoring="sqrtsoftplus", dtype="float32", renormalize="true")),
+        ("moe_permute", {"dtype": "bfloat16"}),
+        ("moe_unpermute", {"dtype": "bfloat16"}),
+    ]:
         result = run_cell("cpu", op, cell, profile="ci", seed=1)
         assert result.status == "pass", result.message
 
@@ -142,16 +161,29 @@ def test_bias_in_weights_fails():
 
 def test_hash_routing_that_ignores_renormalize_fails():
     cell = dict(scoring="sigmoid", dtype="bfloat16", renormalize="false")
-    assert run_cell(register_backend("hash-renorm", HashIgnoresRenormalize), "hash_routing", cell, profile="ci",
-                    seed=1).status == "fail"
+    assert (
+        run_cell(
+            register_backend("hash-renorm", HashIgnoresRenormalize), "hash_routing", cell, profile="ci", seed=1
+        ).status
+        == "fail"
+    )
 
 
 def test_unstable_permutation_fails():
-    result = run_cell(register_backend("unstable", UnstablePermute), "moe_permute", {"dtype": "float32"}, profile="ci", seed=1)
+    result = run_cell(
+        register_backend("unstable", UnstablePermute), "moe_permute", {"dtype": "float32"}, profile="ci", seed=1
+    )
     assert result.status == "fail" and "sorted_slots" in result.message, result
 
 
 def test_bf16_combine_fails():
-    assert run_cell(register_backend("bf16-combine", CombinesInBf16), "moe_unpermute", {"dtype": "bfloat16"},
-                    profile="ci", seed=1).status == "fail"
-
+    assert (
+        run_cell(
+            register_backend("bf16-combine", CombinesInBf16),
+            "moe_unpermute",
+            {"dtype": "bfloat16"},
+            profile="ci",
+            seed=1,
+        ).status
+        == "fail"
+    )

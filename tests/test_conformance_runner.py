@@ -1,5 +1,6 @@
 """``hal conformance``: reports, capability awareness, waivers, crash and hang isolation, resuming,
 EMULATED labelling, exit status, and the pytest entry point."""
+
 from __future__ import annotations
 
 import ast
@@ -11,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ACME_BACKEND, ACME_PLUGIN, plugin_source
 
 import hal.cli
 import hal.numerics
 from hal.conformance import runner
 from hal.conformance.core import PROFILES, suites
 from hal.errors import InvalidArgumentError
-from helpers import ACME_BACKEND, ACME_PLUGIN, plugin_source
 
 GG_CELLS = 24  # meaningful grouped_gemm cells (see conformance/suites/grouped_gemm.py)
 
@@ -31,6 +32,7 @@ def opts(tmp_path, backend="cpu", **kw):
 
 def run_quietly(o):
     import io
+
     out = io.StringIO()
     data = runner.run(o, out=out)
     return data, out.getvalue()
@@ -67,8 +69,9 @@ def test_unsupported_cells_are_reported_not_failed(on_path, tmp_path):
     assert statuses[f32] == "pass"
     unsupported = [c for c in data["cells"] if c["status"] == "unsupported"]
     assert len(unsupported) == GG_CELLS - 2  # acme serves fp32 x fp32 in both layouts
-    assert "x_dtype=bfloat16 is not supported" in next(c["message"] for c in unsupported
-                                                       if c["features"]["x_dtype"] == "bfloat16")
+    assert "x_dtype=bfloat16 is not supported" in next(
+        c["message"] for c in unsupported if c["features"]["x_dtype"] == "bfloat16"
+    )
     assert data["conforms"]
 
 
@@ -91,10 +94,22 @@ CRASHY = """
 
 
 def test_crashes_and_hangs_are_recorded_and_the_run_goes_on(on_path, tmp_path):
-    on_path.install("crashy-hal", {"crashy": "crashy_plugin"}, {
-        "crashy_plugin": plugin_source("crashy", "crashy_backend:Crashy"), "crashy_backend": CRASHY})
-    data, text = run_quietly(opts(tmp_path, backend="crashy", timeout=10, ops=[
-        "grouped_gemm[layout=masked,x_dtype=float16,w_dtype=float16", "grouped_gemm[layout=masked,x_dtype=float32"]))
+    on_path.install(
+        "crashy-hal",
+        {"crashy": "crashy_plugin"},
+        {"crashy_plugin": plugin_source("crashy", "crashy_backend:Crashy"), "crashy_backend": CRASHY},
+    )
+    data, text = run_quietly(
+        opts(
+            tmp_path,
+            backend="crashy",
+            timeout=10,
+            ops=[
+                "grouped_gemm[layout=masked,x_dtype=float16,w_dtype=float16",
+                "grouped_gemm[layout=masked,x_dtype=float32",
+            ],
+        )
+    )
     statuses = {c["id"]: c for c in data["cells"]}
     crashed = statuses["grouped_gemm[layout=masked,x_dtype=float16,w_dtype=float16,out_dtype=float16]"]
     hung = statuses["grouped_gemm[layout=masked,x_dtype=float32,w_dtype=float32,out_dtype=float32]"]
@@ -119,8 +134,11 @@ def test_derived_time_limits_fit_the_cells():
 
 def test_a_hang_costs_the_derived_limit(on_path, tmp_path, monkeypatch):
     """No --timeout: the hung cell is killed at its derived limit, and every cell reports the limit it had."""
-    on_path.install("crashy-hal", {"crashy": "crashy_plugin"}, {
-        "crashy_plugin": plugin_source("crashy", "crashy_backend:Crashy"), "crashy_backend": CRASHY})
+    on_path.install(
+        "crashy-hal",
+        {"crashy": "crashy_plugin"},
+        {"crashy_plugin": plugin_source("crashy", "crashy_backend:Crashy"), "crashy_backend": CRASHY},
+    )
     monkeypatch.setattr(runner, "CELL_ALLOWANCE_S", 2.0)  # 2 s + 4 quick examples x 1 s (grouped_gemm)
     data, text = run_quietly(opts(tmp_path, backend="crashy", ops=["grouped_gemm[layout=masked,x_dtype=float32"]))
     assert "time limit per cell 6 s, derived from the profile and the operator" in text
@@ -162,8 +180,10 @@ def test_resume_runs_only_the_missing_cells(tmp_path):
 
 def test_waivers_from_a_file_and_stale_waivers(tmp_path):
     waivers = tmp_path / "waivers.toml"
-    waivers.write_text('[waivers]\n"grouped_gemm[layout=masked" = "masked layout lands in release 2 (JIRA-12)"\n'
-                       '"no_such_op[" = "stale"\n')
+    waivers.write_text(
+        '[waivers]\n"grouped_gemm[layout=masked" = "masked layout lands in release 2 (JIRA-12)"\n'
+        '"no_such_op[" = "stale"\n'
+    )
     data, _ = run_quietly(opts(tmp_path, isolate=False, waivers=waivers))
     waived = [c for c in data["cells"] if c["status"].startswith("waived")]
     assert len(waived) == 12 and all("JIRA-12" in c["message"] for c in waived)
@@ -172,8 +192,11 @@ def test_waivers_from_a_file_and_stale_waivers(tmp_path):
 
 
 def test_emulated_backends_are_labelled_everywhere(on_path, tmp_path):
-    on_path.install("emu-hal", {"emu": "emu_plugin"}, {
-        "emu_plugin": plugin_source("emu", "hal.backends.cpu.backend:CpuBackend", emulated=True)})
+    on_path.install(
+        "emu-hal",
+        {"emu": "emu_plugin"},
+        {"emu_plugin": plugin_source("emu", "hal.backends.cpu.backend:CpuBackend", emulated=True)},
+    )
     data, text = run_quietly(opts(tmp_path, backend="emu", isolate=False, ops=["grouped_gemm"]))
     assert data["meta"]["emulated"] is True
     assert "[EMULATED" in text and "CONFORMS (EMULATED)" in text
@@ -193,16 +216,37 @@ WRONG = """
 
 
 def _cli(*args, cwd, python_flags=(), env=None):
-    return subprocess.run([sys.executable, *python_flags, "-m", "hal.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, *python_flags, "-m", "hal.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env=env,
+    )
 
 
 def test_cli_exit_status(on_path, tmp_path):
-    on_path.install("wrong-hal", {"wrong": "wrong_plugin"}, {
-        "wrong_plugin": plugin_source("wrong", "wrong_backend:Wrong"), "wrong_backend": WRONG})
-    bad = _cli("conformance", "--backend", "wrong", "--ops", "grouped_gemm[layout=contiguous,x_dtype=float32",
-               "--profile", "quick", "--seed", "1",
-               "--in-process", "--report", str(tmp_path / "r1"), cwd=tmp_path)
+    on_path.install(
+        "wrong-hal",
+        {"wrong": "wrong_plugin"},
+        {"wrong_plugin": plugin_source("wrong", "wrong_backend:Wrong"), "wrong_backend": WRONG},
+    )
+    bad = _cli(
+        "conformance",
+        "--backend",
+        "wrong",
+        "--ops",
+        "grouped_gemm[layout=contiguous,x_dtype=float32",
+        "--profile",
+        "quick",
+        "--seed",
+        "1",
+        "--in-process",
+        "--report",
+        str(tmp_path / "r1"),
+        cwd=tmp_path,
+    )
     assert bad.returncode == 1 and "DOES NOT CONFORM" in bad.stdout
     missing = _cli("conformance", "--backend", "nonesuch", cwd=tmp_path)
     assert missing.returncode == 2 and "no backend named 'nonesuch'" in missing.stderr
@@ -210,9 +254,31 @@ def test_cli_exit_status(on_path, tmp_path):
 
 def test_pytest_plugin_when_asked_for(on_path, tmp_path):
     on_path.install("acme-hal", {"acme": "acme_plugin"}, {"acme_plugin": ACME_PLUGIN, "acme_backend": ACME_BACKEND})
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "hal.conformance.plugin", "--pyargs", "hal.conformance",
-                           "--hal-backend", "acme", "--hal-ops", "grouped_gemm", "--hal-profile", "quick", "-q", "-rs",
-                           "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "hal.conformance.plugin",
+            "--pyargs",
+            "hal.conformance",
+            "--hal-backend",
+            "acme",
+            "--hal-ops",
+            "grouped_gemm",
+            "--hal-profile",
+            "quick",
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "2 passed, 22 skipped" in proc.stdout
     assert "declared unsupported by 'acme'" in proc.stdout
@@ -220,8 +286,13 @@ def test_pytest_plugin_when_asked_for(on_path, tmp_path):
 
 def test_pytest_sessions_do_not_load_the_plugin_unasked(tmp_path):
     """Installing xpu-hal adds nothing to other projects' pytest sessions: no option, no hook."""
-    help_text = subprocess.run([sys.executable, "-m", "pytest", "--help", "-p", "no:cacheprovider"], cwd=tmp_path,
-                               capture_output=True, text=True, timeout=120).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "pytest", "--help", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "--hal-backend" not in help_text and "--help" in help_text
 
 
@@ -229,8 +300,10 @@ BLOCKED = "import sys; sys.modules.update(pytest=None, hypothesis=None); "  # as
 
 
 def test_the_operators_and_the_model_need_no_suite_stack():
-    code = BLOCKED + ("import torch, hal, hal.model; from hal.model import tiny; "
-                      "print(hal.ops.quantize_fp8(torch.ones(2, 128))[1].tolist())")
+    code = BLOCKED + (
+        "import torch, hal, hal.model; from hal.model import tiny; "
+        "print(hal.ops.quantize_fp8(torch.ones(2, 128))[1].tolist())"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     expected = torch.full((2, 1), 1 / 448).tolist()  # (fp32 scales)
     assert proc.returncode == 0 and proc.stdout.strip() == str(expected), proc.stderr[-2000:]
@@ -240,8 +313,9 @@ def test_conformance_without_its_extra_names_the_install():
     code = BLOCKED + "from hal.cli import main; sys.exit(main(['conformance', '--backend', 'cpu', '--timeout', '9']))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "needs the 'conformance' extra (hypothesis is not installed): pip install 'xpu-hal[conformance]'" \
-        in proc.stderr
+    assert (
+        "needs the 'conformance' extra (hypothesis is not installed): pip install 'xpu-hal[conformance]'" in proc.stderr
+    )
 
 
 def test_workers_import_the_same_hal_from_a_source_checkout(tmp_path, monkeypatch):
@@ -275,11 +349,25 @@ WRONG_WEIGHTS = """
 @pytest.mark.parametrize("how", ["PYTHONOPTIMIZE=1, in worker processes", "python -O, in process"])
 def test_a_wrong_backend_fails_under_python_optimize(on_path, tmp_path, how):
     """``-O`` strips ``assert`` statements: every verdict must still be an explicit check."""
-    on_path.install("wrongw-hal", {"wrongw": "wrongw_plugin"}, {
-        "wrongw_plugin": plugin_source("wrongw", "wrongw_backend:WrongWeights"), "wrongw_backend": WRONG_WEIGHTS})
+    on_path.install(
+        "wrongw-hal",
+        {"wrongw": "wrongw_plugin"},
+        {"wrongw_plugin": plugin_source("wrongw", "wrongw_backend:WrongWeights"), "wrongw_backend": WRONG_WEIGHTS},
+    )
     env = dict(os.environ)
-    args = ["conformance", "--backend", "wrongw", "--ops", "topk_routing[scoring=sigmoid,dtype=float32,bias=true",
-            "--profile", "quick", "--seed", "1", "--report", str(tmp_path / "r")]
+    args = [
+        "conformance",
+        "--backend",
+        "wrongw",
+        "--ops",
+        "topk_routing[scoring=sigmoid,dtype=float32,bias=true",
+        "--profile",
+        "quick",
+        "--seed",
+        "1",
+        "--report",
+        str(tmp_path / "r"),
+    ]
     if how.startswith("PYTHONOPTIMIZE"):  # inherited by the workers
         env["PYTHONOPTIMIZE"] = "1"
         proc = _cli(*args, cwd=tmp_path, env=env)
@@ -295,6 +383,10 @@ def test_no_assert_statement_decides_a_verdict():
     """Static guard: the shipped suite and the comparison helpers it calls hold no ``assert`` statement."""
     package = Path(runner.__file__).parent
     files = sorted(package.rglob("*.py")) + [Path(hal.numerics.__file__)]
-    found = [f"{f}:{node.lineno}" for f in files for node in ast.walk(ast.parse(f.read_text()))
-             if isinstance(node, ast.Assert)]
+    found = [
+        f"{f}:{node.lineno}"
+        for f in files
+        for node in ast.walk(ast.parse(f.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
     assert len(files) > 10 and not found, found

@@ -15,13 +15,16 @@ prescribes; ``lse`` uses magnitude 1):
   holds ``kv[i]`` bit for bit, every other slot (``-1`` rows write nothing) keeps its bits, even NaN
   garbage; writing the same tokens in the reverse order gives the same cache.
 
-Drawn inputs: tiny shapes (1..4 heads incl. 3, GQA/MQA, qk head dim != v head dim), ragged batches with
-empty sequences, lengths at and across page boundaries, decode batches of equal lengths, pages shuffled
-or in order (each sequence's after the previous one's, as a model allocates them), speculative decode
-(Sq 1..3), unused block-table entries of -1, unused cache slots holding garbage or NaN, windows shorter
-than the context, per-head sinks, top-k lists with -1 padding, out-of-range entries, duplicates and all -1
-rows, drawn softmax scales.
+Drawn inputs (decode): about one example in four is production-shaped — 63..128 query heads (on the tile
+boundaries 63, 64, 65, 127, 128 a third of the time), DeepSeek's page sizes 64 and 128, contexts of up to
+65..2100 keys with partial last pages — the rest tiny. Prefill and the rest: tiny shapes (1..4 heads incl. 3,
+GQA/MQA, qk head dim != v head dim), ragged batches with empty sequences, lengths at and across page
+boundaries, decode batches of equal lengths, pages shuffled or in order (each sequence's after the previous
+one's, as a model allocates them), speculative decode (Sq 1..3), unused block-table entries of -1, unused
+cache slots holding garbage or NaN, windows shorter than the context, per-head sinks, top-k lists with -1
+padding, out-of-range entries, duplicates and all -1 rows, drawn softmax scales.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +35,8 @@ from typing import Mapping, Optional
 import torch
 from hypothesis import strategies as st
 
-from hal.conformance.core import Case, Recorder, Suite, suite
-from hal.conformance.strategies import TensorSpec, tensor_specs
+from hal.conformance.core import Case, Recorder, Suite, note, suite
+from hal.conformance.strategies import TensorSpec, dim, large, tensor_specs, tiling
 from hal.contract import dtype_name
 from hal.ops.mla import attention_error_n, mla_prefill
 
@@ -116,8 +119,9 @@ def _topk_rows(g: torch.Generator, lq: int, lk: int, topk: int) -> torch.Tensor:
     return torch.where(torch.arange(topk)[None, :] < real, idx, -1).to(torch.int32)
 
 
-def _longest(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, window: Optional[int],
-             topk: Optional[torch.Tensor]) -> int:
+def _longest(
+    cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, window: Optional[int], topk: Optional[torch.Tensor]
+) -> int:
     """The largest number of keys one query attends (the contract's masks, restated)."""
     most = 0
     cq, ck = cu_q.tolist(), cu_k.tolist()
@@ -130,7 +134,7 @@ def _longest(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, window: Optio
         if window is not None:
             seen &= j > last - window
         if topk is not None:
-            seen &= (topk[cq[b]:cq[b + 1], :, None] == j[:, None, :]).any(1)
+            seen &= (topk[cq[b] : cq[b + 1], :, None] == j[:, None, :]).any(1)
         most = max(most, int(seen.sum(1).max()) if lq and lk else 0)
     return most
 
@@ -190,38 +194,70 @@ class MlaPrefillSuite(Suite):
             rev_cu_q = _cumulative(cu_q.diff().flip(0).tolist())
             rev_cu_k = None if case.args[4] is None else _cumulative(cu_k.diff().flip(0).tolist())
             out2, lse2 = run(Case((q[rows_q], k[rows_k], v[rows_k], rev_cu_q, rev_cu_k), rev_kw))
-            _attention_checks(rec, self.contract, " (sequences reversed)", out2, lse2, oracle[0][rows_q],
-                              oracle[1][rows_q], magnitude[rows_q], n)
+            _attention_checks(
+                rec,
+                self.contract,
+                " (sequences reversed)",
+                out2,
+                lse2,
+                oracle[0][rows_q],
+                oracle[1][rows_q],
+                magnitude[rows_q],
+                n,
+            )
 
 
 @suite
 class MlaDecodeSuite(Suite):
     op = "mla_decode"
-    example_seconds = 2.0  # slowest example measured: 0.10 s
+    example_seconds = 2.0  # slowest example measured: 0.05 s (64-128 heads, ~2000 keys; a first call 0.5 s)
+    boundary = ("Hq>64", "DeepSeek page size", "keys>1000", "keys:tail", "Sq>1")
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         dtype, causal = DTYPES[f["dtype"]], f["causal"] == "true"
-        hq = data.draw(_pick((1, 2, 3, 4)), label="Hq")
+        big = large(data)
+        hq = dim(data, "Hq", 63, 128, tile=64) if big else data.draw(_pick((1, 2, 3, 4)), label="Hq")
         d, latent, _ = _head_dims(data, DECODE_DIMS)
         head_dim_v = data.draw(_pick((latent, latent // 2 + 1)), label="head_dim_v")
-        b = data.draw(_ints(1, 3), label="batch")
-        sq = data.draw(_ints(1, 3), label="Sq (new tokens per sequence)")
-        bs = data.draw(_ints(1, 8), label="block_size")
+        b = data.draw(_ints(1, 2 if big else 3), label="batch")
+        sq = data.draw(_ints(1, 2 if big else 3), label="Sq (new tokens per sequence)")
+        bs = data.draw(_pick((64, 128)), label="block_size") if big else data.draw(_ints(1, 8), label="block_size")
         lens = []
         equal = b > 1 and data.draw(BOOLS, label="equal lengths")
         for i in range(1 if equal else b):
-            n = data.draw(_ints(0, 20), label=f"seq_len {i}")
+            n = (
+                data.draw(_ints(65, 2100), label=f"seq_len {i}")
+                if big
+                else data.draw(_ints(0, 20), label=f"seq_len {i}")
+            )
             if data.draw(BOOLS, label="snap to a page boundary"):
                 n = max(0, round(n / bs) * bs + data.draw(_pick((0, -1, 1)), label="+-1"))
             lens.append(max(n, sq) if causal and n else n)  # causal needs seq_len >= Sq (or 0)
         lens *= b if equal else 1
         used = [-(-n // bs) for n in lens]
+        longest = max(lens)
+        classes = tiling("Hq", hq, 64) | tiling("keys", longest, 64) | {f"block_size={bs}"}
+        if bs in (64, 128):
+            classes.add("DeepSeek page size")
+        note(
+            batch=b,
+            Sq=sq,
+            Hq=hq,
+            block_size=bs,
+            pages=max(used),
+            keys=longest,
+            boundary=classes | ({"keys>1000"} if longest > 1000 else set()) | ({"Sq>1"} if sq > 1 else set()),
+        )
         max_blocks = max(used) + data.draw(_ints(0, 1), label="spare table columns")
         num_blocks = sum(used) + data.draw(_ints(0, 2), label="spare blocks")
         g = torch.Generator().manual_seed(data.draw(SEEDS, label="layout seed"))
         in_order = data.draw(BOOLS, label="pages in order")
-        free = (torch.arange(num_blocks).flip(0) if in_order else  # popped from the end: 0, 1, 2, ...
-                torch.randperm(max(num_blocks, 1), generator=g)[:num_blocks]).tolist()
+        free = (
+            torch.arange(num_blocks).flip(0)
+            if in_order
+            # popped from the end: 0, 1, 2, ...
+            else torch.randperm(max(num_blocks, 1), generator=g)[:num_blocks]
+        ).tolist()
         table = torch.full((b, max_blocks), -1, dtype=torch.int32)  # unused entries: -1
         for i, u in enumerate(used):
             table[i, :u] = torch.tensor([free.pop() for _ in range(u)], dtype=torch.int32)
@@ -250,28 +286,48 @@ class MlaDecodeSuite(Suite):
         rec.holds(out.dtype == q.dtype and lse.dtype == torch.float32, "out has q's dtype, lse is float32")
         # The decompressed (naive) form: key p of sequence i is cache[table[i, p // bs], p % bs], V = K[:, :dv];
         # values [V | |V|] give the attention and the contract's magnitude in one pass.
-        keys = torch.cat([cache[table[i, torch.arange(n) // bs].long(), torch.arange(n) % bs]
-                          for i, n in enumerate(lens.tolist())])[:, None, :]
+        keys = torch.cat(
+            [cache[table[i, torch.arange(n) // bs].long(), torch.arange(n) % bs] for i, n in enumerate(lens.tolist())]
+        )[:, None, :]
         cu_q, cu_k = _cumulative([sq] * b), _cumulative(lens.tolist())
         dense_kw = _prefill_kwargs(kw)
         if "topk_indices" in kw:
             dense_kw["topk_indices"] = kw["topk_indices"].reshape(b * sq, -1)
         values = torch.cat([keys[..., :dv], keys[..., :dv].abs()], dim=-1)
-        naive, naive_lse = mla_prefill.reference_impl(q.reshape(b * sq, hq, d), keys, values, cu_q, cu_k,
-                                                      **dense_kw, compute_dtype=F64)
+        naive, naive_lse = mla_prefill.reference_impl(
+            q.reshape(b * sq, hq, d), keys, values, cu_q, cu_k, **dense_kw, compute_dtype=F64
+        )
         shape = (b, sq, hq, dv)
         naive_out, magnitude = naive[..., :dv].reshape(shape), naive[..., dv:].reshape(shape)
         longest = _longest(cu_q, cu_k, kw["causal"], kw.get("window"), dense_kw.get("topk_indices"))
         n = attention_error_n(q, keys, softmax_scale=kw["softmax_scale"], num_keys=longest)
         _attention_checks(rec, self.contract, "", out, lse, oracle[0], oracle[1], magnitude, n)
-        _attention_checks(rec, self.contract, " vs the decompressed (dense K, V = K[:, :head_dim_v]) attention",
-                          out, lse, naive_out, naive_lse.reshape(b, sq, hq), magnitude, n)
+        _attention_checks(
+            rec,
+            self.contract,
+            " vs the decompressed (dense K, V = K[:, :head_dim_v]) attention",
+            out,
+            lse,
+            naive_out,
+            naive_lse.reshape(b, sq, hq),
+            magnitude,
+            n,
+        )
         nb = cache.shape[0]
         if nb > 1:  # physical block i moves to nb - 1 - i; the table follows: attention is unchanged
             moved = torch.where(table >= 0, nb - 1 - table, table)
             out2, lse2 = run(Case((q, cache.flip(0), moved, lens), kw))
-            _attention_checks(rec, self.contract, " (kv_cache blocks permuted, block_table remapped)", out2, lse2,
-                              oracle[0], oracle[1], magnitude, n)
+            _attention_checks(
+                rec,
+                self.contract,
+                " (kv_cache blocks permuted, block_table remapped)",
+                out2,
+                lse2,
+                oracle[0],
+                oracle[1],
+                magnitude,
+                n,
+            )
 
 
 @suite
@@ -307,8 +363,11 @@ class PagedCacheWriteSuite(Suite):
         for i, s in enumerate(slots.tolist()):
             if s >= 0:
                 expected[s // bs, s % bs] = kv[i]
-        rec.equal("kv_cache bits (slot s = block*block_size+offset holds kv[i]; other slots unchanged)",
-                  cache.view(bits), expected.view(bits))
+        rec.equal(
+            "kv_cache bits (slot s = block*block_size+offset holds kv[i]; other slots unchanged)",
+            cache.view(bits),
+            expected.view(bits),
+        )
         fresh = pristine.clone()
         run(Case((fresh, kv.flip(0), slots.flip(0)), {}))
         rec.equal("kv_cache bits (tokens written in reverse order)", fresh.view(bits), expected.view(bits))

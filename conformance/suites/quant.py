@@ -21,24 +21,43 @@ the GEMM: ``DEQUANT_TOLERANCE`` / ``GEMM_TOLERANCE``). Properties checked on top
   representable in ``out_dtype`` (an accumulator narrower than int32 / fp32 fails); doubling
   ``a_scale`` doubles ``y`` (within tolerance).
 
+Special values (:func:`draw_specials`): the FP8, FP4 and int8 quantisers get NaN, +-inf, -0.0, the input dtype's
+subnormals and a group (row) holding the format's max (448, 6, 127: ``s = 1``) next to exact rounding midpoints.
+Checked: a group (row) holding NaN or +-inf gets a non-finite scale, the other groups are unaffected (``q`` of
+a non-finite group is unspecified); FP8 zeros keep their sign; and for both FP8 scale formats ``q`` is ``x / s``
+rounded to nearest, ``|q - x / s| <= step_e4m3(x / s) / 2 + |x / s| 2**-22`` (at the backend's own ``s``;
+the slack: the fp32 rounding of the division), which round-toward-zero fails; FP4 likewise, without slack.
+dequantize_fp8 gets NaN codes (they decode to NaN, and nothing else does) and -0.0 (decodes to -0.0).
+
 Inputs: DeepSeek-like shapes kept small (rows 0..6, K of 1..3 groups, weights ``[N, K]`` with partial
 128-blocks), values from :func:`tensor_specs` (ties, outliers, wide range, tiny/subnormal, near the
-format maximum), and an explicit all-zero group (the ``1e-4`` amax floor). No NaN/inf are drawn: the
-contracts leave ``q`` unspecified for them. (``torch.float4_e2m1fn_x2`` inputs are not drawn: torch
-cannot compare or copy them on the CPU.)
+format maximum), and an explicit all-zero group (the ``1e-4`` amax floor); int8_gemm also at DeepSeek's
+K = 7168 with partial sums beyond 2**24 that cancel (an fp32 accumulator loses bits there).
+(``torch.float4_e2m1fn_x2`` inputs are not drawn: torch cannot compare or copy them on the CPU.)
 """
+
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 from hypothesis import strategies as st
 
-from hal.conformance.core import Case, Recorder, Suite, suite
-from hal.conformance.strategies import tensor_specs
+from hal.conformance.core import Case, Recorder, Suite, note, suite
+from hal.conformance.strategies import dim, large, tensor_specs, tiling
 from hal.contract import Tolerance
-from hal.formats import AMAX_FLOOR, FP4_MAX, FP8_DTYPE, FP8_MAX, INT8_MAX, expand_scale, scale_as_float, \
-    scale_shape, unpack_fp4
+from hal.formats import (
+    AMAX_FLOOR,
+    FP4_MAX,
+    FP8_DTYPE,
+    FP8_MAX,
+    INT8_MAX,
+    expand_scale,
+    scale_as_float,
+    scale_shape,
+    unpack_fp4,
+)
 from hal.ops.grouped_gemm import dequantized_operands
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -48,6 +67,7 @@ _E8M0 = getattr(torch, "float8_e8m0fnu", None)
 
 
 # --------------------------------------------------------------------------- shared helpers
+
 
 def e4m3_step(v: torch.Tensor) -> torch.Tensor:
     """Spacing of e4m3 values at magnitude ``|v|`` (float64): 3 mantissa bits, ``2**(e - 3)`` in the
@@ -67,12 +87,55 @@ def is_pow2(s: torch.Tensor) -> bool:
     return bool((m == 0.5).all())
 
 
-def draw_values(data: st.DataObject, shape: Sequence[int], dtype: torch.dtype, max_value: float,
-                label: str) -> torch.Tensor:
+def draw_values(
+    data: st.DataObject, shape: Sequence[int], dtype: torch.dtype, max_value: float, label: str
+) -> torch.Tensor:
     """Values of a tensor spec, clamped to ``dtype``'s finite range (no inf is drawn)."""
     spec = data.draw(tensor_specs(scales=(1.0, 0.01, 100.0, 0.0)), label=label)
     top = torch.finfo(dtype).max
     return spec.make(shape, torch.float32, max_value=max_value).clamp(-top, top).to(dtype)
+
+
+BOOLS = st.booleans()
+SPECIALS = ("nan", "inf", "-inf", "-0.0", "subnormal", "max and ties")
+# e4m3 rounding midpoints (between neighbours 1 and 1.125, 2.25 and 2.5, ...): exact ties at s = 1
+E4M3_MIDPOINTS = (1.0625, 1.1875, -2.375, 3.25, 0.0078125 * 1.5, -13.0, 208.0)
+INT8_MIDPOINTS = (0.5, 1.5, 2.5, -3.5, 100.5, -126.5)  # exact in bfloat16 too
+E2M1_MIDPOINTS = (0.25, 0.75, -1.25, 1.75, -2.5, 3.5, 5.0)
+LONG_K = ("K>128", "K:tail")  # the boundary classes of the quantisers: several 128-wide tiles, a partial last one
+
+
+def draw_specials(
+    data: st.DataObject, t: torch.Tensor, top: float = FP8_MAX, ties: Sequence[float] = E4M3_MIDPOINTS
+) -> None:
+    """Write special values into ``t`` (in place): in about half the examples, each of SPECIALS with
+    probability 1/2 at a few random places; ``max and ties`` clamps the first row to ``+-top`` (the format's
+    max: 448, 6, 127) and starts it with ``top`` and exact rounding midpoints ``ties`` (the first group or row
+    then has the scale 1 exactly)."""
+    if not t.numel() or not data.draw(BOOLS, label="special values"):
+        return
+    chosen = [v for v in SPECIALS if data.draw(BOOLS, label=f"special {v}")]
+    flat = t.view(-1)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="special positions seed"))
+    tiny = torch.finfo(t.dtype).smallest_normal
+    for v in chosen:
+        if v == "max and ties":
+            row = t.reshape(-1, t.shape[-1])[0]
+            values = torch.tensor((top,) + tuple(ties))[: min(t.shape[-1], 64)]
+            row.clamp_(-top, top)[: len(values)] = values.to(t.dtype)
+            continue
+        value = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "-0.0": -0.0, "subnormal": -tiny / 4}[
+            v
+        ]
+        flat[torch.randint(0, flat.numel(), (2,), generator=g)] = value
+    note(special=chosen)
+
+
+def masked(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t[keep]`` for any dtype (boolean indexing of float8 goes through its bits)."""
+    if t.dtype == FP8_DTYPE:
+        return t.view(torch.uint8)[keep].view(FP8_DTYPE)
+    return t[keep]
 
 
 def draw_lead(data: st.DataObject) -> tuple:
@@ -84,12 +147,13 @@ def draw_lead(data: st.DataObject) -> tuple:
     return (rows,) if layout == "rows" else (data.draw(st.integers(1, 2), label="batch"), rows)
 
 
-def draw_grouped(data: st.DataObject, group_sizes: Sequence[int], max_groups: int, dtype: torch.dtype,
-                 max_value: float, label: str) -> Tuple[int, torch.Tensor]:
-    """``(group_size, tensor [lead..., K])`` with 1..max_groups groups along K; the last one may be all
-    zero (the amax floor)."""
+def draw_grouped(
+    data: st.DataObject, group_sizes: Sequence[int], max_groups: int, dtype: torch.dtype, max_value: float, label: str
+) -> Tuple[int, torch.Tensor]:
+    """``(group_size, tensor [lead..., K])`` with 1..max_groups groups along K (up to 20 times as many in the
+    large examples: K of DeepSeek's 7168 and beyond); the last one may be all zero (the amax floor)."""
     group = data.draw(st.sampled_from(tuple(group_sizes)), label="group_size")
-    k = group * data.draw(st.integers(1, max_groups), label="groups along K")
+    k = group * dim(data, "groups along K", 1, max_groups * (20 if large(data) else 1), tile=8)
     t = draw_values(data, draw_lead(data) + (k,), dtype, max_value, label)
     if data.draw(st.booleans(), label="last group all zero"):
         t[..., -group:] = 0
@@ -114,8 +178,10 @@ def exact_when_pow2(rec: Recorder, y: torch.Tensor, exact: torch.Tensor, scale: 
     if not is_pow2(scale_as_float(scale)):
         return
     representable = exact.to(y.dtype).double() == exact
-    rec.holds(bool((y.double()[representable] == exact[representable]).all()),
-              "y == q * s exactly where q * s is representable in out_dtype (power-of-two scales)")
+    rec.holds(
+        bool((y.double()[representable] == exact[representable]).all()),
+        "y == q * s exactly where q * s is representable in out_dtype (power-of-two scales)",
+    )
 
 
 def scale_key(fmt: str, dtype: str) -> str:
@@ -140,34 +206,57 @@ class _Fp8QuantSuite(Suite):
         q, s = output
         q_tol = self.contract.tolerance[scale_key(fmt, "float8_e4m3fn")]
         s_tol = self.contract.tolerance[scale_key(fmt, "float32")]
-        rec.ulps("q", q, oracle[0], q_tol.ulps)
-        rec.close("s", s, oracle[1].double(), s_tol)
+        amax = self.amax(case, x, s)
+        finite = amax.isfinite()
+        rec.holds(bool((~s[~finite].isfinite()).all()), "a group holding NaN or +-inf gets a non-finite scale")
+        keep = self.expand(case, finite.double(), x.shape) > 0  # elements of finite groups (q elsewhere is free)
+        q, s, x, amax = masked(q, keep), s[finite], x[keep], amax[finite]
+        rec.ulps("q", q, masked(oracle[0], keep), q_tol.ulps)
+        rec.close("s", s, oracle[1].double()[finite], s_tol)
         s64 = s.double()
         rec.holds(bool((s64 > 0).all()), "s > 0 (the amax floor 1e-4 keeps all-zero groups finite)")
         if fmt == "ue8m0":
             rec.holds(is_pow2(s64), "s == 2**k for an integer k (UE8M0)")
         qf = q.double()
         rec.holds(bool((qf.abs() <= FP8_MAX).all()), "|q| <= 448")
-        ratio = self.amax(case, x, s).clamp_min(AMAX_FLOOR).double() / s64  # the floor in fp32
+        ratio = amax.clamp_min(AMAX_FLOOR).double() / s64  # the floor in fp32
         rec.holds(bool((ratio <= FP8_MAX * (1 + s_tol.rtol)).all()), "max(amax, 1e-4) / s <= 448 (1 + rtol)")
         low = FP8_MAX / 2 if fmt == "ue8m0" else FP8_MAX * (1 - s_tol.rtol)
-        rec.holds(bool((ratio > low).all() if fmt == "ue8m0" else (ratio >= low).all()),
-                  "the scale is tight: max(amax, 1e-4) / s > 224 (UE8M0), >= 448 (1 - rtol) (fp32)")
-        se = self.expand(case, s64, x.shape)
+        rec.holds(
+            bool((ratio > low).all() if fmt == "ue8m0" else (ratio >= low).all()),
+            "the scale is tight: max(amax, 1e-4) / s > 224 (UE8M0), >= 448 (1 - rtol) (fp32)",
+        )
+        se = self.expand(case, output[1].double(), keep.shape)[keep]
         x64, v = x.double(), x.double() / se
         bound = (0.5 + q_tol.ulps) * e4m3_step(torch.maximum(v.abs(), qf.abs())) * se
-        rec.holds(bool(((qf * se - x64).abs() <= bound).all()),
-                  "|q s - x| <= (1/2 + ulps) * step_e4m3(x / s) * s (round trip)")
+        rec.holds(
+            bool(((qf * se - x64).abs() <= bound).all()),
+            "|q s - x| <= (1/2 + ulps) * step_e4m3(x / s) * s (round trip)",
+        )
+        rec.holds(
+            bool(((qf - v).abs() <= 0.5 * e4m3_step(v) + v.abs() * 2**-22).all()),
+            "|q - x / s| <= step_e4m3(x / s) / 2 + |x / s| 2**-22 (q is x / s rounded to nearest)",
+        )
+        zero = x64 == 0
+        rec.holds(
+            bool((qf[zero] == 0).all() and torch.equal(qf[zero].signbit(), x64[zero].signbit())),
+            "zeros quantise to zeros of the same sign",
+        )
 
 
 # --------------------------------------------------------------------------- quantize_fp8
 
+
 @suite
 class QuantizeFp8Suite(_Fp8QuantSuite):
     op = "quantize_fp8"
+    special = SPECIALS
+    boundary = LONG_K
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         group, x = draw_grouped(data, (128, 64), 3, DTYPES[f["dtype"]], FP8_MAX, "x values")
+        draw_specials(data, x)
+        note(rows=x.numel() // max(x.shape[-1], 1), K=x.shape[-1], boundary=tiling("K", x.shape[-1]))
         return Case((x,), {"group_size": group, "scale_fmt": self.scale_fmt_kwarg(data, f["scale_fmt"])})
 
     def expand(self, case, s, shape):
@@ -180,10 +269,12 @@ class QuantizeFp8Suite(_Fp8QuantSuite):
 
 # --------------------------------------------------------------------------- quantize_fp8_weight
 
+
 @suite
 class QuantizeFp8WeightSuite(_Fp8QuantSuite):
     op = "quantize_fp8_weight"
     example_seconds = 2.0  # slowest example measured: 0.17 s
+    special = SPECIALS
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         n = data.draw(st.sampled_from(SIZES), label="N")
@@ -192,6 +283,8 @@ class QuantizeFp8WeightSuite(_Fp8QuantSuite):
         w = draw_values(data, (n, k), DTYPES[f["dtype"]], FP8_MAX, "w values")
         if data.draw(st.booleans(), label="first block all zero"):
             w[:block, :block] = 0
+        draw_specials(data, w)
+        note(N=n, K=k)
         return Case((w,), {"block_size": block, "scale_fmt": self.scale_fmt_kwarg(data, f["scale_fmt"])})
 
     def expand(self, case, s, shape):
@@ -203,16 +296,18 @@ class QuantizeFp8WeightSuite(_Fp8QuantSuite):
         out = torch.zeros(s.shape, dtype=torch.float32)
         for i in range(s.shape[0]):
             for j in range(s.shape[1]):
-                out[i, j] = w[i * b:(i + 1) * b, j * b:(j + 1) * b].float().abs().max()
+                out[i, j] = w[i * b : (i + 1) * b, j * b : (j + 1) * b].float().abs().max()
         return out
 
 
 # --------------------------------------------------------------------------- dequantize_fp8
 
+
 @suite
 class DequantizeFp8Suite(Suite):
     op = "dequantize_fp8"
     example_seconds = 1.0  # slowest example measured: 0.07 s
+    special = ("nan", "-0.0")
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         block = data.draw(st.sampled_from(((128,), (128, 128), (32,), (1, 128))), label="block_shape")
@@ -220,20 +315,30 @@ class DequantizeFp8Suite(Suite):
             shape = draw_lead(data) + (data.draw(st.sampled_from(SIZES), label="K"),)
         else:
             batch = data.draw(st.sampled_from(((), (2,))), label="batch dims")
-            shape = batch + (data.draw(st.sampled_from(SIZES), label="M"),
-                             data.draw(st.sampled_from(SIZES), label="K"))
+            shape = batch + (data.draw(st.sampled_from(SIZES), label="M"), data.draw(st.sampled_from(SIZES), label="K"))
         q = draw_values(data, shape, torch.float32, FP8_MAX, "q values").clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        if q.numel() and data.draw(BOOLS, label="NaN codes and -0.0"):
+            g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="special positions seed"))
+            bits = q.view(torch.uint8).view(-1)
+            for code in (0x7F, 0xFF, 0x80):  # +-NaN, -0.0
+                bits[torch.randint(0, bits.numel(), (2,), generator=g)] = code
+            note(special=("nan", "-0.0"))
         scale = draw_scales(data, scale_shape(shape, block))
         return Case((q, scale), {"block_shape": block, "out_dtype": DTYPES[f["out_dtype"]]})
 
     def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
         out_dtype = str(case.kwargs["out_dtype"]).replace("torch.", "")
         rec.holds(output.dtype == case.kwargs["out_dtype"], f"the result has dtype {out_dtype}")
+        q = case.args[0].float()
+        rec.holds(torch.equal(output.isnan(), q.isnan()), "NaN codes decode to NaN (and nothing else does)")
+        zero = q == 0
+        rec.holds(torch.equal(output[zero].signbit(), q[zero].signbit()), "-0.0 decodes to -0.0, +0.0 to +0.0")
         rec.close("y", output, oracle, self.contract.tolerance[out_dtype])
         exact_when_pow2(rec, output, oracle, case.args[1])
 
 
 # --------------------------------------------------------------------------- fp8_gemm
+
 
 @suite
 class Fp8GemmSuite(Suite):
@@ -242,6 +347,7 @@ class Fp8GemmSuite(Suite):
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         from hal.ops import quantize_fp8, quantize_fp8_weight
+
         k = 128 * data.draw(st.integers(1, 3), label="K / 128")
         n = data.draw(st.sampled_from(SIZES[:-1]), label="N")
         fmt = data.draw(st.sampled_from((None, "ue8m0")), label="scale_fmt of the operands")
@@ -258,6 +364,7 @@ class Fp8GemmSuite(Suite):
 
     def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
         from hal.ops import dequantize_fp8
+
         a, a_scale, b, b_scale = case.args
         out_dtype = str(case.kwargs["out_dtype"]).replace("torch.", "")
         rec.holds(output.dtype == case.kwargs["out_dtype"], f"the result has dtype {out_dtype}")
@@ -268,8 +375,10 @@ class Fp8GemmSuite(Suite):
         tol, n = self.contract.tolerance[out_dtype], k + 3
         rec.close("y", output, oracle, tol, n=n, magnitude=magnitude)
         deq = dequantize_fp8.reference_impl
-        y_deq = (deq(a, a_scale, block_shape=(128,), compute_dtype=torch.float64)
-                 @ deq(b, b_scale, block_shape=(128, 128), compute_dtype=torch.float64).t())
+        y_deq = (
+            deq(a, a_scale, block_shape=(128,), compute_dtype=torch.float64)
+            @ deq(b, b_scale, block_shape=(128, 128), compute_dtype=torch.float64).t()
+        )
         rec.close("y (dequantise-then-matmul)", output, y_deq, tol, n=n, magnitude=magnitude)
         if a.numel() and b.shape[0]:  # y is linear in a_scale: doubling it doubles y
             doubled = Case((a, scale_as_float(a_scale) * 2, b, b_scale), case.kwargs)
@@ -278,35 +387,52 @@ class Fp8GemmSuite(Suite):
 
 # --------------------------------------------------------------------------- quantize_fp4
 
+
 @suite
 class QuantizeFp4Suite(Suite):
     op = "quantize_fp4"
+    special = SPECIALS
+    boundary = LONG_K
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         group, w = draw_grouped(data, (32, 16), 4, DTYPES[f["dtype"]], FP4_MAX, "w values")
+        draw_specials(data, w, FP4_MAX, E2M1_MIDPOINTS)
+        note(rows=w.numel() // w.shape[-1], K=w.shape[-1], boundary=tiling("K", w.shape[-1]))
         return Case((w,), {"group_size": group})
 
     def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
         w, g = case.args[0], case.kwargs["group_size"]
         q, s = output
         rec.holds(q.dtype == torch.uint8 and q.shape == oracle[0].shape, "q is uint8 [..., K // 2]")
-        values = unpack_fp4(q)
-        rec.equal("q (decoded e2m1 values)", values, unpack_fp4(oracle[0]))  # -0 == +0
-        rec.close("s", s, oracle[1].double(), self.contract.tolerance["float32"])
-        s64 = s.double()
+        amax = w.float().reshape(*w.shape[:-1], w.shape[-1] // g, g).abs().amax(dim=-1)
+        finite = amax.isfinite()
+        rec.holds(bool((~s[~finite].isfinite()).all()), "a group holding NaN or +-inf gets a non-finite scale")
+        keep = expand_scale(finite.double(), w.shape, (g,)) > 0  # elements of finite groups (q elsewhere is free)
+        values, w, se = unpack_fp4(q)[keep], w[keep], expand_scale(s.double(), w.shape, (g,))[keep]
+        rec.equal("q (decoded e2m1 values)", values, unpack_fp4(oracle[0])[keep])  # -0 == +0
+        rec.close("s", s[finite], oracle[1].double()[finite], self.contract.tolerance["float32"])
+        s64 = s[finite].double()
         rec.holds(bool((s64 > 0).all()) and is_pow2(s64), "s == 2**k > 0 (UE8M0)")
         grid = torch.tensor(E2M1_GRID, dtype=torch.float64)
         rec.holds(bool(torch.isin(values.double().abs(), grid).all()), "|e2m1(q)| in {0, .5, 1, 1.5, 2, 3, 4, 6}")
-        amax = w.float().reshape(*w.shape[:-1], w.shape[-1] // g, g).abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
-        rec.holds(bool((amax.double() / s64 <= FP4_MAX).all()), "max(amax, 1e-4) / s <= 6 (never clips)")
-        se = expand_scale(s64, w.shape, (g,))
+        rec.holds(
+            bool((amax[finite].clamp_min(AMAX_FLOOR).double() / s64 <= FP4_MAX).all()),
+            "max(amax, 1e-4) / s <= 6 (never clips)",
+        )
         v, qf = w.double() / se, values.double()
         bound = 0.5 * e2m1_step(torch.maximum(v.abs(), qf.abs())) * se
-        rec.holds(bool(((qf * se - w.double()).abs() <= bound).all()),
-                  "|e2m1(q) s - w| <= step_e2m1(w / s) / 2 * s (round trip)")
+        rec.holds(
+            bool(((qf * se - w.double()).abs() <= bound).all()),
+            "|e2m1(q) s - w| <= step_e2m1(w / s) / 2 * s (round trip)",
+        )
+        rec.holds(
+            bool(((qf - v).abs() <= 0.5 * e2m1_step(v)).all()),
+            "|e2m1(q) - w / s| <= step_e2m1(w / s) / 2 (q is w / s rounded to nearest)",
+        )
 
 
 # --------------------------------------------------------------------------- dequantize_fp4
+
 
 @suite
 class DequantizeFp4Suite(Suite):
@@ -330,25 +456,40 @@ class DequantizeFp4Suite(Suite):
 
 # --------------------------------------------------------------------------- quantize_int8, quantize_int8_weight
 
+
 class _Int8QuantSuite(Suite):
     """What the per-row int8 quantisers share: checks against the oracle and properties."""
+
+    special = SPECIALS
+    boundary = LONG_K
+
+    def draw_specials(self, data: st.DataObject, t: torch.Tensor) -> None:
+        draw_specials(data, t, INT8_MAX, INT8_MIDPOINTS)
 
     def check(self, rec: Recorder, case: Case, output, oracle, run) -> None:
         x = case.args[0]
         q, s = output
         q_tol, s_tol = self.contract.tolerance["int8"], self.contract.tolerance["float32"]
         rec.holds(q.dtype == torch.int8 and q.shape == x.shape, "q is int8 of x's shape")
+        finite = x.float().abs().amax(dim=-1).isfinite()
+        rec.holds(bool((~s[~finite].isfinite()).all()), "a row holding NaN or +-inf gets a non-finite scale")
+        # the other rows only (q of a non-finite row is unspecified); a 1-D x becomes one row
+        x, q, s, oracle = x[finite], q[finite], s[finite], (oracle[0][finite], oracle[1][finite])
         rec.close("q", q, oracle[0].double(), Tolerance(rtol=0.0, atol=float(q_tol.ulps)))
         rec.close("s", s, oracle[1].double(), s_tol)
         qf, s64 = q.double(), s.double()
         rec.holds(bool((qf.abs() <= INT8_MAX).all()), "q in [-127, 127]")
         rec.holds(bool((s64 > 0).all()), "s > 0 (the amax floor 1e-4 keeps all-zero rows finite)")
         ratio = x.float().abs().amax(dim=-1).clamp_min(AMAX_FLOOR).double() / s64
-        rec.holds(bool(((ratio <= INT8_MAX * (1 + s_tol.rtol)) & (ratio >= INT8_MAX * (1 - s_tol.rtol))).all()),
-                  "the scale is tight: 127 (1 - rtol) <= max(amax, 1e-4) / s <= 127 (1 + rtol)")
+        rec.holds(
+            bool(((ratio <= INT8_MAX * (1 + s_tol.rtol)) & (ratio >= INT8_MAX * (1 - s_tol.rtol))).all()),
+            "the scale is tight: 127 (1 - rtol) <= max(amax, 1e-4) / s <= 127 (1 + rtol)",
+        )
         err = (x.double() - qf * s64.unsqueeze(-1)).abs()
-        rec.holds(bool((err <= (0.5 + 2**-14) * s64.unsqueeze(-1)).all()),
-                  "|x - q s| <= (1/2 + 2**-14) s (q is x / s rounded to nearest)")
+        rec.holds(
+            bool((err <= (0.5 + 2**-14) * s64.unsqueeze(-1)).all()),
+            "|x - q s| <= (1/2 + 2**-14) s (q is x / s rounded to nearest)",
+        )
 
 
 @suite
@@ -356,10 +497,12 @@ class QuantizeInt8Suite(_Int8QuantSuite):
     op = "quantize_int8"
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
-        k = data.draw(st.sampled_from((1, 7, 64, 128, 300)), label="K")
+        k = dim(data, "K", 129, 7168) if large(data) else data.draw(st.sampled_from((1, 7, 64, 128, 300)), label="K")
         x = draw_values(data, draw_lead(data) + (k,), DTYPES[f["dtype"]], INT8_MAX, "x values")
         if x.dim() > 1 and x.shape[0] and data.draw(st.booleans(), label="first row all zero"):
             x[0] = 0
+        self.draw_specials(data, x)
+        note(rows=x.numel() // k, K=k, boundary=tiling("K", k))
         return Case((x,), {})
 
 
@@ -369,26 +512,48 @@ class QuantizeInt8WeightSuite(_Int8QuantSuite):
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         experts = data.draw(st.sampled_from(((), (1,), (3,))), label="expert dims")
-        shape = experts + (data.draw(st.sampled_from(SIZES), label="N"),
-                           data.draw(st.sampled_from(SIZES[:-1]), label="K"))
+        big = large(data)
+        shape = experts + (
+            dim(data, "N", 129, 300) if big else data.draw(st.sampled_from(SIZES), label="N"),
+            dim(data, "K", 129, 2048) if big else data.draw(st.sampled_from(SIZES[:-1]), label="K"),
+        )
         w = draw_values(data, shape, DTYPES[f["dtype"]], INT8_MAX, "w values")
         if shape[-2] and data.draw(st.booleans(), label="first channel all zero"):
             w[..., 0, :] = 0
+        self.draw_specials(data, w)
+        note(N=shape[-2], K=shape[-1], boundary=tiling("N", shape[-2]) | tiling("K", shape[-1]))
         return Case((w,), {})
 
 
 # --------------------------------------------------------------------------- int8_gemm
 
+
 @suite
 class Int8GemmSuite(Suite):
     op = "int8_gemm"
+    boundary = ("K=7168 with partial sums beyond 2**24",)
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         from hal.ops import quantize_int8, quantize_int8_weight
-        k = data.draw(st.sampled_from((1, 64, 128, 300, 2048)), label="K")
+
+        how = data.draw(
+            st.sampled_from(("quantised", "any int8", "any int8", "cancelling at K = 7168")),
+            label="operands (from the quantisers, any int8 with -128, or cancelling partial sums)",
+        )
+        k = 7168 if how.startswith("cancelling") else data.draw(st.sampled_from((1, 64, 128, 300, 2048)), label="K")
         n = data.draw(st.sampled_from(SIZES[:-1]), label="N")
         lead = draw_lead(data)
-        if data.draw(st.booleans(), label="operands from the quantisers (else any int8, -128 included)"):
+        note(K=k, N=n, rows=math.prod(lead))
+        if how.startswith("cancelling"):
+            # the first half's products are large and of one sign (partial sums pass 2**24, where an fp32
+            # accumulator rounds), the second half's cancel them exactly: y is exactly 0 with unit scales
+            g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="int8 seed"))
+            a = torch.randint(90, 128, lead + (k // 2,), generator=g, dtype=torch.int8)
+            b = torch.randint(90, 128, (n, k // 2), generator=g, dtype=torch.int8)
+            a, b = torch.cat([a, a], -1), torch.cat([b, -b], -1)
+            a_scale, b_scale = torch.ones(lead), torch.ones(n)
+            note(boundary=("K=7168 with partial sums beyond 2**24",))
+        elif how == "quantised":
             a, a_scale = quantize_int8.reference_impl(draw_values(data, lead + (k,), torch.bfloat16, INT8_MAX, "a"))
             b, b_scale = quantize_int8_weight.reference_impl(draw_values(data, (n, k), torch.bfloat16, INT8_MAX, "b"))
         else:
@@ -411,7 +576,9 @@ class Int8GemmSuite(Suite):
         y1 = run(units).double()
         exact = a.reshape(-1, a.shape[-1]).double() @ b.double().t()
         representable = (exact.to(out_dtype).double() == exact).reshape(y1.shape)
-        rec.holds(bool((y1[representable] == exact.reshape(y1.shape)[representable]).all()),
-                  "with unit scales y == sum_k a b exactly wherever representable in out_dtype (exact accumulation)")
+        rec.holds(
+            bool((y1[representable] == exact.reshape(y1.shape)[representable]).all()),
+            "with unit scales y == sum_k a b exactly wherever representable in out_dtype (exact accumulation)",
+        )
         doubled = Case((a, a_scale * 2, b, b_scale), case.kwargs)
         rec.close("y (a_scale doubled)", run(doubled), 2 * oracle, tol)

@@ -13,6 +13,7 @@ near-tie margin of :data:`hal.ops.routing.ROUTING_TOLERANCE`):
   ``sorted_slots[slot_rows[t, j]] = t * k + j``; the experts of the sorted rows never decrease.
 * moe_unpermute: oracle agreement, and invariance to the order of a token's ``k`` slots.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -20,8 +21,8 @@ from typing import Mapping
 import torch
 from hypothesis import strategies as st
 
-from hal.conformance.core import Case, Recorder, Suite, suite
-from hal.conformance.strategies import tensor_specs
+from hal.conformance.core import Case, Recorder, Suite, note, suite
+from hal.conformance.strategies import dim, empty, large, tensor_specs, tiling
 from hal.ops.routing import MoePermutation, group_scores, selection_scores
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -35,12 +36,24 @@ def _logits(data: st.DataObject, tokens: int, experts: int, dtype: torch.dtype) 
     return spec.make((tokens, experts)).clamp(-6e4, 6e4).to(dtype)  # finite in fp16 too
 
 
+def _tokens(data: st.DataObject, small: int, big: int) -> int:
+    """T: 0 in about one example of eight, 1..``small`` mostly, 129..``big`` (several tiles of 128 tokens,
+    most with a tail) in the large examples."""
+    if empty(data, "T = 0"):
+        return 0
+    return dim(data, "tokens", 129, big) if large(data) else dim(data, "tokens", 1, small)
+
+
+TOKEN_CLASSES = ("T=0", "T=1", "T:tail")
+
+
 def _scale(data: st.DataObject) -> float:
     return data.draw(st.sampled_from([1.0, 2.5, 16.0]), label="scale")
 
 
-def _check_weights(rec: Recorder, tol, s: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                   renormalize: bool, scale: float) -> None:
+def _check_weights(
+    rec: Recorder, tol, s: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, renormalize: bool, scale: float
+) -> None:
     """Weights against the float64 scores at the backend's own ids; renormalised rows sum to scale."""
     picked = s.gather(1, ids.long())
     total = picked.sum(-1, keepdim=True)
@@ -50,14 +63,21 @@ def _check_weights(rec: Recorder, tol, s: torch.Tensor, weights: torch.Tensor, i
     rec.close("weights", weights, exact, tol, n=k + 1 if renormalize else 1, magnitude=magnitude)
     if renormalize and weights.numel():
         rows = total[:, 0] > 1e-6  # not a sum the 1e-20 epsilon distorts
-        rec.close("sum of weights", weights.double().sum(-1)[rows], torch.full_like(total[rows, 0], scale), tol,
-                  n=k + 1, magnitude=magnitude[rows, 0] * k)
+        rec.close(
+            "sum of weights",
+            weights.double().sum(-1)[rows],
+            torch.full_like(total[rows, 0], scale),
+            tol,
+            n=k + 1,
+            magnitude=magnitude[rows, 0] * k,
+        )
 
 
 @suite
 class TopkRoutingSuite(Suite):
     op = "topk_routing"
     example_seconds = 1.0  # slowest example measured: 0.08 s
+    boundary = TOKEN_CLASSES
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         bias, grouped = f["bias"] == "true", f["group_limited"] == "true"
@@ -66,7 +86,8 @@ class TopkRoutingSuite(Suite):
         per_group = experts // n_group
         topk_group = data.draw(st.integers(1, n_group), label="topk_group") if grouped else 1
         top_k = data.draw(st.integers(1, min(8, topk_group * per_group)), label="top_k")
-        tokens = data.draw(st.integers(0, 8), label="tokens")
+        tokens = _tokens(data, 16, 600)
+        note(tokens=tokens, experts=experts, k=top_k, boundary=tiling("T", tokens))
         kwargs = dict(scoring=f["scoring"], renormalize=f["renormalize"] == "true", scale=_scale(data))
         if grouped:
             kwargs.update(n_group=n_group, topk_group=topk_group)
@@ -82,16 +103,25 @@ class TopkRoutingSuite(Suite):
         weights, ids = output
         tokens, experts = logits.shape
         rec.holds(weights.dtype == torch.float32 and ids.dtype == torch.int32, "weights are float32, ids int32")
-        rec.holds(tuple(ids.shape) == (tokens, top_k) == tuple(weights.shape), f"outputs are [T, k] = [{tokens}, {top_k}]")
+        rec.holds(
+            tuple(ids.shape) == (tokens, top_k) == tuple(weights.shape), f"outputs are [T, k] = [{tokens}, {top_k}]"
+        )
         ids64 = ids.long()
         rec.holds(bool(((ids64 >= 0) & (ids64 < experts)).all()), f"ids lie in [0, E = {experts})")
         rec.holds(all(len(set(row)) == top_k for row in ids64.tolist()), "a row's ids are distinct")
         tol = self.contract.tolerance[kw["scoring"]]
         n_group, topk_group = kw.get("n_group", 1), kw.get("topk_group", 1)
-        s, choice = selection_scores(logits, scoring=kw["scoring"], bias=kw.get("bias"),
-                                     compute_dtype=torch.float64)  # not group-masked
-        _, masked = selection_scores(logits, scoring=kw["scoring"], bias=kw.get("bias"), n_group=n_group,
-                                     topk_group=topk_group, compute_dtype=torch.float64)
+        s, choice = selection_scores(
+            logits, scoring=kw["scoring"], bias=kw.get("bias"), compute_dtype=torch.float64
+        )  # not group-masked
+        _, masked = selection_scores(
+            logits,
+            scoring=kw["scoring"],
+            bias=kw.get("bias"),
+            n_group=n_group,
+            topk_group=topk_group,
+            compute_dtype=torch.float64,
+        )
         margin = lambda a, b: 2 * tol.acc_eps + tol.rtol * (a.abs() + b.abs())  # noqa: E731
         # a near tie: a value within the margin of a cut without being equal to it (fp32 may merge or
         # swap them); rows with one are checked by the properties, not against the oracle's ids
@@ -100,42 +130,57 @@ class TopkRoutingSuite(Suite):
         allowed = torch.ones_like(choice, dtype=torch.bool)
         if n_group > 1:
             g = group_scores(choice, n_group, kw.get("bias") is not None)
-            cut = g.sort(-1, descending=True).values[:, topk_group - 1:topk_group]
+            cut = g.sort(-1, descending=True).values[:, topk_group - 1 : topk_group]
             used = torch.zeros_like(g, dtype=torch.bool).scatter_(1, ids64 // (experts // n_group), True)
-            rec.holds(bool((used.sum(-1) <= topk_group).all()), f"ids come from at most topk_group = {topk_group} groups")
-            rec.holds(bool((g[used] >= (cut - margin(g, cut))[used]).all()),
-                      "every group used is a valid top-topk_group group (group score >= the cut - margin)")
+            rec.holds(
+                bool((used.sum(-1) <= topk_group).all()), f"ids come from at most topk_group = {topk_group} groups"
+            )
+            rec.holds(
+                bool((g[used] >= (cut - margin(g, cut))[used]).all()),
+                "every group used is a valid top-topk_group group (group score >= the cut - margin)",
+            )
             near_tie |= near(g, cut)
             allowed = (used | (g > cut + margin(g, cut))).repeat_interleave(experts // n_group, dim=1)
         chosen = torch.zeros_like(choice, dtype=torch.bool).scatter_(1, ids64, True)
         lowest = choice.gather(1, ids64).amin(-1, keepdim=True)
         rival = allowed & ~chosen
-        rec.holds(bool((choice[rival] <= (lowest + margin(choice, lowest))[rival]).all()),
-                  "ids are a valid top-k: no unselected expert of a kept group has c_j > min_selected c_i + margin")
+        rec.holds(
+            bool((choice[rival] <= (lowest + margin(choice, lowest))[rival]).all()),
+            "ids are a valid top-k: no unselected expert of a kept group has c_j > min_selected c_i + margin",
+        )
         # the tie rule, where the inputs are identical (so every correct kernel computes equal scores)
         bias = kw.get("bias")
         for t, i in (rival & (choice == lowest)).nonzero().tolist():
-            twins = [j for j in ids64[t].tolist() if logits[t, j] == logits[t, i] and (bias is None or bias[j] == bias[i])]
-            rec.holds(all(j < i for j in twins), f"tie rule: token {t} leaves expert {i} out for a higher id "
-                                                 "with identical inputs")
+            twins = [
+                j for j in ids64[t].tolist() if logits[t, j] == logits[t, i] and (bias is None or bias[j] == bias[i])
+            ]
+            rec.holds(
+                all(j < i for j in twins),
+                f"tie rule: token {t} leaves expert {i} out for a higher id with identical inputs",
+            )
         _, exact_ids = oracle
         boundary = masked.gather(1, exact_ids.long()).amin(-1, keepdim=True)
         near_tie |= near(masked.masked_fill(masked.isinf(), float("nan")), boundary)
         clear = ~near_tie
-        rec.equal("ids (as sets, rows without near ties)", ids64.sort(-1).values[clear],
-                  exact_ids.long().sort(-1).values[clear])
+        rec.equal(
+            "ids (as sets, rows without near ties)",
+            ids64.sort(-1).values[clear],
+            exact_ids.long().sort(-1).values[clear],
+        )
         _check_weights(rec, tol, s, weights, ids, kw["renormalize"], kw["scale"])
 
 
 @suite
 class HashRoutingSuite(Suite):
     op = "hash_routing"
+    boundary = TOKEN_CLASSES
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         experts = data.draw(st.sampled_from([256, 16, 6, 1]), label="experts")
         k = data.draw(st.integers(1, min(experts, 6)), label="k")
         vocab = data.draw(st.integers(1, 50), label="vocab")
-        tokens = data.draw(st.integers(0, 8), label="tokens")
+        tokens = _tokens(data, 16, 1100)
+        note(tokens=tokens, experts=experts, k=k, boundary=tiling("T", tokens))
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="table seed"))
         table = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(vocab)])
         index = data.draw(st.sampled_from([torch.int32, torch.int64]), label="index dtype")
@@ -148,8 +193,15 @@ class HashRoutingSuite(Suite):
         weights, ids = output
         rec.equal("ids", ids, table[token_ids.long()].to(torch.int32))
         s, _ = selection_scores(logits, scoring=case.kwargs["scoring"], compute_dtype=torch.float64)
-        _check_weights(rec, self.contract.tolerance[case.kwargs["scoring"]], s, weights, ids, case.kwargs["renormalize"],
-                       case.kwargs["scale"])
+        _check_weights(
+            rec,
+            self.contract.tolerance[case.kwargs["scoring"]],
+            s,
+            weights,
+            ids,
+            case.kwargs["renormalize"],
+            case.kwargs["scale"],
+        )
 
 
 def _routed_ids(data: st.DataObject, tokens: int) -> tuple:
@@ -172,10 +224,12 @@ def _routed_ids(data: st.DataObject, tokens: int) -> tuple:
 @suite
 class MoePermuteSuite(Suite):
     op = "moe_permute"
+    boundary = TOKEN_CLASSES
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
-        tokens = data.draw(st.integers(0, 16), label="tokens")
+        tokens = _tokens(data, 16, 600)
         ids, experts = _routed_ids(data, tokens)
+        note(tokens=tokens, experts=experts, k=ids.shape[1], boundary=tiling("T", tokens))
         hidden = data.draw(st.integers(1, 24), label="hidden")
         x = data.draw(tensor_specs(), label="x values").make((tokens, hidden), DTYPES[f["dtype"]])
         return Case((x, ids, experts), {})
@@ -188,8 +242,10 @@ class MoePermuteSuite(Suite):
             rec.equal(name, got, want)
         rec.equal("x_sorted", x_sorted, oracle[0])
         slots = torch.arange(ids.numel()).view(ids.shape)
-        rec.holds(torch.equal(perm.sorted_slots.long()[perm.slot_rows.long()], slots),
-                  "sorted_slots[slot_rows[t, j]] = t * k + j")
+        rec.holds(
+            torch.equal(perm.sorted_slots.long()[perm.slot_rows.long()], slots),
+            "sorted_slots[slot_rows[t, j]] = t * k + j",
+        )
         experts_in_order = ids.flatten().long()[perm.sorted_slots.long()]
         rec.holds(bool((experts_in_order[1:] >= experts_in_order[:-1]).all()), "rows are sorted by expert")
 
@@ -197,15 +253,19 @@ class MoePermuteSuite(Suite):
 @suite
 class MoeUnpermuteSuite(Suite):
     op = "moe_unpermute"
+    boundary = TOKEN_CLASSES
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         from hal.ops import moe_permute
-        tokens = data.draw(st.integers(0, 16), label="tokens")
+
+        tokens = _tokens(data, 16, 600)
         ids, experts = _routed_ids(data, tokens)
+        note(tokens=tokens, experts=experts, k=ids.shape[1], boundary=tiling("T", tokens))
         n = data.draw(st.integers(1, 24), label="N")
         y = data.draw(tensor_specs(), label="y values").make((ids.numel(), n), DTYPES[f["dtype"]])
-        weights = data.draw(tensor_specs(kinds=("uniform", "ones", "normal"), scales=(1.0, 2.5)),
-                            label="weights").make(tuple(ids.shape))
+        weights = data.draw(tensor_specs(kinds=("uniform", "ones", "normal"), scales=(1.0, 2.5)), label="weights").make(
+            tuple(ids.shape)
+        )
         _, perm = moe_permute.reference_impl(torch.zeros(tokens, 1), ids, experts)
         return Case((y, weights, perm), {})
 
