@@ -17,7 +17,10 @@ prescribes; ``lse`` uses magnitude 1):
 
 Drawn inputs (decode): about one example in four is production-shaped — 63..128 query heads (on the tile
 boundaries 63, 64, 65, 127, 128 a third of the time), DeepSeek's page sizes 64 and 128, contexts of up to
-65..2100 keys with partial last pages — the rest tiny. Prefill and the rest: tiny shapes (1..4 heads incl. 3,
+65..2100 keys with partial last pages — the rest tiny. Prefill likewise: 8, 16 or 3 heads, ragged sequences
+of up to 130..256 query tokens (on the 64 / 128 tile boundaries a third of the time) and keys past 128, T = 1
+and empty sequences among others; cache writes: pages of 64 / 128 slots, 2..40 blocks, up to 700 tokens
+scattered or in one run ending mid-page. Otherwise: tiny shapes (1..4 heads incl. 3,
 GQA/MQA, qk head dim != v head dim), ragged batches with empty sequences, lengths at and across page
 boundaries, decode batches of equal lengths, pages shuffled or in order (each sequence's after the previous
 one's, as a model allocates them), speculative decode (Sq 1..3), unused block-table entries of -1, unused
@@ -36,7 +39,7 @@ import torch
 from hypothesis import strategies as st
 
 from hal.conformance.core import Case, Recorder, Suite, note, suite
-from hal.conformance.strategies import TensorSpec, dim, large, tensor_specs, tiling
+from hal.conformance.strategies import TensorSpec, dim, empty, large, tensor_specs, tiling
 from hal.contract import dtype_name
 from hal.ops.mla import attention_error_n, mla_prefill
 
@@ -152,16 +155,42 @@ def _prefill_kwargs(kw: Mapping) -> dict:
 class MlaPrefillSuite(Suite):
     op = "mla_prefill"
     example_seconds = 1.0  # slowest example measured: 0.07 s
+    boundary = ("Hq>=16", "queries>64", "keys>128", "keys:tail", "T=1", "an empty sequence among others")
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         dtype = DTYPES[f["dtype"]]
-        hq = data.draw(_pick((1, 2, 3, 4)), label="Hq")
-        hk = data.draw(_pick(tuple(h for h in (1, 2, 3, 4) if hq % h == 0)), label="Hk")
+        big = large(data)
+        if big:  # production-shaped: DeepSeek's per-rank head counts (128 heads over 8 or 16 ranks)
+            hq = data.draw(_pick((8, 16, 3)), label="Hq")
+            hk = data.draw(_pick((hq, 1)), label="Hk")
+        else:
+            hq = data.draw(_pick((1, 2, 3, 4)), label="Hq")
+            hk = data.draw(_pick(tuple(h for h in (1, 2, 3, 4) if hq % h == 0)), label="Hk")
         d, _, dv = _head_dims(data, PREFILL_DIMS)
         b = data.draw(_ints(1, 3), label="batch")
-        lens_q = data.draw(_ints(0, 8, b), label="query lengths")
+        if big:  # ragged sequences past the 64 / 128 tiles (at, just below and above them a third of the time)
+            most = 256 if hq * b <= 16 else 130
+            lens_q = [
+                0 if empty(data, f"query length {i} = 0") else dim(data, f"query length {i}", 1, most, 64)
+                for i in range(b)
+            ]
+        else:
+            lens_q = data.draw(_ints(0, 8, b), label="query lengths")
         shared = data.draw(BOOLS, label="cu_seqlens_k=None (keys = queries)")
-        lens_k = lens_q if shared else data.draw(_ints(0, 12, b), label="key lengths")
+        if shared:
+            lens_k = lens_q
+        elif big:  # keys = cached prefix + the new queries (chunked prefill), or any length
+            lens_k = [n + dim(data, f"prefix {i}", 0, most // 2, 64) for i, n in enumerate(lens_q)]
+        else:
+            lens_k = data.draw(_ints(0, 12, b), label="key lengths")
+        classes = tiling("queries", max(lens_q), 64) | tiling("keys", max(lens_k), 128)
+        if hq >= 16:
+            classes.add("Hq>=16")
+        if 1 in lens_q:
+            classes.add("T=1")
+        if b > 1 and 0 in lens_q:
+            classes.add("an empty sequence among others")
+        note(batch=b, Hq=hq, queries=sum(lens_q), keys=max(lens_k), boundary=classes)
         q = _values(data, "q values", (sum(lens_q), hq, d), dtype)
         k = _values(data, "k values", (sum(lens_k), hk, d), dtype)
         v = _values(data, "v values", (sum(lens_k), hk, dv), dtype)
@@ -337,19 +366,43 @@ class PagedCacheWriteSuite(Suite):
 
     op = "paged_cache_write"
     mutates = ("arg0",)
+    boundary = ("DeepSeek page size", "blocks>=16", "tokens>128", "tokens:tail", "a partly written page")
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         dtype = DTYPES[f["dtype"]]
-        nb, bs = data.draw(_ints(1, 4), label="num_blocks"), data.draw(_ints(1, 8), label="block_size")
-        d = data.draw(_pick((1, 8, 20)), label="D")
+        big = large(data)
+        if big:  # DeepSeek's pages, many blocks, hundreds of tokens
+            bs = data.draw(_pick((64, 128)), label="block_size")
+            nb = dim(data, "num_blocks", 2, 40, tile=16)
+            d = data.draw(_pick((8, 20, 576)), label="D") if nb * bs <= 1024 else data.draw(_pick((8, 20)), label="D")
+        else:
+            nb, bs = data.draw(_ints(1, 4), label="num_blocks"), data.draw(_ints(1, 8), label="block_size")
+            d = data.draw(_pick((1, 8, 20)), label="D")
         cache = _values(data, "cache garbage", (nb, bs, d), dtype)
         if data.draw(BOOLS, label="NaN garbage"):
             cache[::2] = float("nan")
-        writes = data.draw(_ints(0, nb * bs), label="tokens written")
+        if big:
+            writes = dim(data, "tokens written", 1, min(nb * bs, 700))
+        else:
+            writes = data.draw(_ints(0, nb * bs), label="tokens written")
         pads = data.draw(_ints(0, 3), label="padding tokens (slot -1)")
         g = torch.Generator().manual_seed(data.draw(SEEDS, label="slot seed"))
-        slots = torch.cat([torch.randperm(nb * bs, generator=g)[:writes], torch.full((pads,), -1)])
+        if big and data.draw(BOOLS, label="one run of consecutive slots (a prefill's), else scattered"):
+            start = data.draw(_ints(0, nb * bs - writes), label="first slot")
+            written = torch.arange(start, start + writes)
+        else:
+            written = torch.randperm(nb * bs, generator=g)[:writes]
+        slots = torch.cat([written, torch.full((pads,), -1)])
         slots = slots[torch.randperm(writes + pads, generator=g)]
+        classes = tiling("tokens", writes, 128) | {f"block_size={bs}"}
+        if bs in (64, 128):
+            classes.add("DeepSeek page size")
+        if nb >= 16:
+            classes.add("blocks>=16")
+        pages = torch.bincount(written // bs, minlength=nb)
+        if bool(((pages > 0) & (pages < bs)).any()):
+            classes.add("a partly written page")
+        note(blocks=nb, block_size=bs, tokens=writes, boundary=classes)
         slot_dtype = data.draw(_pick((torch.int32, torch.int64)), label="slot_mapping dtype")
         kv = _values(data, "kv values", (writes + pads, d), dtype)
         return Case((cache, kv, slots.to(slot_dtype)), {})

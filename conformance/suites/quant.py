@@ -339,19 +339,36 @@ class DequantizeFp8Suite(Suite):
 
 # --------------------------------------------------------------------------- fp8_gemm
 
+FP8_GEMM_M1 = st.integers(0, 2**16 - 1).map(lambda i: i % 4 == 3)  # M = 1 in about a quarter of the large ones
+
 
 @suite
 class Fp8GemmSuite(Suite):
     op = "fp8_gemm"
     example_seconds = 1.0  # slowest example measured: 0.09 s
+    boundary = ("M=1", "M>128", "M:tail", "N:tail", "K>128", "b_scale spans several blocks along N and K")
 
     def draw(self, data: st.DataObject, f: Mapping[str, str]) -> Case:
         from hal.ops import quantize_fp8, quantize_fp8_weight
 
-        k = 128 * data.draw(st.integers(1, 3), label="K / 128")
-        n = data.draw(st.sampled_from(SIZES[:-1]), label="N")
+        big = large(data)
+        if big:  # several 128-blocks along M, N and K: a_scale [M, K/128] and b_scale [N/128, K/128] matter
+            k = 128 * data.draw(st.integers(2, 3), label="K / 128")
+            n = dim(data, "N", 129, 300)
+            lead = (1,) if data.draw(FP8_GEMM_M1, label="M = 1") else (dim(data, "M", 129, 260),)
+        else:
+            k = 128 * data.draw(st.integers(1, 3), label="K / 128")
+            n = data.draw(st.sampled_from(SIZES[:-1]), label="N")
+            lead = draw_lead(data)
+        m = math.prod(lead)
+        classes = tiling("M", m) | tiling("N", n) | tiling("K", k)
+        if n > 128 and k > 128:
+            classes.add("b_scale spans several blocks along N and K")
+        note(M=m, N=n, K=k, boundary=classes)
         fmt = data.draw(st.sampled_from((None, "ue8m0")), label="scale_fmt of the operands")
-        x = draw_values(data, draw_lead(data) + (k,), torch.bfloat16, FP8_MAX, "a values")
+        x = draw_values(data, lead + (k,), torch.bfloat16, FP8_MAX, "a values")
+        if big:  # tokens differ in magnitude (rows 128 apart too): a_scale varies along M
+            x = (x.float() * torch.exp2(torch.arange(m, dtype=torch.float32) % 7 - 3)[:, None]).to(x.dtype)
         w = draw_values(data, (n, k), torch.bfloat16, FP8_MAX, "b values")
         # weights whose 128-row blocks differ in magnitude (as real checkpoints' do): b_scale varies along N
         step = data.draw(st.sampled_from((0, 3, -5)), label="log2 magnitude step per 128 rows of b")
