@@ -71,8 +71,9 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"backend: {args.backend}{registry().emulated_label(args.backend)}", file=sys.stderr)
     if model.fp8 is not None:
         print(f"FP8 checkpoint weights: {model.fp8} ({model.fp8_reason})", file=sys.stderr)
-    if getattr(model, "fp4", None) is not None:  # V4 models with FP4 experts
-        print(f"FP4 expert weights: {model.fp4} ({model.fp4_reason})", file=sys.stderr)
+    fp4 = getattr(model, "fp4", None)  # V4 models with FP4 experts
+    if fp4 is not None:
+        print(f"FP4 expert weights: {fp4} ({getattr(model, 'fp4_reason', '')})", file=sys.stderr)
     new, rate = timed_generate(model, [args.prompt_ids], args.max_new_tokens)
     print(" ".join(map(str, new[0])))
     print(f"{args.max_new_tokens} tokens, {rate:.2f} tokens/s", file=sys.stderr)

@@ -145,7 +145,7 @@ def operators_page() -> str:
                     _link(op.reference_impl, op.reference_impl.__name__),
                     _tolerance(op),
                     _link(type(suite), type(suite).__name__) if suite else "none",
-                    _link(impl, impl.__name__) if id(impl) in kernel_functions else "reference",
+                    _link(impl, impl.__name__) if impl is not None and id(impl) in kernel_functions else "reference",
                     *(_vendor_cell(cls.mappings.get(name), page) for cls, page in vendors.values()),
                 ]
             )
