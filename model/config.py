@@ -240,9 +240,9 @@ class V4Args(CommonArgs):
         )
 
 
-def _rope_args(rope: Dict[str, Any], rope_dim: int) -> RopeArgs:
-    rope = _rope({"rope_parameters": rope})
-    return RopeArgs(
+def _rope_fields(rope: Dict[str, Any], rope_dim: int, interleave: bool) -> Dict[str, Any]:
+    """:class:`RopeArgs`' fields from a rotary table as :func:`_rope` returns it."""
+    return dict(
         qk_rope_head_dim=rope_dim,
         rope_theta=float(rope["rope_theta"]),
         rope_factor=float(rope["factor"]),
@@ -252,8 +252,12 @@ def _rope_args(rope: Dict[str, Any], rope_dim: int) -> RopeArgs:
         mscale=float(rope.get("mscale") or 0),
         mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
         rope_truncate=bool(rope.get("truncate", True)),
-        rope_interleave=True,
+        rope_interleave=interleave,
     )
+
+
+def _rope_args(rope: Dict[str, Any], rope_dim: int) -> RopeArgs:
+    return RopeArgs(**_rope_fields(_rope({"rope_parameters": rope}), rope_dim, interleave=True))
 
 
 def _v4_schedule(cfg: Dict[str, Any], layers: int) -> Tuple[Tuple[str, ...], Tuple[int, ...], Tuple[bool, ...]]:
@@ -402,17 +406,8 @@ def read_config(path: Path) -> Union[ModelArgs, V4Args]:
         q_lora_rank=_field(cfg, "q_lora_rank", int, required=False),
         kv_lora_rank=_field(cfg, "kv_lora_rank", int),
         qk_nope_head_dim=_field(cfg, "qk_nope_head_dim", int),
-        qk_rope_head_dim=_field(cfg, "qk_rope_head_dim", int),
         v_head_dim=_field(cfg, "v_head_dim", int),
-        rope_interleave=bool(cfg.get("rope_interleave", True)),
-        rope_theta=float(rope["rope_theta"]),
-        rope_factor=float(rope["factor"]),
-        original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 0)),
-        beta_fast=float(rope.get("beta_fast") or 32),
-        beta_slow=float(rope.get("beta_slow") or 1),
-        mscale=float(rope.get("mscale") or 0),
-        mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
-        rope_truncate=bool(rope.get("truncate", True)),
+        **_rope_fields(rope, _field(cfg, "qk_rope_head_dim", int), bool(cfg.get("rope_interleave", True))),
         intermediate_size=_field(cfg, "intermediate_size", int),
         first_k_dense_replace=_field(cfg, "first_k_dense_replace", int, 0, required=False),
         moe_intermediate_size=_field(cfg, "moe_intermediate_size", int, 0, required=n_routed > 0),
