@@ -124,9 +124,11 @@ class Checkpoint:
         if handle is None:
             handle = self._handles[file] = _open(file).__enter__()
         try:
-            # a copy in torch's own (64-byte aligned) memory: the file's view starts wherever the tensor lies in
-            # the file, and kernels may sum in another order on unaligned data (same weights, other logits)
-            t = handle.get_tensor(name).clone()
+            t = handle.get_tensor(name)
+            # the file's view starts wherever the tensor lies in the file, and kernels may sum in another order on
+            # unaligned data (same weights, other logits): such a tensor is copied into torch's aligned memory
+            if t.data_ptr() % 64:
+                t = t.clone()
         except Exception as exc:
             raise CheckpointError(f"tensor '{name}' in {file.name}: cannot read ({exc})") from None
         self._used.add(name)
