@@ -187,3 +187,22 @@ def test_bf16_combine_fails():
         ).status
         == "fail"
     )
+
+
+def test_groups_tied_in_float64_only_are_near_ties():
+    """Two groups whose top-2 sums are equal in float64 but not in fp32 (a bias of repeated values makes such
+    pairs): a correct fp32 kernel may keep either, so the suite must not hold it to the oracle's choice."""
+    from hal.conformance.core import Case, Recorder, suites
+
+    logits, bias = torch.tensor([[0.5, 4.5, 0.5, 4.5]], dtype=torch.float16), torch.tensor([0.1, -0.1, -0.1, 0.1])
+    kwargs = dict(scoring="sqrtsoftplus", bias=bias, n_group=2, topk_group=1, renormalize=False, scale=1.0)
+    exact = [
+        group_scores(selection_scores(logits, scoring="sqrtsoftplus", bias=bias, compute_dtype=d)[1], 2, True)
+        for d in (torch.float64, torch.float32)
+    ]
+    assert exact[0][0, 0] == exact[0][0, 1] and exact[1][0, 0] != exact[1][0, 1]  # the premise
+    oracle = reference(topk_routing, logits, 1, **kwargs, compute_dtype=torch.float64)
+    assert oracle[1].tolist() == [[1]]  # the tie rule: the lower group
+    s = selection_scores(logits, scoring="sqrtsoftplus", compute_dtype=torch.float32)[0]
+    other_group = (s[:, 3:4], torch.tensor([[3]], dtype=torch.int32))  # group 1's best expert, as fp32 may pick
+    suites()["topk_routing"].check(Recorder(), Case((logits, 1), kwargs), other_group, oracle, None)
