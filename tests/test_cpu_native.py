@@ -24,8 +24,10 @@ STATUS = "from hal.backends.cpu import native; print(native.status())"
 
 
 def status_with(tmp_path, **env) -> str:
-    """native.status() in a fresh process with ``env`` and an empty kernel cache."""
-    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}
+    """native.status() in a fresh process with ``env`` and an empty kernel cache (and the default choice of
+    variant, whatever HAL_CPU_NATIVE the tests run under, unless ``env`` sets it)."""
+    inherited = {k: v for k, v in os.environ.items() if k != "HAL_CPU_NATIVE"}
+    environment = {**inherited, "XDG_CACHE_HOME": str(tmp_path), **env}
     done = subprocess.run(
         [sys.executable, "-c", STATUS], env=environment, capture_output=True, text=True, timeout=120, check=True
     )
